@@ -1,0 +1,278 @@
+"""The local blob cache: committed blob files on disk, shared by processes.
+
+Layout under the cache directory (mode 0o700)::
+
+    tmp/                      staged and downloading files, savepoints
+    locks/NN.lock             256 lock files, striped by (oid, tid)
+    locks/evict.lock          held by whichever process is evicting
+    <xx>/<oid_hex>/<tid_hex>.blob
+
+Files appear atomically (written under ``tmp/``, then renamed into place) and
+are read-only (0o400), so a reader never sees a partial file and an
+accidental ``open(blob.committed(), "w")`` fails instead of truncating the
+cached copy. Downloads and deletions of one blob hold that blob's stripe lock
+(``flock``, which also excludes other threads of this process), so two
+loaders never race and eviction never removes a file half-installed. As in
+ZEO's blob cache, a daemon thread evicts least-recently-used files down to
+90% of the size limit once enough bytes were loaded since the last check;
+only one process evicts at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from ZODB.blob import rename_or_copy_blob
+from ZODB.utils import p64
+
+from .keys import hex_id
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o400
+LOCK_STRIPES = 256
+#: Eviction brings the cache down to this fraction of its size limit.
+EVICTION_TARGET = 0.9
+#: An eviction check starts after loading this fraction of the size limit.
+CHECK_FRACTION = 0.1
+_RESERVED = ("tmp", "locks")
+
+
+@contextlib.contextmanager
+def _flock(path: str, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on *path*; yield False if non-blocking and busy."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: str) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, DIR_MODE)
+
+
+class BlobCache:
+    """Committed blob files keyed by (oid, tid), bounded by LRU eviction."""
+
+    def __init__(self, directory: str, size_limit: int) -> None:
+        if size_limit <= 0:
+            raise ValueError("cache-size must be positive")
+        self.directory = os.path.abspath(directory)
+        self.size_limit = size_limit
+        os.makedirs(self.directory, DIR_MODE, exist_ok=True)
+        self.temp_dir = os.path.join(self.directory, "tmp")
+        self._locks_dir = os.path.join(self.directory, "locks")
+        _mkdir(self.temp_dir)
+        _mkdir(self._locks_dir)
+        self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
+        self._bytes_since_check = 0
+        self._state_lock = threading.Lock()
+        self._evictor: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<BlobCache {self.directory} limit={self.size_limit}>"
+
+    # -- paths -------------------------------------------------------------
+
+    def path(self, oid: bytes, tid: bytes) -> str:
+        oid_hex = hex_id(oid)
+        return os.path.join(
+            self.directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
+        )
+
+    def _lock_path(self, oid: bytes, tid: bytes) -> str:
+        stripe = zlib.crc32(oid + tid) % LOCK_STRIPES
+        return os.path.join(self._locks_dir, f"{stripe:02x}.lock")
+
+    def new_temp_file(self, prefix: str) -> str:
+        """An empty private file under ``tmp/``, on the cache's file system."""
+        fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix=prefix)
+        os.close(fd)
+        return name
+
+    # -- reading -----------------------------------------------------------
+
+    def lookup(self, oid: bytes, tid: bytes) -> str | None:
+        """The cached file's path, marked as just used; None when not cached."""
+        path = self.path(oid, tid)
+        try:
+            os.utime(path)  # eviction is LRU by access time
+        except FileNotFoundError:
+            return None
+        return path
+
+    def fetch(
+        self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]
+    ) -> str:
+        """Return the cached file for (oid, tid), calling *download* if absent.
+
+        Under the blob's lock the cache is checked again, so concurrent loaders
+        (threads or processes) download once. *download* writes into a temp
+        file that is renamed into place only when complete.
+        """
+        path = self.lookup(oid, tid)
+        if path is not None:
+            return path
+        with _flock(self._lock_path(oid, tid)):
+            path = self.lookup(oid, tid)
+            if path is not None:
+                return path
+            temp = self.new_temp_file("download-")
+            try:
+                with open(temp, "wb") as out:
+                    size = download(out)
+                self._install(temp, self.path(oid, tid))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(temp)
+                raise
+        self._loaded(size)
+        return self.path(oid, tid)
+
+    # -- writing -----------------------------------------------------------
+
+    def take(self, filename: str) -> str:
+        """Move a file the caller hands over into ``tmp/``; return its new path.
+
+        ZODB's ``rename_or_copy_blob`` falls back to a copy when the file lives
+        on another file system (and logs it, as ZODB's own storages do).
+        """
+        staged = self.new_temp_file("staged-")
+        rename_or_copy_blob(filename, staged, chmod=False)
+        return staged
+
+    def install(self, oid: bytes, tid: bytes, staged: str) -> None:
+        """Rename a staged, complete file into the cache as (oid, tid)."""
+        size = os.stat(staged).st_size
+        with _flock(self._lock_path(oid, tid)):
+            self._install(staged, self.path(oid, tid))
+        self._loaded(size)
+
+    def _install(self, source: str, path: str) -> None:
+        os.chmod(source, FILE_MODE)
+        for _attempt in range(3):
+            try:
+                os.replace(source, path)
+                return
+            except FileNotFoundError:
+                # The directories are missing, or another process's eviction
+                # removed them as empty between our mkdir and rename.
+                oid_dir = os.path.dirname(path)
+                _mkdir(os.path.dirname(oid_dir))
+                _mkdir(oid_dir)
+        os.replace(source, path)
+
+    def discard(self, oid: bytes, tid: bytes) -> None:
+        """Remove the cached copy of (oid, tid), if any, and empty directories."""
+        path = self.path(oid, tid)
+        with _flock(self._lock_path(oid, tid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        self._remove_empty_dirs(os.path.dirname(path))
+
+    def _remove_empty_dirs(self, oid_dir: str) -> None:
+        for directory in (oid_dir, os.path.dirname(oid_dir)):
+            try:
+                os.rmdir(directory)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    return
+                raise
+
+    # -- eviction ----------------------------------------------------------
+
+    def _loaded(self, size: int) -> None:
+        with self._state_lock:
+            self._bytes_since_check += size
+            if self._bytes_since_check < self._check_threshold:
+                return
+            if self._evictor is not None and self._evictor.is_alive():
+                return
+            self._bytes_since_check = 0
+            self._evictor = threading.Thread(
+                target=self._evict_quietly, name="zodb-s3blobs-evict", daemon=True
+            )
+            self._evictor.start()
+
+    def _evict_quietly(self) -> None:
+        try:
+            self.evict()
+        except Exception:
+            log.exception("Blob cache eviction in %s failed", self.directory)
+
+    def files(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every cached blob file with its stat (not staged or temp files)."""
+        for bucket in os.scandir(self.directory):
+            if bucket.name in _RESERVED or not bucket.is_dir():
+                continue
+            for oid_dir in os.scandir(bucket.path):
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in os.scandir(oid_dir.path):
+                        if entry.name.endswith(".blob"):
+                            with contextlib.suppress(FileNotFoundError):
+                                yield entry.path, entry.stat()
+
+    def evict(self, target: int | None = None) -> int:
+        """Delete least-recently-used files until at most *target* bytes remain
+        (default: 90% of the limit, if the limit is exceeded). Returns the bytes
+        freed; 0 when another process is evicting already.
+        """
+        lock = os.path.join(self._locks_dir, "evict.lock")
+        with _flock(lock, blocking=False) as acquired:
+            if not acquired:
+                return 0
+            files = sorted(self.files(), key=lambda item: item[1].st_atime)
+            total = sum(st.st_size for _path, st in files)
+            if target is None:
+                if total <= self.size_limit:
+                    return 0
+                target = int(self.size_limit * EVICTION_TARGET)
+            freed = 0
+            started = time.monotonic()
+            for path, st in files:
+                if total - freed <= target:
+                    break
+                oid_dir = os.path.dirname(path)
+                stripe = self._stripe_for_path(path)
+                with _flock(stripe):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                        freed += st.st_size
+                self._remove_empty_dirs(oid_dir)
+            log.debug(
+                "Evicted %d bytes from %s in %.3fs",
+                freed, self.directory, time.monotonic() - started,
+            )
+            return freed
+
+    def _stripe_for_path(self, path: str) -> str:
+        oid_hex = os.path.basename(os.path.dirname(path))
+        tid_hex = os.path.basename(path)[: -len(".blob")]
+        return self._lock_path(p64(int(oid_hex, 16)), p64(int(tid_hex, 16)))
+
+    def close(self) -> None:
+        """Wait briefly for a running eviction so the process exits cleanly."""
+        evictor = self._evictor
+        if evictor is not None:
+            evictor.join(timeout=10)

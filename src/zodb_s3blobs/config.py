@@ -1,0 +1,109 @@
+"""ZConfig support: the ``<s3blobstorage>`` section and its datatypes.
+
+Datatypes raise ValueError at parse time, so ZConfig reports a bad value with
+the key's name and line before anything is opened. Imports of the storage
+stay inside ``open()``, as in ``ZODB.config``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from ZConfig.datatypes import stock_datatypes
+from ZODB.config import BaseConfig
+
+from .keys import validate_prefix
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+
+
+def bucket_name(value: str) -> str:
+    value = value.strip()
+    if not _BUCKET.fullmatch(value):
+        raise ValueError(
+            f"bucket-name {value!r} is not a bucket name (letters, digits, '.', "
+            "'-', '_'; no '/' or spaces)"
+        )
+    return value
+
+
+def prefix(value: str) -> str:
+    return validate_prefix(value)
+
+
+def endpoint_url(value: str) -> str:
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"s3-endpoint-url {value!r} must be an http:// or https:// URL"
+        )
+    return value
+
+
+def addressing_style(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise ValueError(
+            f"s3-addressing-style must be auto, path or virtual, not {value!r}"
+        )
+    return value
+
+
+def sse_customer_key(value: str) -> str:
+    from .objectstore import decode_sse_customer_key
+
+    decode_sse_customer_key(value)  # its message never repeats the key
+    return value.strip()
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, not {number}")
+    return number
+
+
+def cache_size(value: str) -> int:
+    size = stock_datatypes["byte-size"](value)
+    if size <= 0:
+        raise ValueError(f"cache-size must be positive, not {value!r}")
+    return size
+
+
+class S3BlobStorageFactory(BaseConfig):
+    """Opens the base storage section and wraps it in an S3BlobStorage."""
+
+    def settings(self):
+        from .objectstore import S3Settings
+
+        c = self.config
+        return S3Settings(
+            bucket=c.bucket_name,
+            prefix=c.s3_prefix,
+            endpoint_url=c.s3_endpoint_url,
+            region=c.s3_region,
+            access_key=c.s3_access_key,
+            secret_key=c.s3_secret_key,
+            use_ssl=c.s3_use_ssl,
+            addressing_style=c.s3_addressing_style,
+            sse_customer_key=c.s3_sse_customer_key,
+            max_concurrency=c.s3_max_concurrency,
+        )
+
+    def open(self):
+        from .storage import S3BlobStorage
+
+        settings = self.settings()  # checks combinations before opening anything
+        base = self.config.base.open()
+        try:
+            return S3BlobStorage(
+                base,
+                settings,
+                cache_dir=self.config.cache_dir,
+                cache_size=self.config.cache_size,
+            )
+        except BaseException:
+            base.close()
+            raise

@@ -1,0 +1,89 @@
+"""Orphan collection: delete the objects of blob revisions the base storage no
+longer holds (after a pack, or on demand).
+
+The rule is ZODB's own ``BlobStorage._packUndoing``: a revision is needed
+while the base can still load it (``loadSerial``). That one rule keeps what a
+history-preserving base keeps for undo and drops all but the current revision
+on a history-free base. Safety rules:
+
+- keys newer than the base's last committed transaction are never touched:
+  they belong to transactions still voting (uploads happen before finish);
+- keys that do not match the layout exactly are never touched;
+- deletes go out in DeleteObjects batches of 1000 keys, and the cached copies
+  of deleted revisions are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ZODB.POSException import POSKeyError
+
+from .cache import BlobCache
+from .keys import KeyLayout
+from .objectstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectionReport:
+    """What one collection saw and did."""
+
+    scanned: int = 0
+    kept: int = 0
+    in_flight: int = 0
+    foreign: int = 0
+    orphans: list[str] = field(default_factory=list)
+    orphan_bytes: int = 0
+    deleted: int = 0
+
+
+def revision_exists(base, oid: bytes, tid: bytes) -> bool:
+    try:
+        base.loadSerial(oid, tid)
+    except (POSKeyError, KeyError):
+        return False
+    return True
+
+
+def collect_orphans(
+    base,
+    store: ObjectStore,
+    layout: KeyLayout,
+    cache: BlobCache,
+    dry_run: bool = False,
+) -> CollectionReport:
+    """Find, and unless *dry_run* delete, objects no revision of *base* needs."""
+    report = CollectionReport()
+    # Read before listing: anything committed later has a larger tid.
+    last_committed = base.lastTransaction()
+    revisions = []
+    for key, size in store.list(layout.root):
+        report.scanned += 1
+        parsed = layout.parse(key)
+        if parsed is None:
+            report.foreign += 1
+            continue
+        oid, tid = parsed
+        if tid > last_committed:
+            report.in_flight += 1
+        elif revision_exists(base, oid, tid):
+            report.kept += 1
+        else:
+            report.orphans.append(key)
+            report.orphan_bytes += size
+            revisions.append((oid, tid))
+    if not dry_run and report.orphans:
+        report.deleted = store.delete(report.orphans)
+        for oid, tid in revisions:
+            cache.discard(oid, tid)
+    log.info(
+        "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
+        "%d foreign, %d orphans (%d bytes) %s",
+        store.url(layout.root), report.scanned, report.kept, report.in_flight,
+        report.foreign, len(report.orphans), report.orphan_bytes,
+        "listed" if dry_run else "deleted",
+    )
+    return report

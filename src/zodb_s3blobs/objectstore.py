@@ -1,0 +1,249 @@
+"""The S3 side: one long-lived, thread-safe boto3 client and its transfer manager.
+
+This is the only module that imports boto3. It knows object keys and files,
+nothing of ZODB transactions, and turns every botocore failure into an
+:class:`~zodb_s3blobs.errors.ObjectStoreError` naming the operation, the
+``s3://bucket/key`` and the cause.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import ObjectNotFound, ObjectStoreError
+
+log = logging.getLogger(__name__)
+
+#: S3 accepts at most this many keys in one DeleteObjects request.
+DELETE_BATCH = 1000
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+def decode_sse_customer_key(value: str) -> bytes:
+    """Decode an SSE-C key given as base64 of 32 bytes, or raise ValueError."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("s3-sse-customer-key is not valid base64") from None
+    if len(raw) != 32:
+        raise ValueError(
+            f"s3-sse-customer-key must decode to 32 bytes (AES-256), not {len(raw)}"
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the blobs live and how to reach them (the ``s3-*`` config keys)."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    use_ssl: bool = True
+    addressing_style: str = "auto"
+    sse_customer_key: str | None = field(default=None, repr=False)
+    max_concurrency: int = 10
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            raise ValueError("bucket-name must not be empty")
+        if self.addressing_style not in _ADDRESSING_STYLES:
+            raise ValueError(
+                f"s3-addressing-style must be one of {', '.join(_ADDRESSING_STYLES)},"
+                f" not {self.addressing_style!r}"
+            )
+        if self.sse_customer_key is not None:
+            decode_sse_customer_key(self.sse_customer_key)
+            if not self.use_ssl or (
+                self.endpoint_url and self.endpoint_url.startswith("http://")
+            ):
+                raise ValueError(
+                    "s3-sse-customer-key requires TLS: S3 refuses SSE-C keys sent "
+                    "over plain HTTP (set s3-use-ssl true and an https endpoint)"
+                )
+        if self.max_concurrency < 1:
+            raise ValueError("s3-max-concurrency must be at least 1")
+
+
+class ObjectStore:
+    """Put, get, copy, list and delete objects of one bucket."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        config = Config(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, 2 * settings.max_concurrency),
+            s3={"addressing_style": settings.addressing_style},
+            # Ceph-based providers reject the CRC headers newer botocore sends by
+            # default; compute and validate checksums only where S3 requires it.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            use_ssl=settings.use_ssl,
+            config=config,
+        )
+        self._transfers = create_transfer_manager(
+            self._client,
+            TransferConfig(
+                max_concurrency=settings.max_concurrency,
+                preferred_transfer_client="classic",
+            ),
+        )
+        self._sse: dict[str, object] = {}
+        self._copy_sse: dict[str, object] = {}
+        if settings.sse_customer_key:
+            raw = decode_sse_customer_key(settings.sse_customer_key)
+            self._sse = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": raw}
+            self._copy_sse = {
+                "CopySourceSSECustomerAlgorithm": "AES256",
+                "CopySourceSSECustomerKey": raw,
+            }
+
+    def __repr__(self) -> str:
+        return f"<ObjectStore s3://{self.bucket}>"
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _error(self, operation: str, key: str, exc: Exception) -> ObjectStoreError:
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            message = error.get("Message") or exc.response.get(
+                "ResponseMetadata", {}
+            ).get("HTTPStatusCode", "")
+            cls = ObjectNotFound if code in _NOT_FOUND else ObjectStoreError
+            return cls(operation, self.url(key), f"{code} {message}".strip())
+        return ObjectStoreError(
+            operation, self.url(key), f"{type(exc).__name__}: {exc}"
+        )
+
+    def transfer(
+        self, uploads: Iterable[tuple[str, str]], copies: Iterable[tuple[str, str]]
+    ) -> None:
+        """Upload files ``(path, key)`` and copy objects ``(source_key, key)`` in
+        parallel (at most ``max_concurrency`` requests at once).
+
+        Waits for every transfer, then raises an ObjectStoreError naming the first
+        failure and how many failed; nothing is left running on return.
+        """
+        futures: list[tuple[str, str, Future]] = []
+        for path, key in uploads:
+            futures.append(
+                ("upload", key, self._transfers.upload(
+                    path, self.bucket, key, extra_args=dict(self._sse)))
+            )
+        for source, key in copies:
+            futures.append(
+                ("copy", key, self._transfers.copy(
+                    {"Bucket": self.bucket, "Key": source}, self.bucket, key,
+                    extra_args={**self._sse, **self._copy_sse}))
+            )
+        failures = []
+        for operation, key, future in futures:
+            try:
+                future.result()
+            except (ClientError, BotoCoreError, OSError) as exc:
+                failures.append(self._error(operation, key, exc))
+        if failures:
+            first = failures[0]
+            if len(failures) > 1:
+                raise ObjectStoreError(
+                    first.operation,
+                    first.key,
+                    f"{first.cause} ({len(failures)} of {len(futures)} transfers "
+                    "failed)",
+                ) from first
+            raise first
+
+    def download(self, key: str, out: BinaryIO) -> int:
+        """Stream the object into *out* with one GET; return the bytes written."""
+        written = 0
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key, **self._sse)
+            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET", key, exc) from exc
+        return written
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when it does not exist (HEAD)."""
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=key, **self._sse)
+        except (ClientError, BotoCoreError) as exc:
+            error = self._error("HEAD", key, exc)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from exc
+        return int(response["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Yield ``(key, size)`` of every object under *prefix*."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"], int(item["Size"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST", prefix, exc) from exc
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete *keys* with DeleteObjects, 1000 a request; return the count.
+
+        Deleting a key that does not exist succeeds, as in S3 itself.
+        """
+        keys = list(keys)
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            try:
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error("DELETE", batch[0], exc) from exc
+            errors = response.get("Errors") or ()
+            if errors:
+                first = errors[0]
+                raise ObjectStoreError(
+                    "DELETE",
+                    self.url(first.get("Key", batch[0])),
+                    f"{first.get('Code')} {first.get('Message', '')}".strip()
+                    + f" ({len(errors)} of {len(batch)} keys not deleted)",
+                )
+        return len(keys)
+
+    def close(self) -> None:
+        self._transfers.shutdown()
+        self._client.close()

@@ -1,0 +1,349 @@
+"""S3BlobStorage: a proxy storage that keeps object records in its base storage
+and blob files in S3, with a local cache in front.
+
+Modelled on ZODB's ``BlobStorage`` proxy and zc.zlibstorage's IStorageWrapper:
+the base's methods are bound onto the instance, the base's interfaces are
+provided, invalidations pass through, and the blob methods are overridden.
+
+Two-phase commit: ``storeBlob`` stages the file in the cache's ``tmp/``;
+``tpc_vote`` uploads every staged file (and performs undo's server-side
+copies) in parallel and fails the vote if any transfer fails; ``tpc_finish``
+only renames staged files into the cache and cannot fail; ``tpc_abort``
+deletes every object this transaction tried to write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from base64 import decodebytes
+from dataclasses import dataclass
+
+import zope.interface
+from ZODB.blob import BlobFile, copyTransactionsFromTo, is_blob_record
+from ZODB.interfaces import (
+    IBlobStorage,
+    IBlobStorageRestoreable,
+    IStorageRestoreable,
+    IStorageWrapper,
+)
+from ZODB.POSException import POSKeyError, StorageTransactionError
+from ZODB.serialize import referencesf
+from ZODB.utils import oid_repr, tid_repr
+
+from . import gc
+from .cache import BlobCache
+from .errors import ObjectNotFound, S3BlobStorageError
+from .keys import KeyLayout
+from .objectstore import ObjectStore, S3Settings
+from .staging import PendingCommit, StagedBlob
+from .tids import check_supported, tid_at_vote
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 1 << 30
+#: How often openCommittedBlobFile reloads a file evicted before it was opened.
+_OPEN_ATTEMPTS = 5
+
+#: Base methods bound onto the wrapper so hot paths skip __getattr__.
+_COPIED_METHODS = (
+    "getName", "getSize", "history", "isReadOnly", "lastTransaction", "new_oid",
+    "sortKey", "load", "loadBefore", "loadSerial", "store", "restore",
+    "checkCurrentSerialInTransaction", "tpc_transaction", "supportsUndo",
+    "undoLog", "undoInfo", "iterator", "record_iternext", "getTid", "prefetch",
+    "poll_invalidations", "sync", "afterCompletion", "release",
+    "lastInvalidations", "deleteObject",
+)
+
+
+@dataclass
+class _Shared:
+    """What every MVCC instance of one storage shares."""
+
+    store: ObjectStore
+    layout: KeyLayout
+    cache: BlobCache
+    pack_lock: threading.Lock
+
+
+class _FilesystemView:
+    """The part of ZODB's ``FilesystemHelper`` that ZODB code uses on blob
+    storages (``copyTransactionsFromTo`` needs ``temp_dir``), over the cache."""
+
+    def __init__(self, cache: BlobCache) -> None:
+        self.base_dir = cache.directory
+        self.temp_dir = cache.temp_dir
+        self.getBlobFilename = cache.path
+
+
+@zope.interface.implementer(IBlobStorage, IStorageWrapper)
+class S3BlobStorage:
+    """Wrap *base* so that its blobs are stored in S3 and cached in *cache_dir*."""
+
+    def __init__(
+        self,
+        base,
+        settings: S3Settings,
+        cache_dir: str,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        check_supported(base)
+        layout = KeyLayout(settings.prefix)
+        cache = BlobCache(cache_dir, cache_size)
+        store = ObjectStore(settings)
+        self._setup(base, _Shared(store, layout, cache, threading.Lock()), True)
+
+    def _setup(self, base, shared: _Shared, owner: bool) -> None:
+        self._base = base
+        self._shared = shared
+        self._store = shared.store
+        self._layout = shared.layout
+        self._cache = shared.cache
+        self._owner = owner
+        self._db = None
+        self._commit: PendingCommit | None = None
+        self.fshelper = _FilesystemView(shared.cache)
+        for name in _COPIED_METHODS:
+            method = getattr(base, name, None)
+            if method is not None:
+                setattr(self, name, method)
+        provided = [zope.interface.providedBy(base), IBlobStorage, IStorageWrapper]
+        if IStorageRestoreable.providedBy(base):
+            provided.append(IBlobStorageRestoreable)
+        zope.interface.directlyProvides(self, *provided)
+        base.registerDB(self)
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __repr__(self) -> str:
+        return (
+            f"<S3BlobStorage {self._store.url(self._layout.root)} "
+            f"around {self._base!r}>"
+        )
+
+    # -- IStorageWrapper: pass the base's calls up to the database ---------
+
+    def registerDB(self, db) -> None:
+        self._db = db
+
+    def invalidate(self, transaction_id, oids, version=""):
+        if self._db is not None:
+            self._db.invalidate(transaction_id, oids)
+
+    def invalidateCache(self):
+        if self._db is not None:
+            self._db.invalidateCache()
+
+    def references(self, record, oids=None):
+        if self._db is not None:
+            return self._db.references(record, oids)
+        return referencesf(record, oids)
+
+    def transform_record_data(self, data):
+        if self._db is not None:
+            return self._db.transform_record_data(data)
+        return data
+
+    def untransform_record_data(self, data):
+        if self._db is not None:
+            return self._db.untransform_record_data(data)
+        return data
+
+    # -- IMVCCStorage (when the base provides it) ---------------------------
+
+    def new_instance(self) -> S3BlobStorage:
+        instance = type(self).__new__(type(self))
+        instance._setup(self._base.new_instance(), self._shared, False)
+        instance._db = self._db
+        return instance
+
+    # -- IBlobStorage --------------------------------------------------------
+
+    def temporaryDirectory(self) -> str:
+        return self._cache.temp_dir
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
+        assert not version, "Versions aren't supported."
+        self._base.store(oid, oldserial, data, "", transaction)
+        self._pending(transaction).stage(
+            StagedBlob(oid, self._cache.take(blobfilename))
+        )
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, transaction):
+        self._base.restore(oid, serial, data, "", prev_txn, transaction)
+        self._pending(transaction).stage(
+            StagedBlob(oid, self._cache.take(blobfilename), serial)
+        )
+
+    def loadBlob(self, oid: bytes, serial: bytes) -> str:
+        """Return the path of the cached, read-only file of this blob revision,
+        downloading it with one GET if it is not cached."""
+        key = self._layout.key(oid, serial)
+        try:
+            return self._cache.fetch(
+                oid, serial, lambda out: self._store.download(key, out)
+            )
+        except ObjectNotFound as exc:
+            raise POSKeyError(
+                f"No blob file: {exc.key} does not exist", oid, serial
+            ) from exc
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        for _attempt in range(_OPEN_ATTEMPTS):
+            path = self.loadBlob(oid, serial)
+            try:
+                if blob is None:
+                    return open(path, "rb")
+                return BlobFile(path, "r", blob)
+            except FileNotFoundError:
+                # Evicted between loadBlob and open: load it again.
+                continue
+        raise S3BlobStorageError(
+            f"Blob {oid_repr(oid)}/{tid_repr(serial)} was evicted from the cache "
+            f"{_OPEN_ATTEMPTS} times before it could be opened; is cache-size "
+            "too small?"
+        )
+
+    def copyTransactionsFrom(self, other) -> None:
+        copyTransactionsFromTo(other, self)
+
+    # -- undo ------------------------------------------------------------------
+
+    def undo(self, transaction_id, transaction):
+        """Undo through the base; each undone blob revision's object is copied
+        (server-side, at vote) to the new revision's key, as ZODB's
+        ``BlobStorage.undo`` copies the file."""
+        result = self._base.undo(transaction_id, transaction)
+        oids = result[1] if isinstance(result, tuple) else result
+        undone_tid = decodebytes(transaction_id + b"\n")
+        pending = self._pending(transaction)
+        for oid in oids or ():
+            source = self._undo_source(oid, undone_tid)
+            if source is not None:
+                pending.copies[oid] = source
+        return result
+
+    def _undo_source(self, oid: bytes, undone_tid: bytes) -> bytes | None:
+        """The tid of the blob revision that undoing *undone_tid* restores."""
+        before = self._base.loadBefore(oid, undone_tid)
+        if before is None:
+            return None  # the undone transaction created it: no state remains
+        data, serial, _end = before
+        if data and is_blob_record(self.untransform_record_data(data)):
+            return serial
+        return None
+
+    # -- two-phase commit ----------------------------------------------------
+
+    def _pending(self, transaction) -> PendingCommit:
+        commit = self._commit
+        if commit is None or commit.transaction is not transaction:
+            raise StorageTransactionError(self, transaction)
+        return commit
+
+    def tpc_begin(self, transaction, *args, **kw):
+        result = self._base.tpc_begin(transaction, *args, **kw)
+        self._commit = PendingCommit(transaction)
+        return result
+
+    def tpc_vote(self, transaction):
+        resolved = self._base.tpc_vote(transaction)
+        commit = self._pending(transaction)
+        if commit.has_transfers():
+            self._upload(commit)
+        return resolved
+
+    def _upload(self, commit: PendingCommit) -> None:
+        if commit.copies or any(b.tid is None for b in commit.blobs.values()):
+            commit.tid = tid_at_vote(self._base)
+        key = self._layout.key
+        uploads = [
+            (blob.path, key(blob.oid, blob.tid or commit.tid))
+            for blob in commit.blobs.values()
+        ]
+        copies = [
+            (key(oid, source), key(oid, commit.tid))
+            for oid, source in commit.copies.items()
+        ]
+        commit.attempted_keys = [k for _p, k in uploads] + [k for _s, k in copies]
+        self._store.transfer(uploads, copies)
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        commit = self._pending(transaction)
+        tid = self._base.tpc_finish(transaction, func)
+        self._commit = None
+        if commit.tid is not None and commit.tid != tid:
+            log.critical(
+                "Base storage committed tid %s but blobs were uploaded under %s",
+                tid_repr(tid), tid_repr(commit.tid),
+            )
+        # Nothing here may fail: the transaction is committed.
+        for blob in commit.blobs.values():
+            try:
+                self._cache.install(blob.oid, blob.tid or tid, blob.path)
+            except OSError:
+                log.warning(
+                    "Could not install blob %s/%s into the cache; it will be "
+                    "downloaded when read", oid_repr(blob.oid),
+                    tid_repr(blob.tid or tid), exc_info=True,
+                )
+        commit.discard_files()
+        return tid
+
+    def tpc_abort(self, transaction):
+        try:
+            self._base.tpc_abort(transaction)
+        finally:
+            commit = self._commit
+            if commit is not None and commit.transaction is transaction:
+                self._commit = None
+                self._abort(commit)
+
+    def _abort(self, commit: PendingCommit) -> None:
+        commit.discard_files()
+        if not commit.attempted_keys:
+            return
+        try:
+            self._store.delete(commit.attempted_keys)
+        except Exception:
+            log.error(
+                "Aborted transaction left %d object(s) in S3 that the next pack "
+                "or gc removes: %s", len(commit.attempted_keys),
+                ", ".join(commit.attempted_keys), exc_info=True,
+            )
+
+    # -- pack ------------------------------------------------------------------
+
+    def pack(self, pack_time, referencesf, *args, **kw):
+        """Pack the base storage, then delete the objects of every blob revision
+        it no longer holds (see :mod:`zodb_s3blobs.gc`)."""
+        lock = self._shared.pack_lock
+        if not lock.acquire(blocking=False):
+            raise S3BlobStorageError("Already packing")
+        try:
+            result = self._base.pack(pack_time, referencesf, *args, **kw)
+            self.collect_orphans()
+            return result
+        finally:
+            lock.release()
+
+    def collect_orphans(self, dry_run: bool = False) -> gc.CollectionReport:
+        """Delete (or with *dry_run* only list) objects no revision needs."""
+        return gc.collect_orphans(
+            self._base, self._store, self._layout, self._cache, dry_run=dry_run
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self._base.close()
+        finally:
+            if self._owner:
+                self._store.close()
+                self._cache.close()
+

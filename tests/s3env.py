@@ -1,0 +1,63 @@
+"""The test session's S3 server and bucket, reachable from ZODB's test
+factories (which are built at collection time, before fixtures run)."""
+
+from __future__ import annotations
+
+import itertools
+
+from zodb_s3blobs.localserver import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
+from zodb_s3blobs.objectstore import S3Settings
+
+BUCKET = "zodb-s3blobs-tests"
+_server: LocalS3 | None = None
+_prefixes = itertools.count()
+
+
+def start(server: LocalS3) -> None:
+    global _server
+    _server = server
+    server.create_bucket(BUCKET)
+
+
+def server() -> LocalS3:
+    assert _server is not None, "the s3_server session fixture has not started"
+    return _server
+
+
+def new_prefix() -> str:
+    return f"t{next(_prefixes)}"
+
+
+def settings(prefix: str | None = None, **kw) -> S3Settings:
+    return S3Settings(
+        bucket=BUCKET,
+        prefix=new_prefix() if prefix is None else prefix,
+        endpoint_url=server().endpoint_url,
+        region=REGION,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        use_ssl=False,
+        addressing_style="path",
+        **kw,
+    )
+
+
+def zconfig(base_section: str, cache_dir: str, prefix: str | None = None,
+            extra: str = "") -> str:
+    """zope.conf text for <s3blobstorage> around *base_section*."""
+    return f"""
+%import zodb_s3blobs
+<s3blobstorage>
+  bucket-name {BUCKET}
+  s3-prefix {new_prefix() if prefix is None else prefix}
+  s3-endpoint-url {server().endpoint_url}
+  s3-region {REGION}
+  s3-access-key {ACCESS_KEY}
+  s3-secret-key {SECRET_KEY}
+  s3-use-ssl false
+  s3-addressing-style path
+  cache-dir {cache_dir}
+  {extra}
+  {base_section}
+</s3blobstorage>
+"""
