@@ -229,7 +229,11 @@ class S3BlobStorage:
 
     def _undo_source(self, oid: bytes, undone_tid: bytes) -> bytes | None:
         """The tid of the blob revision that undoing *undone_tid* restores."""
-        before = self._base.loadBefore(oid, undone_tid)
+        try:
+            before = self._base.loadBefore(oid, undone_tid)
+        except POSKeyError:
+            # FileStorage: the revision before is itself an undone creation.
+            return None
         if before is None:
             return None  # the undone transaction created it: no state remains
         data, serial, _end = before
