@@ -35,6 +35,7 @@ from typing import BinaryIO
 from ZODB.blob import rename_or_copy_blob
 from ZODB.utils import p64
 
+from .errors import S3BlobStorageError
 from .keys import hex_id
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,19 @@ class BlobCache:
 
     def __init__(self, directory: str, size_limit: int) -> None:
         if size_limit <= 0:
-            raise ValueError("cache-size must be positive")
+            raise ValueError(f"cache-size must be positive, not {size_limit}")
         self.directory = os.path.abspath(directory)
         self.size_limit = size_limit
-        os.makedirs(self.directory, DIR_MODE, exist_ok=True)
         self.temp_dir = os.path.join(self.directory, "tmp")
         self._locks_dir = os.path.join(self.directory, "locks")
-        _mkdir(self.temp_dir)
-        _mkdir(self._locks_dir)
+        try:
+            os.makedirs(self.directory, DIR_MODE, exist_ok=True)
+            _mkdir(self.temp_dir)
+            _mkdir(self._locks_dir)
+        except OSError as exc:
+            raise S3BlobStorageError(
+                f"cache-dir {self.directory!r} cannot be used: {exc.strerror}"
+            ) from exc
         self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
         self._bytes_since_check = 0
         self._state_lock = threading.Lock()

@@ -15,61 +15,78 @@ from ZODB.config import BaseConfig
 
 from .keys import validate_prefix
 
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,254}")
 
 
-def bucket_name(value: str) -> str:
+def _keyed(key: str, convert):
+    """A datatype whose errors name *key*: ZConfig reports only the line."""
+
+    def datatype(value: str):
+        try:
+            return convert(value)
+        except ValueError as exc:
+            message = str(exc)
+            if not message.startswith(key):
+                message = f"{key}: {message}"
+            raise ValueError(message) from None
+
+    return datatype
+
+
+def _bucket_name(value: str) -> str:
     value = value.strip()
     if not _BUCKET.fullmatch(value):
         raise ValueError(
-            f"bucket-name {value!r} is not a bucket name (letters, digits, '.', "
+            f"{value!r} is not a bucket name (3 or more letters, digits, '.', "
             "'-', '_'; no '/' or spaces)"
         )
     return value
 
 
-def prefix(value: str) -> str:
-    return validate_prefix(value)
-
-
-def endpoint_url(value: str) -> str:
+def _endpoint_url(value: str) -> str:
     value = value.strip()
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(
-            f"s3-endpoint-url {value!r} must be an http:// or https:// URL"
-        )
+        raise ValueError(f"{value!r} must be an http:// or https:// URL")
     return value
 
 
-def addressing_style(value: str) -> str:
+def _addressing_style(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "path", "virtual"):
-        raise ValueError(
-            f"s3-addressing-style must be auto, path or virtual, not {value!r}"
-        )
+        raise ValueError(f"must be auto, path or virtual, not {value!r}")
     return value
 
 
-def sse_customer_key(value: str) -> str:
+def _sse_customer_key(value: str) -> str:
     from .objectstore import decode_sse_customer_key
 
-    decode_sse_customer_key(value)  # its message never repeats the key
+    decode_sse_customer_key(value)  # its messages never repeat the key
     return value.strip()
 
 
-def positive_int(value: str) -> int:
+def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError(f"must be at least 1, not {number}")
     return number
 
 
-def cache_size(value: str) -> int:
+def _positive_byte_size(value: str) -> int:
     size = stock_datatypes["byte-size"](value)
     if size <= 0:
-        raise ValueError(f"cache-size must be positive, not {value!r}")
+        raise ValueError(f"must be positive, not {value!r}")
     return size
+
+
+bucket_name = _keyed("bucket-name", _bucket_name)
+prefix = _keyed("s3-prefix", validate_prefix)
+endpoint_url = _keyed("s3-endpoint-url", _endpoint_url)
+use_ssl = _keyed("s3-use-ssl", stock_datatypes["boolean"])
+addressing_style = _keyed("s3-addressing-style", _addressing_style)
+sse_customer_key = _keyed("s3-sse-customer-key", _sse_customer_key)
+max_concurrency = _keyed("s3-max-concurrency", _positive_int)
+cache_size = _keyed("cache-size", _positive_byte_size)
 
 
 class S3BlobStorageFactory(BaseConfig):

@@ -1,0 +1,105 @@
+"""The ``zodb-s3blobs`` command line.
+
+Each command lives in its own module of this package, listed in
+``COMMAND_MODULES``; the module's ``register(subparsers)`` adds its parser and
+sets ``run`` (a function taking the parsed arguments and returning an exit
+code) as that parser's default. ``main`` turns failures into one line on
+stderr and an exit code: 0 success, 1 a problem found or a failed run, 2 bad
+usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+PROG = "zodb-s3blobs"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: Modules of this package that each define ``register(subparsers)``.
+COMMAND_MODULES = ("demo",)
+
+
+class CommandError(Exception):
+    """A run failed for a reason the message fully explains (exit code 1)."""
+
+
+def _add_common_options(parser: argparse.ArgumentParser, default) -> None:
+    """Options accepted before and after the command name. Subparsers use
+    ``argparse.SUPPRESS`` so they do not overwrite a value given before it."""
+    parser.add_argument(
+        "-v", "--debug",
+        action="store_true",
+        default=default,
+        help="log debug messages and show the traceback of an error",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command module."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tools for ZODB databases whose blobs are stored in S3.",
+    )
+    _add_common_options(parser, default=False)
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
+        command = module.register(subparsers)
+        _add_common_options(command, default=argparse.SUPPRESS)
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    """Show this package's debug messages with --debug, else warnings only."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if debug:
+        logging.getLogger(__package__).setLevel(logging.DEBUG)
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    """Print *exc* as one line on stderr, after its traceback with --debug."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    message = str(exc) if isinstance(exc, CommandError) else (
+        f"{type(exc).__name__}: {exc}"
+    )
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse *argv* (default: ``sys.argv[1:]``), run the command, return its
+    exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _configure_logging(args.debug)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        _report(exc, args.debug)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    # Call the package's module, not this __main__ copy of it, so that the
+    # CommandError the commands import is the class main() catches.
+    from zodb_s3blobs.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,143 @@
+"""The <s3blobstorage> section: what it builds, and a clear error for every bad
+key, naming that key, before anything is opened."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ZConfig
+import ZODB.config
+
+import s3env
+from zodb_s3blobs import S3BlobStorage, S3BlobStorageError
+
+KEY_FOR_TEST = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # 32 bytes
+
+
+def section(lines: str, base: str = "<mappingstorage>\n</mappingstorage>") -> str:
+    return f"""
+%import zodb_s3blobs
+<s3blobstorage>
+{lines}
+{base}
+</s3blobstorage>
+"""
+
+
+GOOD = "bucket-name my-bucket\ncache-dir {cache}"
+
+
+@pytest.mark.parametrize(
+    "lines, key",
+    [
+        ("cache-dir {cache}", "bucket-name"),
+        ("bucket-name a/b\ncache-dir {cache}", "bucket-name"),
+        ("bucket-name x\ncache-dir {cache}", "bucket-name"),
+        (GOOD + "\ns3-prefix /abs", "s3-prefix"),
+        (GOOD + "\ns3-prefix a/../b", "s3-prefix"),
+        (GOOD + "\ns3-prefix has space", "s3-prefix"),
+        (GOOD + "\ns3-prefix a//b", "s3-prefix"),
+        (GOOD + "\ns3-endpoint-url ftp://host", "s3-endpoint-url"),
+        (GOOD + "\ns3-endpoint-url localhost:9000", "s3-endpoint-url"),
+        (GOOD + "\ns3-use-ssl maybe", "s3-use-ssl"),
+        (GOOD + "\ns3-addressing-style sideways", "s3-addressing-style"),
+        (GOOD + "\ns3-sse-customer-key not-base64!", "s3-sse-customer-key"),
+        (GOOD + "\ns3-sse-customer-key c2hvcnQ=", "s3-sse-customer-key"),
+        (GOOD + "\ns3-max-concurrency 0", "s3-max-concurrency"),
+        (GOOD + "\ns3-max-concurrency many", "s3-max-concurrency"),
+        (GOOD + "\ncache-size 0", "cache-size"),
+        (GOOD + "\ncache-size lots", "cache-size"),
+        ("bucket-name my-bucket", "cache-dir"),
+        (GOOD + "\nbucket-name again", "bucket-name"),
+    ],
+)
+def test_bad_key_fails_at_parse_naming_the_key(lines, key, tmp_path):
+    text = section(lines.format(cache=tmp_path / "cache"))
+    with pytest.raises(ZConfig.ConfigurationError) as info:
+        ZODB.config.storageFromString(text)
+    assert key in str(info.value)
+    assert not (tmp_path / "cache").exists(), "nothing may be created"
+
+
+def test_sse_customer_key_value_never_appears_in_the_error(tmp_path):
+    secret = "c2VjcmV0LWtleQ=="  # ten bytes
+    text = section(f"bucket-name b-1\ncache-dir {tmp_path}\ns3-sse-customer-key {secret}")
+    with pytest.raises(ZConfig.ConfigurationError) as info:
+        ZODB.config.storageFromString(text)
+    assert "s3-sse-customer-key" in str(info.value)
+    assert secret not in str(info.value)
+    assert secret not in repr(info.value)
+
+
+def test_missing_base_storage_section_is_refused(tmp_path):
+    text = section(GOOD.format(cache=tmp_path), base="")
+    with pytest.raises(ZConfig.ConfigurationError) as info:
+        ZODB.config.storageFromString(text)
+    assert "zodb.storage" in str(info.value)
+
+
+def test_sse_c_without_tls_fails_at_open_naming_the_key(tmp_path):
+    text = section(
+        f"bucket-name b-1\ncache-dir {tmp_path}\ns3-use-ssl false\n"
+        f"s3-sse-customer-key {KEY_FOR_TEST}"
+    )
+    with pytest.raises(ValueError) as info:
+        ZODB.config.storageFromString(text)
+    assert "s3-sse-customer-key" in str(info.value)
+    assert "TLS" in str(info.value)
+    assert KEY_FOR_TEST not in str(info.value)
+
+
+def test_unusable_cache_dir_fails_at_open_naming_the_key(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    text = section(f"bucket-name b-1\ncache-dir {blocker}")
+    with pytest.raises(S3BlobStorageError) as info:
+        ZODB.config.storageFromString(text)
+    assert "cache-dir" in str(info.value)
+
+
+def test_unsupported_base_storage_is_refused_at_open(tmp_path):
+    from ZODB.tests.hexstorage import HexStorage  # a wrapper of unknown kind
+    from ZODB.MappingStorage import MappingStorage
+
+    from zodb_s3blobs.tids import UnsupportedBaseStorage
+
+    with pytest.raises(UnsupportedBaseStorage) as info:
+        S3BlobStorage(HexStorage(MappingStorage()), s3env.settings(),
+                      cache_dir=str(tmp_path))
+    assert "HexStorage" in str(info.value)
+
+
+def test_full_section_builds_the_storage(tmp_path):
+    text = s3env.zconfig(
+        "<filestorage>\n path %s\n</filestorage>" % (tmp_path / "Data.fs"),
+        cache_dir=str(tmp_path / "cache"),
+        prefix="site/one",
+        extra="cache-size 50MB\n  s3-max-concurrency 4",
+    )
+    storage = ZODB.config.storageFromString(text)
+    try:
+        assert isinstance(storage, S3BlobStorage)
+        assert storage.temporaryDirectory() == str(tmp_path / "cache" / "tmp")
+        assert storage._cache.size_limit == 50 * 1024 * 1024
+        assert storage._store.settings.max_concurrency == 4
+        assert storage._layout.root == "site/one/blobs/"
+        assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700
+    finally:
+        storage.close()
+
+
+def test_environment_substitution(tmp_path, monkeypatch):
+    monkeypatch.setenv("S3BLOBS_TEST_PREFIX", "from-env")
+    text = s3env.zconfig(
+        "<mappingstorage>\n</mappingstorage>",
+        cache_dir=str(tmp_path / "cache"),
+        prefix="$(S3BLOBS_TEST_PREFIX)",
+    )
+    storage = ZODB.config.storageFromString(text)
+    try:
+        assert storage._layout.root == "from-env/blobs/"
+    finally:
+        storage.close()
