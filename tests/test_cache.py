@@ -1,0 +1,171 @@
+"""The local blob cache: atomic read-only files, LRU eviction, and safety
+under concurrent readers in threads and in separate processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import ZODB
+from ZODB.utils import p64
+
+from test_storage import commit_blobs
+from zodb_s3blobs.cache import BlobCache
+
+
+def writer(data: bytes):
+    def download(out):
+        out.write(data)
+        return len(data)
+
+    return download
+
+
+def cached_bytes(cache: BlobCache) -> int:
+    return sum(st.st_size for _path, st in cache.files())
+
+
+def test_fetch_installs_a_complete_read_only_file(tmp_path):
+    cache = BlobCache(str(tmp_path), 10_000)
+    path = cache.fetch(p64(1), p64(2), writer(b"abc"))
+    assert open(path, "rb").read() == b"abc"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    assert os.listdir(cache.temp_dir) == []
+
+
+def test_failed_download_leaves_nothing(tmp_path):
+    cache = BlobCache(str(tmp_path), 10_000)
+
+    def broken(out):
+        out.write(b"partial")
+        raise ConnectionResetError("peer went away")
+
+    with pytest.raises(ConnectionResetError):
+        cache.fetch(p64(1), p64(2), broken)
+    assert cache.lookup(p64(1), p64(2)) is None
+    assert os.listdir(cache.temp_dir) == []
+
+
+def test_eviction_starts_by_itself_and_keeps_the_recently_used(tmp_path):
+    cache = BlobCache(str(tmp_path), 100_000)
+    data = b"x" * 10_000
+    cache.fetch(p64(0), p64(1), writer(data))
+    for oid in range(1, 30):
+        cache.fetch(p64(oid), p64(1), writer(data))
+        cache.lookup(p64(0), p64(1))  # keep blob 0 in use
+    cache.close()  # waits for a running eviction
+    assert len(list(cache.files())) < 30, "the daemon thread evicted"
+    assert cache.lookup(p64(0), p64(1)) is not None, "recently used survives"
+    assert cache.lookup(p64(1), p64(1)) is None, "least recently used went first"
+    assert cache.lookup(p64(29), p64(1)) is not None
+    cache.fetch(p64(30), p64(1), writer(data * 2))  # now over the limit
+    cache.close()
+    cache.evict()
+    assert cached_bytes(cache) <= 90_000, "down to 90% of the limit"
+
+
+def test_eviction_removes_empty_directories(tmp_path):
+    cache = BlobCache(str(tmp_path), 1_000_000)
+    cache.fetch(p64(0x1234), p64(1), writer(b"x"))
+    cache.evict(target=0)
+    assert sorted(os.listdir(tmp_path)) == ["locks", "tmp"]
+
+
+def test_reads_under_eviction_never_see_a_missing_or_partial_file(make_storage, tmp_path):
+    storage = make_storage(cache_size=60_000)
+    db = ZODB.DB(storage)
+    payloads = {f"b{i}": os.urandom(15_000 + i) for i in range(16)}
+    refs = commit_blobs(db, payloads)
+    errors = []
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(40):
+                name = rnd.choice(list(refs))
+                with storage.openCommittedBlobFile(*refs[name]) as f:
+                    assert f.read() == payloads[name]
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    storage._cache.close()
+    assert errors == []
+    assert len(list(storage._cache.files())) < 16, "eviction did run"
+    db.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import hashlib, json, random, sys
+    from ZODB.MappingStorage import MappingStorage
+    from zodb_s3blobs import S3BlobStorage, S3Settings
+    job = json.loads(sys.argv[1])
+    storage = S3BlobStorage(MappingStorage(), S3Settings(**job["settings"]),
+                            cache_dir=job["cache_dir"], cache_size=job["cache_size"])
+    rnd = random.Random(job["seed"])
+    blobs = job["blobs"]
+    for _ in range(job["rounds"]):
+        oid, tid, digest = rnd.choice(blobs)
+        with storage.openCommittedBlobFile(bytes.fromhex(oid), bytes.fromhex(tid)) as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, (oid, tid)
+    storage._cache.close()
+    storage.close()
+    print("ok")
+    """
+)
+
+
+def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    payloads = {f"b{i}": os.urandom(20_000 + 7 * i) for i in range(12)}
+    refs = commit_blobs(db, payloads)
+    db.close()
+    shared = tmp_path / "shared-cache"
+    settings = storage._store.settings
+    job = {
+        "settings": {
+            "bucket": settings.bucket, "prefix": settings.prefix,
+            "endpoint_url": settings.endpoint_url, "region": settings.region,
+            "access_key": settings.access_key, "secret_key": settings.secret_key,
+            "use_ssl": False, "addressing_style": "path",
+        },
+        "cache_dir": str(shared),
+        "cache_size": 100_000,  # about five of the twelve blobs: evicts often
+        "rounds": 60,
+        "blobs": [
+            (oid.hex(), tid.hex(), hashlib.sha256(payloads[name]).hexdigest())
+            for name, (oid, tid) in refs.items()
+        ],
+    }
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps({**job, "seed": seed})],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        assert out.strip() == "ok"
+    cache = BlobCache(str(shared), 100_000)
+    assert os.listdir(cache.temp_dir) == [], "no temp files left behind"
+    sizes = {len(data) for data in payloads.values()}
+    for path, st in cache.files():
+        assert st.st_size in sizes, "only complete files"
+        assert stat.S_IMODE(st.st_mode) == 0o400
+
