@@ -276,10 +276,21 @@ class S3BlobStorage:
         commit.attempted_keys = [k for _p, k in uploads] + [k for _s, k in copies]
         self._store.transfer(uploads, copies)
 
-    def tpc_finish(self, transaction, func=lambda tid: None):
-        commit = self._pending(transaction)
-        tid = self._base.tpc_finish(transaction, func)
+    def _take_commit(self, transaction) -> PendingCommit | None:
+        # Taken out before the base's tpc_finish/tpc_abort: those release the
+        # base's commit lock, after which another thread's tpc_begin may set
+        # its own pending commit.
+        commit = self._commit
+        if commit is None or commit.transaction is not transaction:
+            return None
         self._commit = None
+        return commit
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        commit = self._take_commit(transaction)
+        if commit is None:
+            raise StorageTransactionError(self, transaction)
+        tid = self._base.tpc_finish(transaction, func)
         if commit.tid is not None and commit.tid != tid:
             log.critical(
                 "Base storage committed tid %s but blobs were uploaded under %s",
@@ -299,12 +310,11 @@ class S3BlobStorage:
         return tid
 
     def tpc_abort(self, transaction):
+        commit = self._take_commit(transaction)
         try:
             self._base.tpc_abort(transaction)
         finally:
-            commit = self._commit
-            if commit is not None and commit.transaction is transaction:
-                self._commit = None
+            if commit is not None:
                 self._abort(commit)
 
     def _abort(self, commit: PendingCommit) -> None:
