@@ -5,7 +5,7 @@ Each command lives in its own module of this package, listed in
 sets ``run`` (a function taking the parsed arguments and returning an exit
 code) as that parser's default. ``main`` turns failures into one line on
 stderr and an exit code: 0 success, 1 a problem found or a failed run, 2 bad
-usage.
+usage (130 when interrupted with Ctrl-C).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CommandError(Exception):
     """A run failed for a reason the message fully explains (exit code 1)."""
 
 
-def _add_common_options(parser: argparse.ArgumentParser, default) -> None:
+def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:
     """Options accepted before and after the command name. Subparsers use
     ``argparse.SUPPRESS`` so they do not overwrite a value given before it."""
     parser.add_argument(

@@ -1,10 +1,7 @@
 """``zodb-s3blobs demo``: a round trip through S3BlobStorage, on this machine.
 
-It starts an S3 server inside the process (moto's, on 127.0.0.1), commits
-blobs through a ``<s3blobstorage>`` configuration, reopens the database with
-an empty cache, reads every blob back and compares the bytes, then shows what
-is in the bucket and the cache and how long each step took. It needs no
-account and sends nothing beyond the loopback interface.
+It shows a new user (and a packager checking an install) that blobs go to S3,
+come back through an empty cache intact, and how fast, without an S3 account.
 """
 
 from __future__ import annotations
@@ -39,8 +36,17 @@ BUCKET = "zodb-s3blobs-demo"
 DEFAULT_BLOBS = 8
 SMALLEST = 1 << 10
 DEFAULT_LARGEST = 4 << 20
+UPDATED = "blob-1"
 #: The cache's own subdirectories, summarised instead of listed file by file.
 CACHE_INTERNALS = ("locks", "tmp")
+DESCRIPTION = """\
+Start an S3 server inside this process (moto's, on 127.0.0.1), commit blobs
+through an <s3blobstorage> configuration around a FileStorage, reopen the
+database with an empty cache, read every blob back and compare the bytes.
+Prints the bucket's keys, the cache's files and the timings. Needs no account
+and sends nothing beyond the loopback interface. Exits 1 if a blob does not
+read back as written.
+"""
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,14 @@ class Timing:
     seconds: float
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """Add the ``demo`` command to the ``zodb-s3blobs`` parser."""
     parser = subparsers.add_parser(
         "demo",
         help="commit and read back blobs through a local S3 server",
-        description=__doc__.split("\n\n", 1)[1].strip(),
+        description=DESCRIPTION,
     )
     parser.add_argument(
         "--blobs", type=_positive_int, default=DEFAULT_BLOBS, metavar="N",
@@ -66,8 +74,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-size", type=_byte_size, default=DEFAULT_LARGEST, metavar="SIZE",
-        help="the largest blob's size, e.g. 500KB or 16MB; sizes grow evenly "
-        "from 1KB up to it (default 4MB)",
+        help="the largest blob's size, e.g. 500KB or 16MB; the sizes grow "
+        "geometrically from 1KB up to it (default 4MB)",
     )
     parser.add_argument(
         "--keep", action="store_true",
@@ -78,7 +86,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
     return number
@@ -123,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 def blob_sizes(count: int, largest: int) -> list[int]:
     """*count* sizes growing geometrically from 1 KiB (or *largest*, if
-    smaller) to *largest*, so small and multi-part uploads both occur."""
+    smaller) to *largest*, so the timings cover small and large files."""
     smallest = min(SMALLEST, largest)
     if count == 1:
         return [largest]
@@ -136,12 +147,12 @@ def _round_trip(server: LocalS3, workdir: str, sizes: list[int]) -> None:
     server.create_bucket(BUCKET)
     with _database(server, workdir, "cache-commit") as db:
         expected, commit = _commit(db, sizes)
-        _update(db, expected, "blob-1")
+        _update(db, expected, UPDATED)
     read_cache = os.path.join(workdir, "cache-read")
     with _database(server, workdir, "cache-read") as db:
         cold = _read_back(db, expected, "cold read")
         warm = _read_back(db, expected, "warm read")
-    _print_bucket(server, len(sizes))
+    _print_bucket(server)
     _print_cache(read_cache)
     _print_timings([commit, cold, warm])
 
@@ -221,7 +232,7 @@ def _read_back(db: ZODB.DB, expected: dict[str, bytes], step: str) -> Timing:
     return Timing(step, len(expected), size, seconds)
 
 
-def _print_bucket(server: LocalS3, blobs: int) -> None:
+def _print_bucket(server: LocalS3) -> None:
     """List the bucket's keys and sizes, as S3 reports them."""
     pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
     objects = [
@@ -231,13 +242,10 @@ def _print_bucket(server: LocalS3, blobs: int) -> None:
     ]
     total = sum(size for _key, size in objects)
     print(f"\nBucket {BUCKET} ({len(objects)} objects, {_human(total)}):")
-    width = max(len(key) for key, _size in objects)
+    width = max((len(key) for key, _size in objects), default=0)
     for key, size in objects:
         print(f"  {key:<{width}}  {_human(size):>10}")
-    print(
-        f"  ({blobs} blobs: the update added an object; a pack deletes the "
-        "revision it replaced)"
-    )
+    print(f"  ({UPDATED} was updated: two revisions until a pack deletes the old one)")
 
 
 def _print_cache(cache_dir: str) -> None:
@@ -245,7 +253,7 @@ def _print_cache(cache_dir: str) -> None:
     files = sorted(_cache_files(cache_dir))
     mode = stat.S_IMODE(os.stat(cache_dir).st_mode)
     print(f"\nCache filled by the cold read ({cache_dir}, mode {mode:#o}):")
-    width = max(len(path) for path, _size, _mode in files)
+    width = max((len(path) for path, _size, _mode in files), default=0)
     for path, size, file_mode in files:
         print(f"  {path:<{width}}  {_human(size):>10}  {file_mode:#o}")
     for name in CACHE_INTERNALS:
