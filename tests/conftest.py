@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -50,7 +51,5 @@ def make_storage(tmp_path, s3_settings):
 
     yield make
     for storage in opened:
-        try:
+        with contextlib.suppress(Exception):  # a test may have closed it
             storage.close()
-        except Exception:
-            pass

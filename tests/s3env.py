@@ -42,8 +42,9 @@ def settings(prefix: str | None = None, **kw) -> S3Settings:
     )
 
 
-def zconfig(base_section: str, cache_dir: str, prefix: str | None = None,
-            extra: str = "") -> str:
+def zconfig(
+    base_section: str, cache_dir: str, prefix: str | None = None, extra: str = ""
+) -> str:
     """zope.conf text for <s3blobstorage> around *base_section*."""
     return f"""
 %import zodb_s3blobs

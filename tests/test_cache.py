@@ -36,7 +36,8 @@ def cached_bytes(cache: BlobCache) -> int:
 def test_fetch_installs_a_complete_read_only_file(tmp_path):
     cache = BlobCache(str(tmp_path), 10_000)
     path = cache.fetch(p64(1), p64(2), writer(b"abc"))
-    assert open(path, "rb").read() == b"abc"
+    with open(path, "rb") as f:
+        assert f.read() == b"abc"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
     assert os.listdir(cache.temp_dir) == []
 
@@ -79,7 +80,9 @@ def test_eviction_removes_empty_directories(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["locks", "tmp"]
 
 
-def test_reads_under_eviction_never_see_a_missing_or_partial_file(make_storage, tmp_path):
+def test_reads_under_eviction_never_see_a_missing_or_partial_file(
+    make_storage, tmp_path
+):
     storage = make_storage(cache_size=60_000)
     db = ZODB.DB(storage)
     payloads = {f"b{i}": os.urandom(15_000 + i) for i in range(16)}
@@ -138,10 +141,14 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
     settings = storage._store.settings
     job = {
         "settings": {
-            "bucket": settings.bucket, "prefix": settings.prefix,
-            "endpoint_url": settings.endpoint_url, "region": settings.region,
-            "access_key": settings.access_key, "secret_key": settings.secret_key,
-            "use_ssl": False, "addressing_style": "path",
+            "bucket": settings.bucket,
+            "prefix": settings.prefix,
+            "endpoint_url": settings.endpoint_url,
+            "region": settings.region,
+            "access_key": settings.access_key,
+            "secret_key": settings.secret_key,
+            "use_ssl": False,
+            "addressing_style": "path",
         },
         "cache_dir": str(shared),
         "cache_size": 100_000,  # about five of the twelve blobs: evicts often
@@ -154,7 +161,9 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
     children = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, json.dumps({**job, "seed": seed})],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for seed in (1, 2)
     ]
@@ -165,7 +174,6 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
     cache = BlobCache(str(shared), 100_000)
     assert os.listdir(cache.temp_dir) == [], "no temp files left behind"
     sizes = {len(data) for data in payloads.values()}
-    for path, st in cache.files():
+    for _path, st in cache.files():
         assert st.st_size in sizes, "only complete files"
         assert stat.S_IMODE(st.st_mode) == 0o400
-

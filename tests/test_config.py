@@ -62,7 +62,9 @@ def test_bad_key_fails_at_parse_naming_the_key(lines, key, tmp_path):
 
 def test_sse_customer_key_value_never_appears_in_the_error(tmp_path):
     secret = "c2VjcmV0LWtleQ=="  # ten bytes
-    text = section(f"bucket-name b-1\ncache-dir {tmp_path}\ns3-sse-customer-key {secret}")
+    text = section(
+        f"bucket-name b-1\ncache-dir {tmp_path}\ns3-sse-customer-key {secret}"
+    )
     with pytest.raises(ZConfig.ConfigurationError) as info:
         ZODB.config.storageFromString(text)
     assert "s3-sse-customer-key" in str(info.value)
@@ -99,14 +101,15 @@ def test_unusable_cache_dir_fails_at_open_naming_the_key(tmp_path):
 
 
 def test_unsupported_base_storage_is_refused_at_open(tmp_path):
-    from ZODB.tests.hexstorage import HexStorage  # a wrapper of unknown kind
     from ZODB.MappingStorage import MappingStorage
+    from ZODB.tests.hexstorage import HexStorage  # a wrapper of unknown kind
 
     from zodb_s3blobs.tids import UnsupportedBaseStorage
 
     with pytest.raises(UnsupportedBaseStorage) as info:
-        S3BlobStorage(HexStorage(MappingStorage()), s3env.settings(),
-                      cache_dir=str(tmp_path))
+        S3BlobStorage(
+            HexStorage(MappingStorage()), s3env.settings(), cache_dir=str(tmp_path)
+        )
     assert "HexStorage" in str(info.value)
 
 

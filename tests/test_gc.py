@@ -83,7 +83,7 @@ def test_foreign_keys_are_left_alone(make_storage, tmp_path):
     blob_revisions(db, [b"1"])
     root = storage._layout.root
     foreign = [
-        root + "01/2.blob",            # leading zero
+        root + "01/2.blob",  # leading zero
         root + "1/2.blob.tmp",
         root + "1/2/3.blob",
         root + "README",

@@ -11,10 +11,10 @@ import pytest
 import transaction
 import ZODB
 from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
 from ZODB.DemoStorage import DemoStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
-from ZODB.Connection import TransactionMetaData
 from ZODB.tests.MVCCMappingStorage import MVCCMappingStorage
 from ZODB.utils import z64
 
@@ -52,8 +52,11 @@ def test_commit_uploads_every_blob_and_reads_back_with_an_empty_cache(
     assert len(keys(storage)) == 12
     db.close()
 
-    reader = make_storage(settings=storage._store.settings,
-                          base=MappingStorage(), cache_dir=tmp_path / "empty")
+    reader = make_storage(
+        settings=storage._store.settings,
+        base=MappingStorage(),
+        cache_dir=tmp_path / "empty",
+    )
     for name, (oid, tid) in refs.items():
         with open(reader.loadBlob(oid, tid), "rb") as f:
             assert f.read() == payloads[name]
@@ -102,8 +105,12 @@ def test_committed_files_are_read_only_and_private(make_storage):
     db = ZODB.DB(storage)
     path = storage.loadBlob(*commit_blobs(db, {"b": b"data"})["b"])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
-    for directory in (os.path.dirname(path), os.path.dirname(os.path.dirname(path)),
-                      storage._cache.directory, storage.temporaryDirectory()):
+    for directory in (
+        os.path.dirname(path),
+        os.path.dirname(os.path.dirname(path)),
+        storage._cache.directory,
+        storage.temporaryDirectory(),
+    ):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     db.close()
 
@@ -121,9 +128,12 @@ def test_failed_upload_fails_the_vote_naming_the_key_and_abort_leaves_nothing(
         conn.root()[f"b{i}"] = Blob(os.urandom(3000))
     conn.add(conn.root()["b3"])
     victim = f"/blobs/{conn.root()['b3']._p_oid.hex().lstrip('0')}/"
-    with failing(storage._store._client, "PutObject", lambda url: victim in url) as hit:
-        with pytest.raises(ObjectStoreError) as info:
-            tm.commit()
+    client = storage._store._client
+    with (
+        failing(client, "PutObject", lambda url: victim in url) as hit,
+        pytest.raises(ObjectStoreError) as info,
+    ):
+        tm.commit()
     assert hit, "the injected failure was reached"
     message = str(info.value)
     assert victim in message and "AccessDenied" in message
@@ -166,9 +176,11 @@ def test_refused_read_is_a_storage_error_not_a_missing_blob(make_storage):
     db = ZODB.DB(storage)
     oid, tid = commit_blobs(db, {"b": b"refused"})["b"]
     storage._cache.discard(oid, tid)
-    with failing(storage._store._client, "GetObject"):
-        with pytest.raises(ObjectStoreError) as info:
-            storage.loadBlob(oid, tid)
+    with (
+        failing(storage._store._client, "GetObject"),
+        pytest.raises(ObjectStoreError) as info,
+    ):
+        storage.loadBlob(oid, tid)
     assert not isinstance(info.value, POSKeyError)
     assert "AccessDenied" in str(info.value)
     assert storage._layout.key(oid, tid) in str(info.value)
@@ -233,7 +245,8 @@ def test_undo_of_a_blob_change_copies_the_object_server_side(make_storage):
 
 
 @pytest.mark.parametrize(
-    "make_base", [MappingStorage, DemoStorage, MVCCMappingStorage],
+    "make_base",
+    [MappingStorage, DemoStorage, MVCCMappingStorage],
     ids=["MappingStorage", "DemoStorage", "MVCCMappingStorage"],
 )
 def test_other_bases(make_storage, make_base):
@@ -281,9 +294,14 @@ def test_demo_storage_over_s3_blob_storage_keeps_test_commits_local(make_storage
     commit_blobs(db, {"base": b"from S3"})
     db.close()
     stored = keys(storage)
-    demo_db = ZODB.DB(DemoStorage(base=make_storage(
-        base=ZODB.FileStorage.FileStorage(storage._base.getName()),
-        settings=storage._store.settings)))
+    demo_db = ZODB.DB(
+        DemoStorage(
+            base=make_storage(
+                base=ZODB.FileStorage.FileStorage(storage._base.getName()),
+                settings=storage._store.settings,
+            )
+        )
+    )
     commit_blobs(demo_db, {"layer": b"test data"})
     conn = demo_db.open()
     with conn.root()["base"].open() as f:

@@ -128,9 +128,7 @@ class BlobCache:
             return None
         return path
 
-    def fetch(
-        self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]
-    ) -> str:
+    def fetch(self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]) -> str:
         """Return the cached file for (oid, tid), calling *download* if absent.
 
         Under the blob's lock the cache is checked again, so concurrent loaders
@@ -192,9 +190,8 @@ class BlobCache:
     def discard(self, oid: bytes, tid: bytes) -> None:
         """Remove the cached copy of (oid, tid), if any, and empty directories."""
         path = self.path(oid, tid)
-        with _flock(self._lock_path(oid, tid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        with _flock(self._lock_path(oid, tid)), contextlib.suppress(FileNotFoundError):
+            os.remove(path)
         self._remove_empty_dirs(os.path.dirname(path))
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
@@ -261,14 +258,15 @@ class BlobCache:
                     break
                 oid_dir = os.path.dirname(path)
                 stripe = self._stripe_for_path(path)
-                with _flock(stripe):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                        freed += st.st_size
+                with _flock(stripe), contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    freed += st.st_size
                 self._remove_empty_dirs(oid_dir)
             log.debug(
                 "Evicted %d bytes from %s in %.3fs",
-                freed, self.directory, time.monotonic() - started,
+                freed,
+                self.directory,
+                time.monotonic() - started,
             )
             return freed
 

@@ -35,7 +35,8 @@ def _add_common_options(parser: argparse.ArgumentParser, default: object) -> Non
     """Options accepted before and after the command name. Subparsers use
     ``argparse.SUPPRESS`` so they do not overwrite a value given before it."""
     parser.add_argument(
-        "-v", "--debug",
+        "-v",
+        "--debug",
         action="store_true",
         default=default,
         help="log debug messages and show the traceback of an error",
@@ -72,8 +73,8 @@ def _report(exc: BaseException, debug: bool) -> None:
     """Print *exc* as one line on stderr, after its traceback with --debug."""
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    message = str(exc) if isinstance(exc, CommandError) else (
-        f"{type(exc).__name__}: {exc}"
+    message = (
+        str(exc) if isinstance(exc, CommandError) else (f"{type(exc).__name__}: {exc}")
     )
     print(f"{PROG}: error: {message}", file=sys.stderr)
 

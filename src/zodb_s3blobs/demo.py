@@ -69,16 +69,23 @@ def register(
         description=DESCRIPTION,
     )
     parser.add_argument(
-        "--blobs", type=_positive_int, default=DEFAULT_BLOBS, metavar="N",
+        "--blobs",
+        type=_positive_int,
+        default=DEFAULT_BLOBS,
+        metavar="N",
         help=f"how many blobs to commit (default {DEFAULT_BLOBS})",
     )
     parser.add_argument(
-        "--max-size", type=_byte_size, default=DEFAULT_LARGEST, metavar="SIZE",
+        "--max-size",
+        type=_byte_size,
+        default=DEFAULT_LARGEST,
+        metavar="SIZE",
         help="the largest blob's size, e.g. 500KB or 16MB; the sizes grow "
         "geometrically from 1KB up to it (default 4MB)",
     )
     parser.add_argument(
-        "--keep", action="store_true",
+        "--keep",
+        action="store_true",
         help="keep the temporary directory (Data.fs and both caches)",
     )
     parser.set_defaults(run=run)

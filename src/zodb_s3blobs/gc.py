@@ -82,8 +82,13 @@ def collect_orphans(
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
         "%d foreign, %d orphans (%d bytes) %s",
-        store.url(layout.root), report.scanned, report.kept, report.in_flight,
-        report.foreign, len(report.orphans), report.orphan_bytes,
+        store.url(layout.root),
+        report.scanned,
+        report.kept,
+        report.in_flight,
+        report.foreign,
+        len(report.orphans),
+        report.orphan_bytes,
         "listed" if dry_run else "deleted",
     )
     return report

@@ -49,8 +49,8 @@ class KeyLayout:
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = validate_prefix(prefix)
-        self.root = f"{self.prefix}/{BLOBS_FOLDER}/" if self.prefix else (
-            f"{BLOBS_FOLDER}/"
+        self.root = (
+            f"{self.prefix}/{BLOBS_FOLDER}/" if self.prefix else (f"{BLOBS_FOLDER}/")
         )
 
     def key(self, oid: bytes, tid: bytes) -> str:

@@ -159,14 +159,26 @@ class ObjectStore:
         futures: list[tuple[str, str, Future]] = []
         for path, key in uploads:
             futures.append(
-                ("upload", key, self._transfers.upload(
-                    path, self.bucket, key, extra_args=dict(self._sse)))
+                (
+                    "upload",
+                    key,
+                    self._transfers.upload(
+                        path, self.bucket, key, extra_args=dict(self._sse)
+                    ),
+                )
             )
         for source, key in copies:
             futures.append(
-                ("copy", key, self._transfers.copy(
-                    {"Bucket": self.bucket, "Key": source}, self.bucket, key,
-                    extra_args={**self._sse, **self._copy_sse}))
+                (
+                    "copy",
+                    key,
+                    self._transfers.copy(
+                        {"Bucket": self.bucket, "Key": source},
+                        self.bucket,
+                        key,
+                        extra_args={**self._sse, **self._copy_sse},
+                    ),
+                )
             )
         failures = []
         for operation, key, future in futures:
@@ -200,7 +212,9 @@ class ObjectStore:
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist (HEAD)."""
         try:
-            response = self._client.head_object(Bucket=self.bucket, Key=key, **self._sse)
+            response = self._client.head_object(
+                Bucket=self.bucket, Key=key, **self._sse
+            )
         except (ClientError, BotoCoreError) as exc:
             error = self._error("HEAD", key, exc)
             if isinstance(error, ObjectNotFound):

@@ -47,12 +47,33 @@ _OPEN_ATTEMPTS = 5
 
 #: Base methods bound onto the wrapper so hot paths skip __getattr__.
 _COPIED_METHODS = (
-    "getName", "getSize", "history", "isReadOnly", "lastTransaction", "new_oid",
-    "sortKey", "load", "loadBefore", "loadSerial", "store", "restore",
-    "checkCurrentSerialInTransaction", "tpc_transaction", "supportsUndo",
-    "undoLog", "undoInfo", "iterator", "record_iternext", "getTid", "prefetch",
-    "poll_invalidations", "sync", "afterCompletion", "release",
-    "lastInvalidations", "deleteObject",
+    "getName",
+    "getSize",
+    "history",
+    "isReadOnly",
+    "lastTransaction",
+    "new_oid",
+    "sortKey",
+    "load",
+    "loadBefore",
+    "loadSerial",
+    "store",
+    "restore",
+    "checkCurrentSerialInTransaction",
+    "tpc_transaction",
+    "supportsUndo",
+    "undoLog",
+    "undoInfo",
+    "iterator",
+    "record_iternext",
+    "getTid",
+    "prefetch",
+    "poll_invalidations",
+    "sync",
+    "afterCompletion",
+    "release",
+    "lastInvalidations",
+    "deleteObject",
 )
 
 
@@ -294,7 +315,8 @@ class S3BlobStorage:
         if commit.tid is not None and commit.tid != tid:
             log.critical(
                 "Base storage committed tid %s but blobs were uploaded under %s",
-                tid_repr(tid), tid_repr(commit.tid),
+                tid_repr(tid),
+                tid_repr(commit.tid),
             )
         # Nothing here may fail: the transaction is committed.
         for blob in commit.blobs.values():
@@ -303,8 +325,10 @@ class S3BlobStorage:
             except OSError:
                 log.warning(
                     "Could not install blob %s/%s into the cache; it will be "
-                    "downloaded when read", oid_repr(blob.oid),
-                    tid_repr(blob.tid or tid), exc_info=True,
+                    "downloaded when read",
+                    oid_repr(blob.oid),
+                    tid_repr(blob.tid or tid),
+                    exc_info=True,
                 )
         commit.discard_files()
         return tid
@@ -326,8 +350,10 @@ class S3BlobStorage:
         except Exception:
             log.error(
                 "Aborted transaction left %d object(s) in S3 that the next pack "
-                "or gc removes: %s", len(commit.attempted_keys),
-                ", ".join(commit.attempted_keys), exc_info=True,
+                "or gc removes: %s",
+                len(commit.attempted_keys),
+                ", ".join(commit.attempted_keys),
+                exc_info=True,
             )
 
     # -- pack ------------------------------------------------------------------
@@ -360,4 +386,3 @@ class S3BlobStorage:
             if self._owner:
                 self._store.close()
                 self._cache.close()
-
