@@ -46,19 +46,10 @@ def zconfig(
     base_section: str, cache_dir: str, prefix: str | None = None, extra: str = ""
 ) -> str:
     """zope.conf text for <s3blobstorage> around *base_section*."""
-    return f"""
-%import zodb_s3blobs
-<s3blobstorage>
-  bucket-name {BUCKET}
-  s3-prefix {new_prefix() if prefix is None else prefix}
-  s3-endpoint-url {server().endpoint_url}
-  s3-region {REGION}
-  s3-access-key {ACCESS_KEY}
-  s3-secret-key {SECRET_KEY}
-  s3-use-ssl false
-  s3-addressing-style path
-  cache-dir {cache_dir}
-  {extra}
-  {base_section}
-</s3blobstorage>
-"""
+    return server().zconfig(
+        BUCKET,
+        cache_dir,
+        base_section,
+        prefix=new_prefix() if prefix is None else prefix,
+        extra=extra,
+    )

@@ -24,9 +24,6 @@ from ZODB.blob import Blob
 
 from .cli import EXIT_OK, CommandError
 from .localserver import (
-    ACCESS_KEY,
-    REGION,
-    SECRET_KEY,
     LocalS3,
     MissingServerError,
     local_s3_server,
@@ -164,34 +161,20 @@ def _round_trip(server: LocalS3, workdir: str, sizes: list[int]) -> None:
     _print_timings([commit, cold, warm])
 
 
-def storage_config(endpoint_url: str, workdir: str, cache_dir: str) -> str:
+def storage_config(server: LocalS3, workdir: str, cache_dir: str) -> str:
     """ZConfig text for a FileStorage wrapped in ``<s3blobstorage>``, as a
     zope.conf would contain it."""
-    return f"""
-%import zodb_s3blobs
-<s3blobstorage>
-  bucket-name {BUCKET}
-  s3-endpoint-url {endpoint_url}
-  s3-region {REGION}
-  s3-access-key {ACCESS_KEY}
-  s3-secret-key {SECRET_KEY}
-  s3-use-ssl false
-  s3-addressing-style path
-  cache-dir {cache_dir}
-  <filestorage>
-    path {os.path.join(workdir, "Data.fs")}
-  </filestorage>
-</s3blobstorage>
-"""
+    data_fs = os.path.join(workdir, "Data.fs")
+    return server.zconfig(
+        BUCKET, cache_dir, f"<filestorage>\n    path {data_fs}\n  </filestorage>"
+    )
 
 
 @contextlib.contextmanager
 def _database(server: LocalS3, workdir: str, cache_name: str) -> Iterator[ZODB.DB]:
     """Open the demo database with the cache in *workdir*/*cache_name*."""
     cache_dir = os.path.join(workdir, cache_name)
-    storage = ZODB.config.storageFromString(
-        storage_config(server.endpoint_url, workdir, cache_dir)
-    )
+    storage = ZODB.config.storageFromString(storage_config(server, workdir, cache_dir))
     db = ZODB.DB(storage)
     try:
         yield db

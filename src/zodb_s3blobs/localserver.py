@@ -35,6 +35,34 @@ class LocalS3:
             aws_secret_access_key=SECRET_KEY,
         )
 
+    def zconfig(
+        self,
+        bucket: str,
+        cache_dir: str,
+        base_section: str,
+        prefix: str = "",
+        extra: str = "",
+    ) -> str:
+        """ZConfig text (as in a zope.conf) for ``<s3blobstorage>`` around
+        *base_section*, pointed at this server."""
+        prefix_line = f"s3-prefix {prefix}" if prefix else ""
+        return f"""
+%import zodb_s3blobs
+<s3blobstorage>
+  bucket-name {bucket}
+  {prefix_line}
+  s3-endpoint-url {self.endpoint_url}
+  s3-region {REGION}
+  s3-access-key {ACCESS_KEY}
+  s3-secret-key {SECRET_KEY}
+  s3-use-ssl false
+  s3-addressing-style path
+  cache-dir {cache_dir}
+  {extra}
+  {base_section}
+</s3blobstorage>
+"""
+
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
