@@ -100,6 +100,18 @@ def test_unusable_cache_dir_fails_at_open_naming_the_key(tmp_path):
     assert "cache-dir" in str(info.value)
 
 
+def test_filestorage_with_its_own_blob_dir_is_refused_at_open(tmp_path):
+    base = (
+        f"<filestorage>\npath {tmp_path}/Data.fs\n"
+        f"blob-dir {tmp_path}/blobs\n</filestorage>"
+    )
+    text = section(f"bucket-name b-1\ncache-dir {tmp_path}/cache", base=base)
+    with pytest.raises(S3BlobStorageError) as info:
+        ZODB.config.storageFromString(text)
+    assert "blob-dir" in str(info.value)
+    assert not os.path.exists(tmp_path / "cache"), "refused before the cache"
+
+
 def test_unsupported_base_storage_is_refused_at_open(tmp_path):
     from ZODB.MappingStorage import MappingStorage
     from ZODB.tests.hexstorage import HexStorage  # a wrapper of unknown kind

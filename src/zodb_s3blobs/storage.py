@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import zope.interface
 from ZODB.blob import BlobFile, copyTransactionsFromTo, is_blob_record
+from ZODB.FileStorage import FileStorage
 from ZODB.interfaces import (
     IBlobStorage,
     IBlobStorageRestoreable,
@@ -97,6 +98,17 @@ class _FilesystemView:
         self.getBlobFilename = cache.path
 
 
+def _check_base(base) -> None:
+    """Refuse, when opening, a base whose blobs would silently go elsewhere."""
+    check_supported(base)
+    if isinstance(base, FileStorage) and base.blob_dir:
+        raise S3BlobStorageError(
+            f"The wrapped filestorage {base.getName()!r} has blob-dir "
+            f"{base.blob_dir!r}: remove blob-dir from its section; its blobs are "
+            "stored in S3 (upload existing blob files there before switching)"
+        )
+
+
 @zope.interface.implementer(IBlobStorage, IStorageWrapper)
 class S3BlobStorage:
     """Wrap *base* so that its blobs are stored in S3 and cached in *cache_dir*."""
@@ -108,7 +120,7 @@ class S3BlobStorage:
         cache_dir: str,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
-        check_supported(base)
+        _check_base(base)
         layout = KeyLayout(settings.prefix)
         cache = BlobCache(cache_dir, cache_size)
         store = ObjectStore(settings)
