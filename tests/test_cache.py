@@ -73,6 +73,16 @@ def test_eviction_starts_by_itself_and_keeps_the_recently_used(tmp_path):
     assert cached_bytes(cache) <= 90_000, "down to 90% of the limit"
 
 
+def test_files_of_an_older_cache_layout_are_ignored(tmp_path):
+    (tmp_path / "1a").mkdir()
+    (tmp_path / "1a" / "3f.blob").write_bytes(b"1.x layout: oid_hex/tid_hex.blob")
+    cache = BlobCache(str(tmp_path), 1_000)
+    cache.fetch(p64(0x1A), p64(1), writer(b"ours"))
+    assert [path for path, _st in cache.files()] == [cache.path(p64(0x1A), p64(1))]
+    cache.evict(target=0)
+    assert (tmp_path / "1a" / "3f.blob").exists()
+
+
 def test_eviction_removes_empty_directories(tmp_path):
     cache = BlobCache(str(tmp_path), 1_000_000)
     cache.fetch(p64(0x1234), p64(1), writer(b"x"))

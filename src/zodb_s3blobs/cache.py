@@ -73,6 +73,21 @@ def _mkdir(path: str) -> None:
         os.mkdir(path, DIR_MODE)
 
 
+def _entries(directory: str) -> list[os.DirEntry]:
+    """The entries of *directory*; none if another process just removed it."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _subdirectories(directory: str) -> list[os.DirEntry]:
+    # Files where directories belong (e.g. a 1.x cache's oid/tid.blob layout)
+    # are not ours: skip them rather than fail eviction.
+    return [e for e in _entries(directory) if e.is_dir(follow_symlinks=False)]
+
+
 class BlobCache:
     """Committed blob files keyed by (oid, tid), bounded by LRU eviction."""
 
@@ -226,15 +241,14 @@ class BlobCache:
 
     def files(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every cached blob file with its stat (not staged or temp files)."""
-        for bucket in os.scandir(self.directory):
-            if bucket.name in _RESERVED or not bucket.is_dir():
+        for bucket in _subdirectories(self.directory):
+            if bucket.name in _RESERVED:
                 continue
-            for oid_dir in os.scandir(bucket.path):
-                with contextlib.suppress(FileNotFoundError):
-                    for entry in os.scandir(oid_dir.path):
-                        if entry.name.endswith(".blob"):
-                            with contextlib.suppress(FileNotFoundError):
-                                yield entry.path, entry.stat()
+            for oid_dir in _subdirectories(bucket.path):
+                for entry in _entries(oid_dir.path):
+                    if entry.name.endswith(".blob") and entry.is_file():
+                        with contextlib.suppress(FileNotFoundError):
+                            yield entry.path, entry.stat()
 
     def evict(self, target: int | None = None) -> int:
         """Delete least-recently-used files until at most *target* bytes remain
