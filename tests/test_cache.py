@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import traceback
 
 import pytest
 import ZODB
@@ -83,6 +84,38 @@ def test_files_of_an_older_cache_layout_are_ignored(tmp_path):
     assert (tmp_path / "1a" / "3f.blob").exists()
 
 
+def test_installs_survive_eviction_removing_their_directories(tmp_path):
+    """Eviction removes directories it empties; a download installing into
+    the same directory at that moment must recreate it, not fail."""
+    cache = BlobCache(str(tmp_path), 1 << 30)
+    stop = threading.Event()
+    errors = []
+
+    def evict_everything():
+        while not stop.is_set():
+            cache.evict(target=0)
+
+    def fetch(worker):
+        try:
+            for n in range(300):
+                # One bucket directory (oid % 256 == 7) for every blob.
+                oid = p64(7 + 256 * (n % 3))
+                cache.fetch(oid, p64(worker * 1000 + n), writer(b"x"))
+        except Exception:  # reported below, with where it happened
+            errors.append(traceback.format_exc())
+
+    evictor = threading.Thread(target=evict_everything)
+    evictor.start()
+    fetchers = [threading.Thread(target=fetch, args=(w,)) for w in range(3)]
+    for t in fetchers:
+        t.start()
+    for t in fetchers:
+        t.join()
+    stop.set()
+    evictor.join()
+    assert errors == []
+
+
 def test_eviction_removes_empty_directories(tmp_path):
     cache = BlobCache(str(tmp_path), 1_000_000)
     cache.fetch(p64(0x1234), p64(1), writer(b"x"))
@@ -106,8 +139,8 @@ def test_reads_under_eviction_never_see_a_missing_or_partial_file(
                 name = rnd.choice(list(refs))
                 with storage.openCommittedBlobFile(*refs[name]) as f:
                     assert f.read() == payloads[name]
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        except Exception:  # reported below, with where it happened
+            errors.append(traceback.format_exc())
 
     threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
     for t in threads:

@@ -48,6 +48,7 @@ EVICTION_TARGET = 0.9
 #: An eviction check starts after loading this fraction of the size limit.
 CHECK_FRACTION = 0.1
 _RESERVED = ("tmp", "locks")
+_INSTALL_ATTEMPTS = 10
 
 
 @contextlib.contextmanager
@@ -190,16 +191,18 @@ class BlobCache:
 
     def _install(self, source: str, path: str) -> None:
         os.chmod(source, FILE_MODE)
-        for _attempt in range(3):
+        oid_dir = os.path.dirname(path)
+        for _attempt in range(_INSTALL_ATTEMPTS):
             try:
                 os.replace(source, path)
                 return
             except FileNotFoundError:
-                # The directories are missing, or another process's eviction
-                # removed them as empty between our mkdir and rename.
-                oid_dir = os.path.dirname(path)
-                _mkdir(os.path.dirname(oid_dir))
-                _mkdir(oid_dir)
+                # The directories are missing: new, or removed as empty by an
+                # eviction (in any process) since we last created them, which
+                # may happen again between the two mkdirs.
+                with contextlib.suppress(FileNotFoundError):
+                    _mkdir(os.path.dirname(oid_dir))
+                    _mkdir(oid_dir)
         os.replace(source, path)
 
     def discard(self, oid: bytes, tid: bytes) -> None:
