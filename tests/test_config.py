@@ -46,6 +46,9 @@ GOOD = "bucket-name my-bucket\ncache-dir {cache}"
         (GOOD + "\ns3-sse-customer-key c2hvcnQ=", "s3-sse-customer-key"),
         (GOOD + "\ns3-max-concurrency 0", "s3-max-concurrency"),
         (GOOD + "\ns3-max-concurrency many", "s3-max-concurrency"),
+        (GOOD + "\ns3-multipart sometimes", "s3-multipart"),
+        (GOOD + "\ns3-multipart-threshold -1", "s3-multipart-threshold"),
+        (GOOD + "\ns3-part-size 1MB", "s3-part-size"),
         (GOOD + "\ncache-size 0", "cache-size"),
         (GOOD + "\ncache-size lots", "cache-size"),
         ("bucket-name my-bucket", "cache-dir"),
@@ -130,14 +133,19 @@ def test_full_section_builds_the_storage(tmp_path):
         "<filestorage>\n path %s\n</filestorage>" % (tmp_path / "Data.fs"),
         cache_dir=str(tmp_path / "cache"),
         prefix="site/one",
-        extra="cache-size 50MB\n  s3-max-concurrency 4",
+        extra="cache-size 50MB\n  s3-max-concurrency 4\n  s3-multipart false\n"
+        "  s3-multipart-threshold 32MB\n  s3-part-size 6MB",
     )
     storage = ZODB.config.storageFromString(text)
     try:
         assert isinstance(storage, S3BlobStorage)
         assert storage.temporaryDirectory() == str(tmp_path / "cache" / "tmp")
         assert storage._cache.size_limit == 50 * 1024 * 1024
-        assert storage._store.settings.max_concurrency == 4
+        settings = storage._store.settings
+        assert settings.max_concurrency == 4
+        assert settings.multipart is False
+        assert settings.multipart_threshold == 32 << 20
+        assert settings.part_size == 6 << 20
         assert storage._layout.root == "site/one/blobs/"
         assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700
     finally:

@@ -18,6 +18,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.tests.MVCCMappingStorage import MVCCMappingStorage
 from ZODB.utils import z64
 
+import s3env
 from s3hooks import failing, requests
 from zodb_s3blobs import ObjectStoreError
 
@@ -311,3 +312,57 @@ def test_demo_storage_over_s3_blob_storage_keeps_test_commits_local(make_storage
     conn.close()
     assert keys(storage) == stored
     demo_db.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 << 20, (5 << 20) + 1, (17 << 20) + 3])
+def test_cold_read_costs_one_get_a_part(make_storage, tmp_path, size):
+    settings = s3env.settings(part_size=5 << 20, multipart_threshold=6 << 20)
+    storage = make_storage(settings=settings)
+    db = ZODB.DB(storage)
+    data = os.urandom(size)
+    oid, tid = commit_blobs(db, {"b": data})["b"]
+    reader = make_storage(
+        base=MappingStorage(), settings=settings, cache_dir=tmp_path / "cold"
+    )
+    with requests(reader._store._client) as sent:
+        path = reader.loadBlob(oid, tid)
+    with open(path, "rb") as f:
+        assert f.read() == data
+    parts = max(1, -(-size // (5 << 20)))
+    assert [op for op, _url in sent] == ["GetObject"] * parts
+    db.close()
+
+
+@pytest.mark.parametrize("multipart", [True, False])
+def test_large_blob_upload_in_parts_or_in_one_put(make_storage, multipart):
+    settings = s3env.settings(
+        part_size=5 << 20, multipart_threshold=6 << 20, multipart=multipart
+    )
+    storage = make_storage(settings=settings)
+    db = ZODB.DB(storage)
+    data = os.urandom(12 << 20)
+    with requests(storage._store._client) as sent:
+        oid, tid = commit_blobs(db, {"b": data})["b"]
+    ops = [op for op, _url in sent]
+    if multipart:
+        assert ops.count("UploadPart") == 3 and "PutObject" not in ops
+    else:
+        assert ops.count("PutObject") == 1 and "UploadPart" not in ops
+    storage._cache.discard(oid, tid)
+    with open(storage.loadBlob(oid, tid), "rb") as f:
+        assert f.read() == data
+    db.close()
+
+
+def test_uploads_do_not_wait_for_100_continue(make_storage):
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    seen = []
+
+    def headers(request, **_kw):
+        seen.append(dict(request.headers))
+
+    storage._store._client.meta.events.register("before-send.s3.PutObject", headers)
+    commit_blobs(db, {"b": os.urandom(2 << 20)})
+    assert seen and all("Expect" not in h for h in seen)
+    db.close()

@@ -79,6 +79,15 @@ def _positive_byte_size(value: str) -> int:
     return size
 
 
+def _part_size(value: str) -> int:
+    from .objectstore import MIN_PART_SIZE
+
+    size = _positive_byte_size(value)
+    if size < MIN_PART_SIZE:
+        raise ValueError(f"must be at least 5MB (S3's smallest part), not {value!r}")
+    return size
+
+
 bucket_name = _keyed("bucket-name", _bucket_name)
 prefix = _keyed("s3-prefix", validate_prefix)
 endpoint_url = _keyed("s3-endpoint-url", _endpoint_url)
@@ -86,6 +95,9 @@ use_ssl = _keyed("s3-use-ssl", stock_datatypes["boolean"])
 addressing_style = _keyed("s3-addressing-style", _addressing_style)
 sse_customer_key = _keyed("s3-sse-customer-key", _sse_customer_key)
 max_concurrency = _keyed("s3-max-concurrency", _positive_int)
+multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
+multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
+part_size = _keyed("s3-part-size", _part_size)
 cache_size = _keyed("cache-size", _positive_byte_size)
 
 
@@ -107,6 +119,9 @@ class S3BlobStorageFactory(BaseConfig):
             addressing_style=c.s3_addressing_style,
             sse_customer_key=c.s3_sse_customer_key,
             max_concurrency=c.s3_max_concurrency,
+            multipart=c.s3_multipart,
+            multipart_threshold=c.s3_multipart_threshold,
+            part_size=c.s3_part_size,
         )
 
     def open(self):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
+import re
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -20,13 +22,19 @@ import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from .errors import ObjectNotFound, ObjectStoreError
 
 log = logging.getLogger(__name__)
 
+MiB = 1 << 20
 #: S3 accepts at most this many keys in one DeleteObjects request.
 DELETE_BATCH = 1000
+#: S3's smallest multipart part (but for the last), and its largest PUT.
+MIN_PART_SIZE = 5 * MiB
+MAX_PUT_SIZE = 5 << 30
+_CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 _DOWNLOAD_CHUNK = 1 << 20
@@ -59,6 +67,11 @@ class S3Settings:
     addressing_style: str = "auto"
     sse_customer_key: str | None = field(default=None, repr=False)
     max_concurrency: int = 10
+    #: Uploads above this size go in parallel parts (if ``multipart``), and
+    #: downloads above ``part_size`` fetch their remaining parts in parallel.
+    multipart: bool = True
+    multipart_threshold: int = 16 * MiB
+    part_size: int = 8 * MiB
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
@@ -82,6 +95,11 @@ class S3Settings:
                 )
         if self.max_concurrency < 1:
             raise ValueError("s3-max-concurrency must be at least 1")
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError(
+                f"s3-part-size must be at least 5MB (S3's smallest part), "
+                f"not {self.part_size}"
+            )
 
 
 class ObjectStore:
@@ -111,12 +129,22 @@ class ObjectStore:
             use_ssl=settings.use_ssl,
             config=config,
         )
+        # botocore sends "Expect: 100-continue" with every file-like body and
+        # waits for the answer: a round trip per upload that buys nothing here.
+        self._client.meta.events.unregister("before-call.s3", add_expect_header)
         self._transfers = create_transfer_manager(
             self._client,
             TransferConfig(
                 max_concurrency=settings.max_concurrency,
+                multipart_threshold=(
+                    settings.multipart_threshold if settings.multipart else MAX_PUT_SIZE
+                ),
+                multipart_chunksize=settings.part_size,
                 preferred_transfer_client="classic",
             ),
+        )
+        self._parts = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix="zodb-s3blobs-get"
         )
         self._sse: dict[str, object] = {}
         self._copy_sse: dict[str, object] = {}
@@ -198,16 +226,75 @@ class ObjectStore:
             raise first
 
     def download(self, key: str, out: BinaryIO) -> int:
-        """Stream the object into *out* with one GET; return the bytes written."""
+        """Write the object into *out* (a file opened for writing); return its size.
+
+        One GET for an object of at most ``part_size`` bytes, streamed straight
+        into *out*; a larger object's remaining parts are fetched with ranged
+        GETs in parallel and written at their offsets.
+        """
+        part = self.settings.part_size
+        first = self._get_range(key, 0, part - 1)
+        if first is None:  # 416: the range starts past the end, so it is empty
+            return 0
+        body, size = first
+        written = self._stream(key, body, out)
+        if written < size:
+            out.flush()
+            fd = out.fileno()
+            futures = [
+                self._parts.submit(
+                    self._fetch_part, key, fd, start, min(start + part, size) - 1
+                )
+                for start in range(written, size, part)
+            ]
+            for future in futures:
+                future.result()
+        return size
+
+    def _get_range(self, key: str, start: int, end: int):
+        """GET bytes start..end; return (body, object size), or None when S3
+        answers 416 to a range at 0 (the object is empty)."""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}", **self._sse
+            )
+        except ClientError as exc:
+            if start == 0 and exc.response.get("Error", {}).get("Code") in (
+                "InvalidRange",
+                "416",
+            ):
+                return None
+            raise self._error("GET", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("GET", key, exc) from exc
+        match = _CONTENT_RANGE.fullmatch(response.get("ContentRange") or "")
+        # A server that ignores Range answers 200 with the whole object.
+        size = int(match.group(1)) if match else int(response["ContentLength"])
+        return response["Body"], size
+
+    def _stream(self, key: str, body, out: BinaryIO) -> int:
         written = 0
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key, **self._sse)
-            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
+            for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
                 out.write(chunk)
                 written += len(chunk)
-        except (ClientError, BotoCoreError) as exc:
+        except BotoCoreError as exc:
             raise self._error("GET", key, exc) from exc
         return written
+
+    def _fetch_part(self, key: str, fd: int, start: int, end: int) -> None:
+        body, _size = self._get_range(key, start, end)
+        offset = start
+        try:
+            for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+        except BotoCoreError as exc:
+            raise self._error("GET", key, exc) from exc
+        if offset != end + 1:
+            raise ObjectStoreError(
+                "GET", self.url(key), f"bytes {start}-{end}: got {offset - start}"
+            )
 
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist (HEAD)."""
@@ -259,5 +346,6 @@ class ObjectStore:
         return len(keys)
 
     def close(self) -> None:
+        self._parts.shutdown()
         self._transfers.shutdown()
         self._client.close()
