@@ -220,3 +220,42 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
     for _path, st in cache.files():
         assert st.st_size in sizes, "only complete files"
         assert stat.S_IMODE(st.st_mode) == 0o400
+
+
+def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
+    walks = []
+    real_walk = BlobCache._walk
+    monkeypatch.setattr(
+        BlobCache, "_walk", lambda self: walks.append(1) or real_walk(self)
+    )
+    cache = BlobCache(str(tmp_path), 100_000)
+    for oid in range(20):
+        cache.fetch(p64(oid), p64(1), writer(b"x" * 1_000))
+    cache.close()
+    cache.evict()
+    assert len(walks) == 1, "the first check builds the index: one walk"
+    for oid in range(20, 50):
+        cache.fetch(p64(oid), p64(1), writer(b"x" * 3_000))
+        cache.close()  # let each started check finish
+    cache.evict()
+    assert len(walks) == 1, "later checks use the index"
+    assert cached_bytes(cache) <= 100_000
+    assert cache.lookup(p64(49), p64(1)) is not None
+    assert cache.lookup(p64(0), p64(1)) is None
+
+
+def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
+    mine = BlobCache(str(tmp_path), 50_000)
+    other = BlobCache(str(tmp_path), 50_000)  # another process on the same dir
+    mine.fetch(p64(1), p64(1), writer(b"m" * 10_000))
+    mine.evict()  # builds the index
+    for oid in range(2, 10):
+        other.fetch(p64(oid), p64(1), writer(b"o" * 10_000))
+    other.close()
+    # mine does not know the other files yet; loading a cache-size of bytes
+    # makes its next check rescan and count them.
+    for oid in range(10, 15):
+        mine.fetch(p64(oid), p64(1), writer(b"m" * 10_000))
+    mine.close()
+    mine.evict()
+    assert cached_bytes(mine) <= 45_000

@@ -37,6 +37,7 @@ from ZODB.utils import p64
 
 from .errors import S3BlobStorageError
 from .keys import hex_id
+from .lru import LRUIndex
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,13 @@ class BlobCache:
                 f"cache-dir {self.directory!r} cannot be used: {exc.strerror}"
             ) from exc
         self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
-        self._bytes_since_check = 0
         self._state_lock = threading.Lock()
+        self._bytes_since_check = 0
+        # Built by the first eviction check (in the daemon thread, so opening
+        # the storage does not wait for a walk of a large cache), and rebuilt
+        # after each cache-size of loads to count other processes' files.
+        self._index: LRUIndex | None = None
+        self._bytes_since_scan = 0
         self._evictor: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -133,15 +139,20 @@ class BlobCache:
         os.close(fd)
         return name
 
-    # -- reading -----------------------------------------------------------
+    # -- reading ---------------------------------------------------------
 
     def lookup(self, oid: bytes, tid: bytes) -> str | None:
         """The cached file's path, marked as just used; None when not cached."""
         path = self.path(oid, tid)
         try:
-            os.utime(path)  # eviction is LRU by access time
+            os.utime(path)  # other processes sharing the cache see the use
         except FileNotFoundError:
             return None
+        with self._state_lock:
+            known = self._index is None or self._index.touch((oid, tid))
+        if not known:  # installed by another process since our last scan
+            with contextlib.suppress(FileNotFoundError):
+                self._indexed((oid, tid), os.stat(path).st_size)
         return path
 
     def fetch(self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]) -> str:
@@ -167,10 +178,10 @@ class BlobCache:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
-        self._loaded(size)
+        self._added((oid, tid), size)
         return self.path(oid, tid)
 
-    # -- writing -----------------------------------------------------------
+    # -- writing ---------------------------------------------------------
 
     def take(self, filename: str) -> str:
         """Move a file the caller hands over into ``tmp/``; return its new path.
@@ -187,7 +198,7 @@ class BlobCache:
         size = os.stat(staged).st_size
         with _flock(self._lock_path(oid, tid)):
             self._install(staged, self.path(oid, tid))
-        self._loaded(size)
+        self._added((oid, tid), size)
 
     def _install(self, source: str, path: str) -> None:
         os.chmod(source, FILE_MODE)
@@ -207,10 +218,19 @@ class BlobCache:
 
     def discard(self, oid: bytes, tid: bytes) -> None:
         """Remove the cached copy of (oid, tid), if any, and empty directories."""
+        with self._state_lock:
+            if self._index is not None:
+                self._index.remove((oid, tid))
+        self._delete(oid, tid)
+
+    def _delete(self, oid: bytes, tid: bytes) -> bool:
         path = self.path(oid, tid)
+        deleted = False
         with _flock(self._lock_path(oid, tid)), contextlib.suppress(FileNotFoundError):
             os.remove(path)
+            deleted = True
         self._remove_empty_dirs(os.path.dirname(path))
+        return deleted
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
         for directory in (oid_dir, os.path.dirname(oid_dir)):
@@ -221,10 +241,20 @@ class BlobCache:
                     return
                 raise
 
-    # -- eviction ----------------------------------------------------------
+    # -- eviction --------------------------------------------------------
 
-    def _loaded(self, size: int) -> None:
+    def _indexed(self, revision: tuple[bytes, bytes], size: int) -> None:
         with self._state_lock:
+            if self._index is not None:
+                self._index.add(revision, size)
+
+    def _added(self, revision: tuple[bytes, bytes], size: int) -> None:
+        """Account a new file; start an eviction check every CHECK_FRACTION of
+        the size limit loaded, as ZEO's blob cache does."""
+        with self._state_lock:
+            if self._index is not None:
+                self._index.add(revision, size)
+            self._bytes_since_scan += size
             self._bytes_since_check += size
             if self._bytes_since_check < self._check_threshold:
                 return
@@ -244,56 +274,76 @@ class BlobCache:
 
     def files(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every cached blob file with its stat (not staged or temp files)."""
+        for _revision, path, st in self._walk():
+            yield path, st
+
+    def _walk(self) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
         for bucket in _subdirectories(self.directory):
             if bucket.name in _RESERVED:
                 continue
             for oid_dir in _subdirectories(bucket.path):
                 for entry in _entries(oid_dir.path):
-                    if entry.name.endswith(".blob") and entry.is_file():
-                        with contextlib.suppress(FileNotFoundError):
-                            yield entry.path, entry.stat()
+                    revision = _revision(oid_dir.name, entry.name)
+                    if revision is None or not entry.is_file():
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        yield revision, entry.path, entry.stat()
+
+    def _scan(self) -> None:
+        """Rebuild the index from the directory, in access-time order."""
+        started = time.monotonic()
+        found = sorted(self._walk(), key=lambda item: item[2].st_atime)
+        index = LRUIndex((revision, st.st_size) for revision, _path, st in found)
+        with self._state_lock:
+            self._index = index
+            self._bytes_since_scan = 0
+        log.debug(
+            "Indexed %d cached files (%d bytes) in %s in %.3fs",
+            len(index),
+            index.total,
+            self.directory,
+            time.monotonic() - started,
+        )
 
     def evict(self, target: int | None = None) -> int:
         """Delete least-recently-used files until at most *target* bytes remain
         (default: 90% of the limit, if the limit is exceeded). Returns the bytes
         freed; 0 when another process is evicting already.
+
+        Costs what it deletes: the directory is walked only to build the index
+        and after each cache-size of loads.
         """
         lock = os.path.join(self._locks_dir, "evict.lock")
         with _flock(lock, blocking=False) as acquired:
             if not acquired:
                 return 0
-            files = sorted(self.files(), key=lambda item: item[1].st_atime)
-            total = sum(st.st_size for _path, st in files)
-            if target is None:
-                if total <= self.size_limit:
-                    return 0
-                target = int(self.size_limit * EVICTION_TARGET)
-            freed = 0
-            started = time.monotonic()
-            for path, st in files:
-                if total - freed <= target:
-                    break
-                oid_dir = os.path.dirname(path)
-                stripe = self._stripe_for_path(path)
-                with _flock(stripe), contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                    freed += st.st_size
-                self._remove_empty_dirs(oid_dir)
-            log.debug(
-                "Evicted %d bytes from %s in %.3fs",
-                freed,
-                self.directory,
-                time.monotonic() - started,
-            )
+            with self._state_lock:
+                stale = self._index is None or self._bytes_since_scan >= self.size_limit
+            if stale:
+                self._scan()
+            with self._state_lock:
+                if target is None:
+                    if self._index.total <= self.size_limit:
+                        return 0
+                    target = int(self.size_limit * EVICTION_TARGET)
+                victims = self._index.pop_oldest_until(target)
+            freed = sum(size for (oid, tid), size in victims if self._delete(oid, tid))
+            log.debug("Evicted %d bytes from %s", freed, self.directory)
             return freed
-
-    def _stripe_for_path(self, path: str) -> str:
-        oid_hex = os.path.basename(os.path.dirname(path))
-        tid_hex = os.path.basename(path)[: -len(".blob")]
-        return self._lock_path(p64(int(oid_hex, 16)), p64(int(tid_hex, 16)))
 
     def close(self) -> None:
         """Wait briefly for a running eviction so the process exits cleanly."""
         evictor = self._evictor
         if evictor is not None:
             evictor.join(timeout=10)
+
+
+def _revision(oid_hex: str, filename: str) -> tuple[bytes, bytes] | None:
+    """(oid, tid) of a cache file name, or None for a name that is not ours."""
+    tid_hex, dot, extension = filename.partition(".")
+    if extension != "blob" or not dot:
+        return None
+    try:
+        return p64(int(oid_hex, 16)), p64(int(tid_hex, 16))
+    except (ValueError, OverflowError):
+        return None
