@@ -223,25 +223,25 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
 
 
 def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
+    earlier = BlobCache(str(tmp_path), 1 << 30)  # e.g. a previous run
+    for oid in range(40):
+        earlier.fetch(p64(oid), p64(1), writer(b"x" * 2_000))
     walks = []
     real_walk = BlobCache._walk
     monkeypatch.setattr(
         BlobCache, "_walk", lambda self: walks.append(1) or real_walk(self)
     )
     cache = BlobCache(str(tmp_path), 100_000)
-    for oid in range(20):
-        cache.fetch(p64(oid), p64(1), writer(b"x" * 1_000))
-    cache.close()
     cache.evict()
     assert len(walks) == 1, "the first check builds the index: one walk"
-    for oid in range(20, 50):
+    for oid in range(40, 50):
         cache.fetch(p64(oid), p64(1), writer(b"x" * 3_000))
-        cache.close()  # let each started check finish
+        cache.close()  # let each check it starts finish
     cache.evict()
     assert len(walks) == 1, "later checks use the index"
     assert cached_bytes(cache) <= 100_000
     assert cache.lookup(p64(49), p64(1)) is not None
-    assert cache.lookup(p64(0), p64(1)) is None
+    assert cache.lookup(p64(0), p64(1)) is None, "least recently used went"
 
 
 def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):

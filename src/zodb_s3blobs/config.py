@@ -99,6 +99,7 @@ multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
 part_size = _keyed("s3-part-size", _part_size)
 cache_size = _keyed("cache-size", _positive_byte_size)
+download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
 
 
 class S3BlobStorageFactory(BaseConfig):
@@ -135,6 +136,7 @@ class S3BlobStorageFactory(BaseConfig):
                 settings,
                 cache_dir=self.config.cache_dir,
                 cache_size=self.config.cache_size,
+                download_on_unghost=self.config.download_on_unghost,
             )
         except BaseException:
             base.close()

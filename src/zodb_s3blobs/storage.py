@@ -15,6 +15,7 @@ deletes every object this transaction tried to write.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from base64 import decodebytes
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr
 
-from . import gc
+from . import gc, unghost
 from .cache import BlobCache
 from .errors import ObjectNotFound, S3BlobStorageError
 from .keys import KeyLayout
@@ -86,6 +87,7 @@ class _Shared:
     layout: KeyLayout
     cache: BlobCache
     pack_lock: threading.Lock
+    download_on_unghost: bool
 
 
 class _FilesystemView:
@@ -111,7 +113,12 @@ def _check_base(base) -> None:
 
 @zope.interface.implementer(IBlobStorage, IStorageWrapper)
 class S3BlobStorage:
-    """Wrap *base* so that its blobs are stored in S3 and cached in *cache_dir*."""
+    """Wrap *base* so that its blobs are stored in S3 and cached in *cache_dir*.
+
+    *download_on_unghost* makes loading a Blob object download its file at
+    once, as ZODB's own storages have it on disk then; by default the download
+    waits until the blob is opened or ``committed()`` is called.
+    """
 
     def __init__(
         self,
@@ -119,12 +126,14 @@ class S3BlobStorage:
         settings: S3Settings,
         cache_dir: str,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        download_on_unghost: bool = False,
     ) -> None:
         _check_base(base)
         layout = KeyLayout(settings.prefix)
         cache = BlobCache(cache_dir, cache_size)
         store = ObjectStore(settings)
-        self._setup(base, _Shared(store, layout, cache, threading.Lock()), True)
+        shared = _Shared(store, layout, cache, threading.Lock(), download_on_unghost)
+        self._setup(base, shared, True)
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -197,6 +206,11 @@ class S3BlobStorage:
     # -- IBlobStorage --------------------------------------------------------
 
     def temporaryDirectory(self) -> str:
+        if not self._shared.download_on_unghost:
+            # Blob.open('r+'/'a') is about to copy a lazily loaded blob's file.
+            blob = unghost.blob_about_to_copy(sys._getframe(1))
+            if blob is not None:
+                self.loadBlob(blob._p_oid, blob._p_serial)
         return self._cache.temp_dir
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
@@ -214,7 +228,12 @@ class S3BlobStorage:
 
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
         """Return the path of the cached, read-only file of this blob revision,
-        downloading it with one GET if it is not cached."""
+        downloading it if it is not cached; when ZODB merely loads a Blob object,
+        return the path and download later (see :mod:`zodb_s3blobs.unghost`)."""
+        if not self._shared.download_on_unghost and unghost.called_by_setstate(
+            sys._getframe(1)
+        ):
+            return self._cache.path(oid, serial)
         key = self._layout.key(oid, serial)
         try:
             return self._cache.fetch(
