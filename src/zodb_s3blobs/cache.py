@@ -115,6 +115,9 @@ class BlobCache:
         # the storage does not wait for a walk of a large cache), and rebuilt
         # after each cache-size of loads to count other processes' files.
         self._index: LRUIndex | None = None
+        # Changes made while a scan walks the directory, replayed onto its
+        # result: (revision, size) for an addition, (revision, None) a removal.
+        self._during_scan: list[tuple[tuple[bytes, bytes], int | None]] | None = None
         self._bytes_since_scan = 0
         self._evictor: threading.Thread | None = None
 
@@ -152,7 +155,7 @@ class BlobCache:
             known = self._index is None or self._index.touch((oid, tid))
         if not known:  # installed by another process since our last scan
             with contextlib.suppress(FileNotFoundError):
-                self._indexed((oid, tid), os.stat(path).st_size)
+                self._record((oid, tid), os.stat(path).st_size)
         return path
 
     def fetch(self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]) -> str:
@@ -218,9 +221,7 @@ class BlobCache:
 
     def discard(self, oid: bytes, tid: bytes) -> None:
         """Remove the cached copy of (oid, tid), if any, and empty directories."""
-        with self._state_lock:
-            if self._index is not None:
-                self._index.remove((oid, tid))
+        self._record((oid, tid), None)
         self._delete(oid, tid)
 
     def _delete(self, oid: bytes, tid: bytes) -> bool:
@@ -243,17 +244,26 @@ class BlobCache:
 
     # -- eviction --------------------------------------------------------
 
-    def _indexed(self, revision: tuple[bytes, bytes], size: int) -> None:
+    def _record(self, revision: tuple[bytes, bytes], size: int | None) -> None:
+        """Index an added file (size) or a removed one (None). Caller may hold
+        the state lock only through :meth:`_added`."""
         with self._state_lock:
-            if self._index is not None:
+            self._apply(revision, size)
+
+    def _apply(self, revision: tuple[bytes, bytes], size: int | None) -> None:
+        if self._during_scan is not None:
+            self._during_scan.append((revision, size))
+        if self._index is not None:
+            if size is None:
+                self._index.remove(revision)
+            else:
                 self._index.add(revision, size)
 
     def _added(self, revision: tuple[bytes, bytes], size: int) -> None:
         """Account a new file; start an eviction check every CHECK_FRACTION of
         the size limit loaded, as ZEO's blob cache does."""
         with self._state_lock:
-            if self._index is not None:
-                self._index.add(revision, size)
+            self._apply(revision, size)
             self._bytes_since_scan += size
             self._bytes_since_check += size
             if self._bytes_since_check < self._check_threshold:
@@ -292,9 +302,23 @@ class BlobCache:
     def _scan(self) -> None:
         """Rebuild the index from the directory, in access-time order."""
         started = time.monotonic()
-        found = sorted(self._walk(), key=lambda item: item[2].st_atime)
+        with self._state_lock:
+            self._during_scan = []
+        try:
+            found = sorted(self._walk(), key=lambda item: item[2].st_atime)
+        except BaseException:
+            with self._state_lock:
+                self._during_scan = None
+            raise
         index = LRUIndex((revision, st.st_size) for revision, _path, st in found)
         with self._state_lock:
+            # Replay what happened during the walk, which it may have missed.
+            for revision, size in self._during_scan:
+                if size is None:
+                    index.remove(revision)
+                else:
+                    index.add(revision, size)
+            self._during_scan = None
             self._index = index
             self._bytes_since_scan = 0
         log.debug(
