@@ -314,23 +314,41 @@ def test_demo_storage_over_s3_blob_storage_keeps_test_commits_local(make_storage
     demo_db.close()
 
 
-@pytest.mark.parametrize("size", [0, 1, 5 << 20, (5 << 20) + 1, (17 << 20) + 3])
-def test_cold_read_costs_one_get_a_part(make_storage, tmp_path, size):
+SIZES = [0, 1, 5 << 20, (5 << 20) + 1, (17 << 20) + 3]
+
+
+def cold_read(make_storage, tmp_path, size, fast_stream):
+    """Commit a blob of *size*, read it through an empty cache; return the
+    S3 operations the read sent."""
     settings = s3env.settings(part_size=5 << 20, multipart_threshold=6 << 20)
     storage = make_storage(settings=settings)
     db = ZODB.DB(storage)
     data = os.urandom(size)
     oid, tid = commit_blobs(db, {"b": data})["b"]
+    db.close()
     reader = make_storage(
         base=MappingStorage(), settings=settings, cache_dir=tmp_path / "cold"
     )
+    reader._store.fast_stream = fast_stream
     with requests(reader._store._client) as sent:
         path = reader.loadBlob(oid, tid)
     with open(path, "rb") as f:
         assert f.read() == data
-    parts = max(1, -(-size // (5 << 20)))
-    assert [op for op, _url in sent] == ["GetObject"] * parts
-    db.close()
+    return [op for op, _url in sent]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cold_read_on_a_fast_connection_is_one_get(make_storage, tmp_path, size):
+    assert cold_read(make_storage, tmp_path, size, fast_stream=0) == ["GetObject"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cold_read_on_a_slow_connection_fetches_the_rest_in_parallel_parts(
+    make_storage, tmp_path, size
+):
+    ops = cold_read(make_storage, tmp_path, size, fast_stream=float("inf"))
+    parts = max(1, -(-size // (5 << 20)))  # the first part, then one GET each
+    assert ops == ["GetObject"] * parts
 
 
 @pytest.mark.parametrize("multipart", [True, False])

@@ -12,7 +12,7 @@ import base64
 import binascii
 import logging
 import os
-import re
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +34,10 @@ DELETE_BATCH = 1000
 #: S3's smallest multipart part (but for the last), and its largest PUT.
 MIN_PART_SIZE = 5 * MiB
 MAX_PUT_SIZE = 5 << 30
-_CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
+#: A first part arriving at least this fast (bytes a second) is streamed to the
+#: end: one connection is not the bottleneck, so parallel ranges would only add
+#: requests. A single S3 connection over the internet gives well below this.
+FAST_STREAM = 256 * MiB
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 _DOWNLOAD_CHUNK = 1 << 20
@@ -143,6 +146,7 @@ class ObjectStore:
                 preferred_transfer_client="classic",
             ),
         )
+        self.fast_stream = FAST_STREAM
         self._parts = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs-get"
         )
@@ -228,73 +232,76 @@ class ObjectStore:
     def download(self, key: str, out: BinaryIO) -> int:
         """Write the object into *out* (a file opened for writing); return its size.
 
-        One GET for an object of at most ``part_size`` bytes, streamed straight
-        into *out*; a larger object's remaining parts are fetched with ranged
-        GETs in parallel and written at their offsets.
+        One GET, streamed straight into *out*. If the object is larger than
+        ``part_size`` and its first part arrived slower than
+        :data:`FAST_STREAM` bytes a second (as from S3 over a WAN, where one
+        connection is the bottleneck), the stream is abandoned and the rest is
+        fetched with ranged GETs in parallel, written at their offsets.
         """
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key, **self._sse)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET", key, exc) from exc
+        size = int(response["ContentLength"])
+        body = response["Body"]
         part = self.settings.part_size
-        first = self._get_range(key, 0, part - 1)
-        if first is None:  # 416: the range starts past the end, so it is empty
-            return 0
-        body, size = first
-        written = self._stream(key, body, out)
+        started = time.monotonic()
+        written = self._copy(key, body, out, min(size, part))
         if written < size:
-            out.flush()
-            fd = out.fileno()
-            futures = [
-                self._parts.submit(
-                    self._fetch_part, key, fd, start, min(start + part, size) - 1
-                )
-                for start in range(written, size, part)
-            ]
-            for future in futures:
-                future.result()
+            rate = written / max(time.monotonic() - started, 1e-9)
+            if rate >= self.fast_stream:
+                written += self._copy(key, body, out, size - written)
+            else:
+                body.close()  # drops the connection; the parts are faster
+                out.flush()
+                written += self._fetch_parts(key, out.fileno(), written, size)
+        if written != size:
+            raise ObjectStoreError(
+                "GET", self.url(key), f"got {written} of {size} bytes"
+            )
         return size
 
-    def _get_range(self, key: str, start: int, end: int):
-        """GET bytes start..end; return (body, object size), or None when S3
-        answers 416 to a range at 0 (the object is empty)."""
+    def _copy(self, key: str, body, out: BinaryIO, limit: int) -> int:
+        """Copy up to *limit* bytes of *body* into *out*; return how many."""
+        copied = 0
+        try:
+            while copied < limit:
+                chunk = body.read(min(_DOWNLOAD_CHUNK, limit - copied))
+                if not chunk:
+                    break
+                out.write(chunk)
+                copied += len(chunk)
+        except BotoCoreError as exc:
+            raise self._error("GET", key, exc) from exc
+        return copied
+
+    def _fetch_parts(self, key: str, fd: int, start: int, size: int) -> int:
+        """Fetch bytes start..size-1 in ranged GETs of part_size, in parallel."""
+        part = self.settings.part_size
+        futures = [
+            self._parts.submit(
+                self._fetch_range, key, fd, offset, min(offset + part, size)
+            )
+            for offset in range(start, size, part)
+        ]
+        return sum(future.result() for future in futures)
+
+    def _fetch_range(self, key: str, fd: int, start: int, end: int) -> int:
+        """GET bytes start..end-1 and write them at their offset."""
         try:
             response = self._client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}", **self._sse
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{end - 1}",
+                **self._sse,
             )
-        except ClientError as exc:
-            if start == 0 and exc.response.get("Error", {}).get("Code") in (
-                "InvalidRange",
-                "416",
-            ):
-                return None
-            raise self._error("GET", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._error("GET", key, exc) from exc
-        match = _CONTENT_RANGE.fullmatch(response.get("ContentRange") or "")
-        # A server that ignores Range answers 200 with the whole object.
-        size = int(match.group(1)) if match else int(response["ContentLength"])
-        return response["Body"], size
-
-    def _stream(self, key: str, body, out: BinaryIO) -> int:
-        written = 0
-        try:
-            for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
-                out.write(chunk)
-                written += len(chunk)
-        except BotoCoreError as exc:
-            raise self._error("GET", key, exc) from exc
-        return written
-
-    def _fetch_part(self, key: str, fd: int, start: int, end: int) -> None:
-        body, _size = self._get_range(key, start, end)
-        offset = start
-        try:
-            for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+            offset = start
+            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
-        except BotoCoreError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._error("GET", key, exc) from exc
-        if offset != end + 1:
-            raise ObjectStoreError(
-                "GET", self.url(key), f"bytes {start}-{end}: got {offset - start}"
-            )
+        return offset - start
 
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist (HEAD)."""
