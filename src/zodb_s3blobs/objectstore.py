@@ -73,7 +73,7 @@ class S3Settings:
     #: Uploads above this size go in parallel parts (if ``multipart``), and
     #: downloads above ``part_size`` fetch their remaining parts in parallel.
     multipart: bool = True
-    multipart_threshold: int = 16 * MiB
+    multipart_threshold: int = 100 * MiB
     part_size: int = 8 * MiB
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -262,15 +262,19 @@ class ObjectStore:
         return size
 
     def _copy(self, key: str, body, out: BinaryIO, limit: int) -> int:
-        """Copy up to *limit* bytes of *body* into *out*; return how many."""
+        """Copy up to *limit* bytes of *body* into *out*; return how many.
+
+        ``readinto`` one reused buffer: no new bytes object per chunk.
+        """
+        buffer = memoryview(bytearray(min(_DOWNLOAD_CHUNK, max(limit, 1))))
         copied = 0
         try:
             while copied < limit:
-                chunk = body.read(min(_DOWNLOAD_CHUNK, limit - copied))
-                if not chunk:
+                n = body.readinto(buffer[: min(len(buffer), limit - copied)])
+                if not n:
                     break
-                out.write(chunk)
-                copied += len(chunk)
+                out.write(buffer[:n])
+                copied += n
         except BotoCoreError as exc:
             raise self._error("GET", key, exc) from exc
         return copied
