@@ -269,8 +269,7 @@ def test_files_installed_while_the_index_is_rebuilt_are_counted(
     real_walk = BlobCache._walk
 
     def walk_while_another_thread_installs(self):
-        for item in real_walk(self):
-            yield item
+        yield from real_walk(self)
         # Installed after the walk passed its directory: the walk misses it.
         cache.fetch(p64(2), p64(1), writer(b"y" * 95_000))
 
