@@ -170,18 +170,21 @@ def timed(action: Callable[[], object]) -> float:
 
 
 @contextlib.contextmanager
-def sent_requests(client) -> Iterator[list[str]]:
-    """Record the operation name of every request *client* sends in the block."""
+def sent_requests(store) -> Iterator[list[str]]:
+    """Record the operation name of every request the storage's ObjectStore
+    sends in the block (through any of its clients)."""
     sent: list[str] = []
 
     def record(event_name: str, **_kw) -> None:
         sent.append(event_name.rsplit(".", 1)[-1])
 
-    client.meta.events.register("before-send.s3", record)
+    for client in store.clients:
+        client.meta.events.register("before-send.s3", record)
     try:
         yield sent
     finally:
-        client.meta.events.unregister("before-send.s3", record)
+        for client in store.clients:
+            client.meta.events.unregister("before-send.s3", record)
 
 
 def human(size: float) -> str:
@@ -384,7 +387,7 @@ def unghost(bench: Bench) -> Row:
         try:
             blobs = list(conn.root()["small-0"].values())
             before = bench.line.counters().server_to_client
-            with sent_requests(db.storage._store._client) as sent:
+            with sent_requests(db.storage._store) as sent:
                 seconds = timed(lambda: [blob._p_activate() for blob in blobs])
             downloaded = bench.line.counters().server_to_client - before
         finally:
@@ -450,7 +453,7 @@ def collect_orphans(bench: Bench) -> Row:
         ]
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
             list(pool.map(upload_orphan, [bench.setup_client] * len(keys), keys))
-        with sent_requests(storage._store._client) as sent:
+        with sent_requests(storage._store) as sent:
             seconds, report = measure(storage.collect_orphans)
     if report.deleted != scale.orphans:
         raise BenchError(

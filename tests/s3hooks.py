@@ -1,5 +1,5 @@
-"""Watch or fail requests of a real botocore client (the requests that are not
-failed still go over HTTP to the test server)."""
+"""Watch or fail the requests of an ObjectStore's real botocore clients (the
+requests that are not failed still go over HTTP to the test server)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ class _Body:
 
 
 @contextlib.contextmanager
-def requests(client) -> Iterator[list[tuple[str, str]]]:
-    """Record (operation, unquoted URL) of every request sent in the block."""
+def requests(store) -> Iterator[list[tuple[str, str]]]:
+    """Record (operation, unquoted URL) of every request *store* sends in the
+    block."""
     seen: list[tuple[str, str]] = []
     lock = threading.Lock()
 
@@ -33,22 +34,20 @@ def requests(client) -> Iterator[list[tuple[str, str]]]:
         with lock:
             seen.append((event_name.rsplit(".", 1)[-1], unquote(request.url)))
 
-    client.meta.events.register("before-send.s3", record)
-    try:
+    with _hooked(store, "before-send.s3", record):
         yield seen
-    finally:
-        client.meta.events.unregister("before-send.s3", record)
 
 
 @contextlib.contextmanager
 def failing(
-    client,
+    store,
     operation: str,
     when: Callable[[str], bool] = lambda url: True,
     code: str = "AccessDenied",
     status: int = 403,
 ) -> Iterator[list[str]]:
-    """Answer *operation* requests whose URL matches *when* with an S3 error."""
+    """Answer *store*'s *operation* requests whose URL matches *when* with an
+    S3 error."""
     failed: list[str] = []
     body = (
         f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
@@ -62,9 +61,16 @@ def failing(
             return AWSResponse(request.url, status, {}, _Body(body))
         return None
 
-    event = f"before-send.s3.{operation}"
-    client.meta.events.register(event, fail)
-    try:
+    with _hooked(store, f"before-send.s3.{operation}", fail):
         yield failed
+
+
+@contextlib.contextmanager
+def _hooked(store, event: str, handler) -> Iterator[None]:
+    for client in store.clients:
+        client.meta.events.register(event, handler)
+    try:
+        yield
     finally:
-        client.meta.events.unregister(event, fail)
+        for client in store.clients:
+            client.meta.events.unregister(event, handler)

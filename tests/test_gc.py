@@ -112,7 +112,7 @@ def test_orphans_are_deleted_1000_keys_a_request(make_storage, tmp_path):
     dry = storage.collect_orphans(dry_run=True)
     assert len(dry.orphans) == 2001 and dry.deleted == 0
     assert len(keys(storage)) == 2002
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         report = storage.collect_orphans()
     deletes = [op for op, _url in sent if op == "DeleteObjects"]
     assert len(deletes) == 3

@@ -16,11 +16,11 @@ from ZODB.DemoStorage import DemoStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
 from ZODB.tests.MVCCMappingStorage import MVCCMappingStorage
-from ZODB.utils import z64
+from ZODB.utils import oid_repr, tid_repr, z64
 
 import s3env
 from s3hooks import failing, requests
-from zodb_s3blobs import ObjectStoreError
+from zodb_s3blobs import BlobReadError, ObjectStoreError
 
 
 def keys(storage) -> list[str]:
@@ -82,7 +82,7 @@ def test_finish_installs_the_staged_file_by_rename_without_s3_requests(make_stor
     storage.tpc_vote(txn)
     (staged,) = storage._commit.blobs.values()
     inode = os.stat(staged.path).st_ino
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         tid = storage.tpc_finish(txn)
     assert sent == []
     path = storage._cache.path(oid, tid)
@@ -129,9 +129,8 @@ def test_failed_upload_fails_the_vote_naming_the_key_and_abort_leaves_nothing(
         conn.root()[f"b{i}"] = Blob(os.urandom(3000))
     conn.add(conn.root()["b3"])
     victim = f"/blobs/{conn.root()['b3']._p_oid.hex().lstrip('0')}/"
-    client = storage._store._client
     with (
-        failing(client, "PutObject", lambda url: victim in url) as hit,
+        failing(storage._store, "PutObject", lambda url: victim in url) as hit,
         pytest.raises(ObjectStoreError) as info,
     ):
         tm.commit()
@@ -152,7 +151,7 @@ def test_abort_before_vote_uploads_nothing(make_storage):
     tm = transaction.TransactionManager()
     conn = db.open(tm)
     conn.root()["b"] = Blob(b"never")
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         conn.root()._p_jar.transaction_manager.savepoint()
         tm.abort()
     assert sent == []
@@ -178,12 +177,13 @@ def test_refused_read_is_a_storage_error_not_a_missing_blob(make_storage):
     oid, tid = commit_blobs(db, {"b": b"refused"})["b"]
     storage._cache.discard(oid, tid)
     with (
-        failing(storage._store._client, "GetObject"),
-        pytest.raises(ObjectStoreError) as info,
+        failing(storage._store, "GetObject"),
+        pytest.raises(BlobReadError) as info,
     ):
         storage.loadBlob(oid, tid)
     assert not isinstance(info.value, POSKeyError)
     assert "AccessDenied" in str(info.value)
+    assert oid_repr(oid) in str(info.value) and tid_repr(tid) in str(info.value)
     assert storage._layout.key(oid, tid) in str(info.value)
     assert os.listdir(storage.temporaryDirectory()) == [], "no partial file left"
     assert not os.path.exists(storage._cache.path(oid, tid))
@@ -209,7 +209,7 @@ def test_threads_loading_one_blob_download_it_once(make_storage):
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         threads = [threading.Thread(target=load) for _ in range(8)]
         for t in threads:
             t.start()
@@ -232,7 +232,7 @@ def test_undo_of_a_blob_change_copies_the_object_server_side(make_storage):
         f.write(b"second")
     tm.commit()
     db.undo(db.undoLog(0, 1)[0]["id"], tm.get())
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         tm.commit()
     assert "CopyObject" in [op for op, _url in sent]
     assert "PutObject" not in [op for op, _url in sent]
@@ -330,7 +330,7 @@ def cold_read(make_storage, tmp_path, size, fast_stream):
         base=MappingStorage(), settings=settings, cache_dir=tmp_path / "cold"
     )
     reader._store.fast_stream = fast_stream
-    with requests(reader._store._client) as sent:
+    with requests(reader._store) as sent:
         path = reader.loadBlob(oid, tid)
     with open(path, "rb") as f:
         assert f.read() == data
@@ -359,7 +359,7 @@ def test_large_blob_upload_in_parts_or_in_one_put(make_storage, multipart):
     storage = make_storage(settings=settings)
     db = ZODB.DB(storage)
     data = os.urandom(12 << 20)
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         oid, tid = commit_blobs(db, {"b": data})["b"]
     ops = [op for op, _url in sent]
     if multipart:

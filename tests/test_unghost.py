@@ -72,7 +72,7 @@ def load_all(conn) -> list[Blob]:
 
 def test_unghosting_64_blobs_sends_no_request(reopen):
     conn, storage = reopen()
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         blobs = load_all(conn)
     assert sent == []
     assert all(b._p_changed is False for b in blobs), "they are unghosted"
@@ -82,7 +82,7 @@ def test_unghosting_64_blobs_sends_no_request(reopen):
 def test_opening_downloads_the_blob(reopen):
     conn, storage = reopen()
     blobs = conn.root()["blobs"]
-    with requests(storage._store._client) as sent, blobs["b7"].open() as f:
+    with requests(storage._store) as sent, blobs["b7"].open() as f:
         assert f.read() == PAYLOADS["b7"]
     assert [op for op, _url in sent] == ["GetObject"]
 
@@ -124,7 +124,7 @@ def test_updating_a_lazily_loaded_blob_starts_from_its_committed_bytes(
 
 def test_download_on_unghost_loads_eagerly(reopen):
     conn, storage = reopen(download_on_unghost=True)
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         blobs = load_all(conn)
     assert len(sent) == 64
     assert all(os.path.exists(b._p_blob_committed) for b in blobs)
@@ -133,7 +133,7 @@ def test_download_on_unghost_loads_eagerly(reopen):
 def test_an_unrecognised_zodb_falls_back_to_eager_loading(reopen, monkeypatch):
     monkeypatch.setattr(unghost, "SUPPORTED", False)
     conn, storage = reopen()
-    with requests(storage._store._client) as sent:
+    with requests(storage._store) as sent:
         load_all(conn)
     assert len(sent) == 64
 

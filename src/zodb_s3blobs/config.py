@@ -59,10 +59,28 @@ def _addressing_style(value: str) -> str:
 
 
 def _sse_customer_key(value: str) -> str:
-    from .objectstore import decode_sse_customer_key
+    from .settings import decode_sse_customer_key
 
     decode_sse_customer_key(value)  # its messages never repeat the key
     return value.strip()
+
+
+def _sse(value: str) -> str | None:
+    from .settings import SSE_MODES
+
+    value = value.strip()
+    if value.lower() in ("", "none", "off"):
+        return None
+    if value not in SSE_MODES:
+        raise ValueError(f"must be {' or '.join(SSE_MODES)}, not {value!r}")
+    return value
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"must be positive, not {value!r}")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -80,7 +98,7 @@ def _positive_byte_size(value: str) -> int:
 
 
 def _part_size(value: str) -> int:
-    from .objectstore import MIN_PART_SIZE
+    from .settings import MIN_PART_SIZE
 
     size = _positive_byte_size(value)
     if size < MIN_PART_SIZE:
@@ -95,6 +113,14 @@ use_ssl = _keyed("s3-use-ssl", stock_datatypes["boolean"])
 addressing_style = _keyed("s3-addressing-style", _addressing_style)
 sse_customer_key = _keyed("s3-sse-customer-key", _sse_customer_key)
 max_concurrency = _keyed("s3-max-concurrency", _positive_int)
+ca_bundle = _keyed("s3-ca-bundle", stock_datatypes["existing-file"])
+sse = _keyed("s3-sse", _sse)
+connect_timeout = _keyed("s3-connect-timeout", _positive_float)
+read_timeout = _keyed("s3-read-timeout", _positive_float)
+max_attempts = _keyed("s3-max-attempts", _positive_int)
+download_connect_timeout = _keyed("s3-download-connect-timeout", _positive_float)
+download_read_timeout = _keyed("s3-download-read-timeout", _positive_float)
+download_max_attempts = _keyed("s3-download-max-attempts", _positive_int)
 multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
 part_size = _keyed("s3-part-size", _part_size)
@@ -106,7 +132,7 @@ class S3BlobStorageFactory(BaseConfig):
     """Opens the base storage section and wraps it in an S3BlobStorage."""
 
     def settings(self):
-        from .objectstore import S3Settings
+        from .settings import S3Settings
 
         c = self.config
         return S3Settings(
@@ -117,9 +143,18 @@ class S3BlobStorageFactory(BaseConfig):
             access_key=c.s3_access_key,
             secret_key=c.s3_secret_key,
             use_ssl=c.s3_use_ssl,
+            ca_bundle=c.s3_ca_bundle,
             addressing_style=c.s3_addressing_style,
+            sse=c.s3_sse,
+            sse_kms_key_id=c.s3_sse_kms_key_id,
             sse_customer_key=c.s3_sse_customer_key,
             max_concurrency=c.s3_max_concurrency,
+            connect_timeout=c.s3_connect_timeout,
+            read_timeout=c.s3_read_timeout,
+            max_attempts=c.s3_max_attempts,
+            download_connect_timeout=c.s3_download_connect_timeout,
+            download_read_timeout=c.s3_download_read_timeout,
+            download_max_attempts=c.s3_download_max_attempts,
             multipart=c.s3_multipart,
             multipart_threshold=c.s3_multipart_threshold,
             part_size=c.s3_part_size,

@@ -10,16 +10,28 @@ class S3BlobStorageError(StorageError):
 
 
 class ObjectStoreError(S3BlobStorageError):
-    """An S3 request failed; the message says which request, which key, and why."""
+    """An S3 request failed; the message says which request, which key, and why.
 
-    def __init__(self, operation: str, key: str, cause: str) -> None:
+    *transient* failures (5xx, throttling, broken connections, a checksum
+    mismatch) may succeed when tried again; the others will not.
+    """
+
+    def __init__(
+        self, operation: str, key: str, cause: str, transient: bool = False
+    ) -> None:
         self.operation = operation
         self.key = key
         self.cause = cause
+        self.transient = transient
         super().__init__(f"S3 {operation} of {key!r} failed: {cause}")
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class BlobReadError(S3BlobStorageError):
+    """A blob could not be read for a reason other than its absence (which is
+    a POSKeyError): the message names oid, tid, key and cause."""
 
 
 class ObjectNotFound(ObjectStoreError):

@@ -1,22 +1,28 @@
-"""The S3 side: one long-lived, thread-safe boto3 client and its transfer manager.
+"""The S3 side: long-lived, thread-safe boto3 clients and a transfer manager.
 
 This is the only module that imports boto3. It knows object keys and files,
 nothing of ZODB transactions, and turns every botocore failure into an
 :class:`~zodb_s3blobs.errors.ObjectStoreError` naming the operation, the
-``s3://bucket/key`` and the cause.
+``s3://bucket/key`` and the cause, marked transient or not.
+
+Two clients: one for uploads, copies, deletes and listings (patient: long
+timeouts, many attempts), one for downloads (short timeouts, few attempts),
+which serve web requests. botocore retries transient failures (5xx,
+throttling, resets before the body) with backoff; a download whose body
+breaks, or whose bytes do not match the CRC32 recorded at upload, is started
+again up to ``download_max_attempts`` times before the read fails.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import BinaryIO
+from urllib.parse import quote
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -24,85 +30,49 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.handlers import add_expect_header
 
-from .errors import ObjectNotFound, ObjectStoreError
+from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
+from .redact import PresignedURL, protect
+from .settings import MAX_PUT_SIZE, MiB, S3Settings, decode_sse_customer_key
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
 #: S3 accepts at most this many keys in one DeleteObjects request.
 DELETE_BATCH = 1000
-#: S3's smallest multipart part (but for the last), and its largest PUT.
-MIN_PART_SIZE = 5 * MiB
-MAX_PUT_SIZE = 5 << 30
+#: Object metadata holding the CRC32 of the blob, recorded at upload
+#: (``x-amz-meta-zodb-crc32``; plain metadata works on every provider).
+CHECKSUM_METADATA = "zodb-crc32"
 #: A first part arriving at least this fast (bytes a second) is streamed to the
 #: end: one connection is not the bottleneck, so parallel ranges would only add
 #: requests. A single S3 connection over the internet gives well below this.
 FAST_STREAM = 256 * MiB
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_ADDRESSING_STYLES = ("auto", "path", "virtual")
 _DOWNLOAD_CHUNK = 1 << 20
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+__all__ = ["ObjectStore", "S3Settings"]
 
 
-def decode_sse_customer_key(value: str) -> bytes:
-    """Decode an SSE-C key given as base64 of 32 bytes, or raise ValueError."""
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("s3-sse-customer-key is not valid base64") from None
-    if len(raw) != 32:
-        raise ValueError(
-            f"s3-sse-customer-key must decode to 32 bytes (AES-256), not {len(raw)}"
-        )
-    return raw
+def file_crc32(path: str) -> str:
+    """The CRC32 of a file as 8 hex digits (zlib releases the GIL)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_DOWNLOAD_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
-@dataclass(frozen=True)
-class S3Settings:
-    """Where the blobs live and how to reach them (the ``s3-*`` config keys)."""
-
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    use_ssl: bool = True
-    addressing_style: str = "auto"
-    sse_customer_key: str | None = field(default=None, repr=False)
-    max_concurrency: int = 10
-    #: Uploads above this size go in parallel parts (if ``multipart``), and
-    #: downloads above ``part_size`` fetch their remaining parts in parallel.
-    multipart: bool = True
-    multipart_threshold: int = 100 * MiB
-    part_size: int = 8 * MiB
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    max_attempts: int = 5
-
-    def __post_init__(self) -> None:
-        if not self.bucket:
-            raise ValueError("bucket-name must not be empty")
-        if self.addressing_style not in _ADDRESSING_STYLES:
-            raise ValueError(
-                f"s3-addressing-style must be one of {', '.join(_ADDRESSING_STYLES)},"
-                f" not {self.addressing_style!r}"
-            )
-        if self.sse_customer_key is not None:
-            decode_sse_customer_key(self.sse_customer_key)
-            if not self.use_ssl or (
-                self.endpoint_url and self.endpoint_url.startswith("http://")
-            ):
-                raise ValueError(
-                    "s3-sse-customer-key requires TLS: S3 refuses SSE-C keys sent "
-                    "over plain HTTP (set s3-use-ssl true and an https endpoint)"
-                )
-        if self.max_concurrency < 1:
-            raise ValueError("s3-max-concurrency must be at least 1")
-        if self.part_size < MIN_PART_SIZE:
-            raise ValueError(
-                f"s3-part-size must be at least 5MB (S3's smallest part), "
-                f"not {self.part_size}"
-            )
+def content_disposition(filename: str) -> str:
+    """An ``attachment`` Content-Disposition naming *filename* (RFC 6266)."""
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
 class ObjectStore:
@@ -111,30 +81,25 @@ class ObjectStore:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self.bucket = settings.bucket
-        config = Config(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-            max_pool_connections=max(10, 2 * settings.max_concurrency),
-            s3={"addressing_style": settings.addressing_style},
-            # Ceph-based providers reject the CRC headers newer botocore sends by
-            # default; compute and validate checksums only where S3 requires it.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+        customer_key = (
+            decode_sse_customer_key(settings.sse_customer_key)
+            if settings.sse_customer_key
+            else None
         )
-        session = boto3.session.Session()
-        self._client = session.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key,
-            aws_secret_access_key=settings.secret_key,
-            use_ssl=settings.use_ssl,
-            config=config,
+        protect(
+            settings.access_key,
+            settings.secret_key,
+            settings.sse_customer_key,
+            customer_key,
         )
-        # botocore sends "Expect: 100-continue" with every file-like body and
-        # waits for the answer: a round trip per upload that buys nothing here.
-        self._client.meta.events.unregister("before-call.s3", add_expect_header)
+        self._client = self._make_client(
+            settings.connect_timeout, settings.read_timeout, settings.max_attempts
+        )
+        self._reader = self._make_client(
+            settings.download_connect_timeout,
+            settings.download_read_timeout,
+            settings.download_max_attempts,
+        )
         self._transfers = create_transfer_manager(
             self._client,
             TransferConfig(
@@ -147,21 +112,63 @@ class ObjectStore:
             ),
         )
         self.fast_stream = FAST_STREAM
-        self._parts = ThreadPoolExecutor(
-            settings.max_concurrency, thread_name_prefix="zodb-s3blobs-get"
+        self._pool = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix="zodb-s3blobs"
         )
-        self._sse: dict[str, object] = {}
-        self._copy_sse: dict[str, object] = {}
-        if settings.sse_customer_key:
-            raw = decode_sse_customer_key(settings.sse_customer_key)
-            self._sse = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": raw}
-            self._copy_sse = {
+        self._get_args: dict[str, object] = {}
+        self._put_args: dict[str, object] = {}
+        self._copy_args: dict[str, object] = {}
+        if customer_key:
+            sse_c = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": customer_key}
+            self._get_args = self._put_args = sse_c
+            self._copy_args = {
+                **sse_c,
                 "CopySourceSSECustomerAlgorithm": "AES256",
-                "CopySourceSSECustomerKey": raw,
+                "CopySourceSSECustomerKey": customer_key,
             }
+        elif settings.sse:
+            self._put_args = {"ServerSideEncryption": settings.sse}
+            if settings.sse_kms_key_id:
+                self._put_args["SSEKMSKeyId"] = settings.sse_kms_key_id
+            self._copy_args = self._put_args
+
+    def _make_client(self, connect_timeout: float, read_timeout: float, attempts: int):
+        settings = self.settings
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            max_pool_connections=max(10, 2 * settings.max_concurrency),
+            s3={"addressing_style": settings.addressing_style},
+            # Ceph-based providers reject the CRC headers newer botocore sends by
+            # default; compute and validate checksums only where S3 requires it
+            # (this package records and checks its own, see CHECKSUM_METADATA).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            use_ssl=settings.use_ssl,
+            verify=settings.ca_bundle or True,
+            config=config,
+        )
+        # botocore sends "Expect: 100-continue" with every file-like body and
+        # waits for the answer: a round trip per upload that buys nothing here.
+        client.meta.events.unregister("before-call.s3", add_expect_header)
+        return client
 
     def __repr__(self) -> str:
         return f"<ObjectStore s3://{self.bucket}>"
+
+    @property
+    def clients(self) -> tuple:
+        """The boto3 clients (writer, reader), for instrumentation: event hooks
+        in the tests and the benchmark."""
+        return self._client, self._reader
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -169,49 +176,72 @@ class ObjectStore:
     def _error(self, operation: str, key: str, exc: Exception) -> ObjectStoreError:
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            message = error.get("Message") or exc.response.get(
-                "ResponseMetadata", {}
-            ).get("HTTPStatusCode", "")
-            cls = ObjectNotFound if code in _NOT_FOUND else ObjectStoreError
-            return cls(operation, self.url(key), f"{code} {message}".strip())
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = str(error.get("Code", status or "Unknown"))
+            message = error.get("Message") or ""
+            if code in _NOT_FOUND:
+                return ObjectNotFound(operation, self.url(key), f"{code} {message}")
+            transient = status >= 500 or code in _TRANSIENT_CODES
+            return ObjectStoreError(
+                operation, self.url(key), f"{code} {message}".strip(), transient
+            )
+        # Connection failures, timeouts and broken bodies: worth another try.
         return ObjectStoreError(
-            operation, self.url(key), f"{type(exc).__name__}: {exc}"
+            operation, self.url(key), f"{type(exc).__name__}: {exc}", True
         )
+
+    # -- the bucket ------------------------------------------------------
+
+    def check_bucket(self) -> None:
+        """Reach the bucket (HeadBucket); raise a clear error if it is missing
+        or the credentials are refused."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            error = self._error("HEAD bucket", "", exc)
+            status = (
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if isinstance(exc, ClientError)
+                else None
+            )
+            if isinstance(error, ObjectNotFound) or status == 404:
+                cause = "the bucket does not exist (check bucket-name, s3-region)"
+            elif status in (401, 403):
+                cause = (
+                    "access denied: the credentials were refused or may not list "
+                    "the bucket (check s3-access-key, s3-secret-key, the policy)"
+                )
+            else:
+                cause = error.cause
+            raise ObjectStoreError("HEAD bucket", f"s3://{self.bucket}", cause) from exc
+
+    # -- writing ---------------------------------------------------------
 
     def transfer(
         self, uploads: Iterable[tuple[str, str]], copies: Iterable[tuple[str, str]]
     ) -> None:
         """Upload files ``(path, key)`` and copy objects ``(source_key, key)`` in
-        parallel (at most ``max_concurrency`` requests at once).
+        parallel (at most ``max_concurrency`` requests at once), recording each
+        upload's CRC32 in its metadata.
 
         Waits for every transfer, then raises an ObjectStoreError naming the first
         failure and how many failed; nothing is left running on return.
         """
+        uploads = list(uploads)
+        checksums = self._pool.map(file_crc32, [path for path, _key in uploads])
         futures: list[tuple[str, str, Future]] = []
-        for path, key in uploads:
-            futures.append(
-                (
-                    "upload",
-                    key,
-                    self._transfers.upload(
-                        path, self.bucket, key, extra_args=dict(self._sse)
-                    ),
-                )
-            )
+        for (path, key), crc in zip(uploads, checksums, strict=True):
+            args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
+            future = self._transfers.upload(path, self.bucket, key, extra_args=args)
+            futures.append(("upload", key, future))
         for source, key in copies:
-            futures.append(
-                (
-                    "copy",
-                    key,
-                    self._transfers.copy(
-                        {"Bucket": self.bucket, "Key": source},
-                        self.bucket,
-                        key,
-                        extra_args={**self._sse, **self._copy_sse},
-                    ),
-                )
+            future = self._transfers.copy(
+                {"Bucket": self.bucket, "Key": source},
+                self.bucket,
+                key,
+                extra_args=dict(self._copy_args),
             )
+            futures.append(("copy", key, future))
         failures = []
         for operation, key, future in futures:
             try:
@@ -228,107 +258,6 @@ class ObjectStore:
                     "failed)",
                 ) from first
             raise first
-
-    def download(self, key: str, out: BinaryIO) -> int:
-        """Write the object into *out* (a file opened for writing); return its size.
-
-        One GET, streamed straight into *out*. If the object is larger than
-        ``part_size`` and its first part arrived slower than
-        :data:`FAST_STREAM` bytes a second (as from S3 over a WAN, where one
-        connection is the bottleneck), the stream is abandoned and the rest is
-        fetched with ranged GETs in parallel, written at their offsets.
-        """
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key, **self._sse)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("GET", key, exc) from exc
-        size = int(response["ContentLength"])
-        body = response["Body"]
-        part = self.settings.part_size
-        started = time.monotonic()
-        written = self._copy(key, body, out, min(size, part))
-        if written < size:
-            rate = written / max(time.monotonic() - started, 1e-9)
-            if rate >= self.fast_stream:
-                written += self._copy(key, body, out, size - written)
-            else:
-                body.close()  # drops the connection; the parts are faster
-                out.flush()
-                written += self._fetch_parts(key, out.fileno(), written, size)
-        if written != size:
-            raise ObjectStoreError(
-                "GET", self.url(key), f"got {written} of {size} bytes"
-            )
-        return size
-
-    def _copy(self, key: str, body, out: BinaryIO, limit: int) -> int:
-        """Copy up to *limit* bytes of *body* into *out*; return how many.
-
-        ``readinto`` one reused buffer: no new bytes object per chunk.
-        """
-        buffer = memoryview(bytearray(min(_DOWNLOAD_CHUNK, max(limit, 1))))
-        copied = 0
-        try:
-            while copied < limit:
-                n = body.readinto(buffer[: min(len(buffer), limit - copied)])
-                if not n:
-                    break
-                out.write(buffer[:n])
-                copied += n
-        except BotoCoreError as exc:
-            raise self._error("GET", key, exc) from exc
-        return copied
-
-    def _fetch_parts(self, key: str, fd: int, start: int, size: int) -> int:
-        """Fetch bytes start..size-1 in ranged GETs of part_size, in parallel."""
-        part = self.settings.part_size
-        futures = [
-            self._parts.submit(
-                self._fetch_range, key, fd, offset, min(offset + part, size)
-            )
-            for offset in range(start, size, part)
-        ]
-        return sum(future.result() for future in futures)
-
-    def _fetch_range(self, key: str, fd: int, start: int, end: int) -> int:
-        """GET bytes start..end-1 and write them at their offset."""
-        try:
-            response = self._client.get_object(
-                Bucket=self.bucket,
-                Key=key,
-                Range=f"bytes={start}-{end - 1}",
-                **self._sse,
-            )
-            offset = start
-            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("GET", key, exc) from exc
-        return offset - start
-
-    def size(self, key: str) -> int | None:
-        """The object's size in bytes, or None when it does not exist (HEAD)."""
-        try:
-            response = self._client.head_object(
-                Bucket=self.bucket, Key=key, **self._sse
-            )
-        except (ClientError, BotoCoreError) as exc:
-            error = self._error("HEAD", key, exc)
-            if isinstance(error, ObjectNotFound):
-                return None
-            raise error from exc
-        return int(response["ContentLength"])
-
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """Yield ``(key, size)`` of every object under *prefix*."""
-        paginator = self._client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents", ()):
-                    yield item["Key"], int(item["Size"])
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("LIST", prefix, exc) from exc
 
     def delete(self, keys: Iterable[str]) -> int:
         """Delete *keys* with DeleteObjects, 1000 a request; return the count.
@@ -356,7 +285,171 @@ class ObjectStore:
                 )
         return len(keys)
 
+    # -- reading ---------------------------------------------------------
+
+    def download(self, key: str, out: BinaryIO) -> int:
+        """Write the object into *out* (a file opened for writing); return its size.
+
+        Transient failures (a broken body, a checksum mismatch, 5xx after
+        botocore's own retries) start the download again, up to
+        ``download_max_attempts`` times; a missing object fails at once.
+        """
+        attempts = self.settings.download_max_attempts
+        attempt = 1
+        while True:
+            out.seek(0)
+            out.truncate()
+            try:
+                return self._download_once(key, out)
+            except ObjectStoreError as exc:
+                if not exc.transient or attempt >= attempts:
+                    raise
+                attempt += 1
+                log.warning("Retrying (attempt %d of %d): %s", attempt, attempts, exc)
+
+    def _download_once(self, key: str, out: BinaryIO) -> int:
+        """One GET streamed into *out*. If the object is larger than
+        ``part_size`` and its first part arrived slower than :data:`FAST_STREAM`
+        bytes a second (one connection is the bottleneck, as with S3 over a
+        WAN), the stream is abandoned and the rest fetched in parallel ranges.
+        The bytes are checked against the CRC32 recorded at upload, if any."""
+        try:
+            response = self._reader.get_object(
+                Bucket=self.bucket, Key=key, **self._get_args
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET", key, exc) from exc
+        size = int(response["ContentLength"])
+        expected = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
+        body = response["Body"]
+        part = self.settings.part_size
+        started = time.monotonic()
+        written, crc = self._copy(key, body, out, min(size, part), 0)
+        if written < size:
+            rate = written / max(time.monotonic() - started, 1e-9)
+            if rate >= self.fast_stream:
+                more, crc = self._copy(key, body, out, size - written, crc)
+                written += more
+            else:
+                body.close()  # drops the connection; the parts are faster
+                out.flush()
+                written += self._fetch_parts(key, out.fileno(), written, size)
+                crc = None
+        if written != size:
+            raise ObjectStoreError(
+                "GET", self.url(key), f"got {written} of {size} bytes", True
+            )
+        if expected is not None:
+            if crc is None:
+                out.flush()
+                crc = int(file_crc32(out.name), 16)
+            if f"{crc:08x}" != expected.lower():
+                raise ObjectStoreError(
+                    "GET",
+                    self.url(key),
+                    f"checksum mismatch: CRC32 {crc:08x}, recorded {expected}",
+                    True,
+                )
+        return size
+
+    def _copy(
+        self, key: str, body, out: BinaryIO, limit: int, crc: int
+    ) -> tuple[int, int]:
+        """Copy up to *limit* bytes of *body* into *out*, through one reused
+        buffer; return how many, and the CRC32 continued over them."""
+        buffer = memoryview(bytearray(min(_DOWNLOAD_CHUNK, max(limit, 1))))
+        copied = 0
+        try:
+            while copied < limit:
+                n = body.readinto(buffer[: min(len(buffer), limit - copied)])
+                if not n:
+                    break
+                out.write(buffer[:n])
+                crc = zlib.crc32(buffer[:n], crc)
+                copied += n
+        except BotoCoreError as exc:
+            raise self._error("GET", key, exc) from exc
+        return copied, crc
+
+    def _fetch_parts(self, key: str, fd: int, start: int, size: int) -> int:
+        """Fetch bytes start..size-1 in ranged GETs of part_size, in parallel."""
+        part = self.settings.part_size
+        futures = [
+            self._pool.submit(
+                self._fetch_range, key, fd, offset, min(offset + part, size)
+            )
+            for offset in range(start, size, part)
+        ]
+        return sum(future.result() for future in futures)
+
+    def _fetch_range(self, key: str, fd: int, start: int, end: int) -> int:
+        """GET bytes start..end-1 and write them at their offset."""
+        try:
+            response = self._reader.get_object(
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{end - 1}",
+                **self._get_args,
+            )
+            offset = start
+            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET", key, exc) from exc
+        return offset - start
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when it does not exist (HEAD)."""
+        try:
+            response = self._reader.head_object(
+                Bucket=self.bucket, Key=key, **self._get_args
+            )
+        except (ClientError, BotoCoreError) as exc:
+            error = self._error("HEAD", key, exc)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from exc
+        return int(response["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Yield ``(key, size)`` of every object under *prefix*."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"], int(item["Size"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST", prefix, exc) from exc
+
+    def presigned_url(
+        self,
+        key: str,
+        expires: int,
+        filename: str | None = None,
+        content_type: str | None = None,
+    ) -> PresignedURL:
+        """A URL that GETs the object without credentials for *expires* seconds.
+
+        Refused under SSE-C: whoever follows the URL would need the key.
+        """
+        if self._get_args:
+            raise S3BlobStorageError(
+                "presigned URLs cannot serve objects encrypted with "
+                "s3-sse-customer-key: the reader would need the key"
+            )
+        params: dict[str, object] = {"Bucket": self.bucket, "Key": key}
+        if filename:
+            params["ResponseContentDisposition"] = content_disposition(filename)
+        if content_type:
+            params["ResponseContentType"] = content_type
+        url = self._reader.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=int(expires)
+        )
+        return PresignedURL(url)
+
     def close(self) -> None:
-        self._parts.shutdown()
+        self._pool.shutdown()
         self._transfers.shutdown()
         self._client.close()
+        self._reader.close()

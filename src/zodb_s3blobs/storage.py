@@ -31,13 +31,15 @@ from ZODB.interfaces import (
 )
 from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.serialize import referencesf
-from ZODB.utils import oid_repr, tid_repr
+from ZODB.utils import oid_repr, tid_repr, z64
 
 from . import gc, unghost
 from .cache import BlobCache
-from .errors import ObjectNotFound, S3BlobStorageError
+from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
-from .objectstore import ObjectStore, S3Settings
+from .objectstore import ObjectStore
+from .redact import PresignedURL
+from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
 from .tids import check_supported, tid_at_vote
 
@@ -111,6 +113,18 @@ def _check_base(base) -> None:
         )
 
 
+def _oids_stored_by(base, tid: bytes) -> list[bytes]:
+    """The oids transaction *tid* stored, from the base's iterator. For undo:
+    ``IStorageUndoable.undo`` may return None instead of the oids it undid
+    (RelStorage does), and those are the oids the undone transaction stored."""
+    transactions = base.iterator(tid, tid)
+    try:
+        return [record.oid for txn in transactions for record in txn]
+    finally:
+        if hasattr(transactions, "close"):
+            transactions.close()
+
+
 @zope.interface.implementer(IBlobStorage, IStorageWrapper)
 class S3BlobStorage:
     """Wrap *base* so that its blobs are stored in S3 and cached in *cache_dir*.
@@ -132,6 +146,11 @@ class S3BlobStorage:
         layout = KeyLayout(settings.prefix)
         cache = BlobCache(cache_dir, cache_size)
         store = ObjectStore(settings)
+        try:
+            store.check_bucket()
+        except BaseException:
+            store.close()
+            raise
         shared = _Shared(store, layout, cache, threading.Lock(), download_on_unghost)
         self._setup(base, shared, True)
 
@@ -243,6 +262,11 @@ class S3BlobStorage:
             raise POSKeyError(
                 f"No blob file: {exc.key} does not exist", oid, serial
             ) from exc
+        except ObjectStoreError as exc:
+            raise BlobReadError(
+                f"Could not read blob {oid_repr(oid)} revision {tid_repr(serial)}: "
+                f"{exc}"
+            ) from exc
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         for _attempt in range(_OPEN_ATTEMPTS):
@@ -260,6 +284,31 @@ class S3BlobStorage:
             "too small?"
         )
 
+    def presigned_url(
+        self,
+        oid: bytes,
+        serial: bytes,
+        expires: int = 3600,
+        filename: str | None = None,
+        content_type: str | None = None,
+    ) -> PresignedURL | None:
+        """A URL serving this committed blob revision straight from S3 (or a
+        CDN in front of it) for *expires* seconds, or None if the revision is
+        not committed. ``filename`` makes browsers save it under that name.
+
+        ``str()`` of the result is the URL; its repr hides the signature.
+        Refused under SSE-C, where the reader would need the key.
+        """
+        if (
+            not serial
+            or serial == z64
+            or not gc.revision_exists(self._base, oid, serial)
+        ):
+            return None
+        return self._store.presigned_url(
+            self._layout.key(oid, serial), expires, filename, content_type
+        )
+
     def copyTransactionsFrom(self, other) -> None:
         copyTransactionsFromTo(other, self)
 
@@ -272,6 +321,8 @@ class S3BlobStorage:
         result = self._base.undo(transaction_id, transaction)
         oids = result[1] if isinstance(result, tuple) else result
         undone_tid = decodebytes(transaction_id + b"\n")
+        if oids is None:
+            oids = _oids_stored_by(self._base, undone_tid)
         pending = self._pending(transaction)
         for oid in oids or ():
             source = self._undo_source(oid, undone_tid)
