@@ -10,6 +10,9 @@ import pytest
 import s3env
 from zodb_s3blobs.localserver import local_s3_server
 
+#: Fixtures of the deployment tests: PostgreSQL, and RelStorage bases.
+pytest_plugins = ["pgserver", "deploy"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def s3_server():
