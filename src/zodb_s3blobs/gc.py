@@ -9,15 +9,22 @@ on a history-free base. Safety rules:
 - keys newer than the base's last committed transaction are never touched:
   they belong to transactions still voting (uploads happen before finish);
 - keys that do not match the layout exactly are never touched;
+- an MVCC base (RelStorage) is read through a new instance synced to its
+  latest commit: the main instance, which ``pack()`` runs on, keeps the
+  snapshot it last polled, and its ``lastTransaction()`` would hide every
+  later revision from the collector;
 - deletes go out in DeleteObjects batches of 1000 keys, and the cached copies
   of deleted revisions are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ZODB.interfaces import IMVCCStorage
 from ZODB.POSException import POSKeyError
 
 from .cache import BlobCache
@@ -48,6 +55,22 @@ def revision_exists(base, oid: bytes, tid: bytes) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def current_view(base) -> Iterator:
+    """*base* as of its latest commit: an IMVCCStorage through a new instance
+    polled now (released afterwards), so that ``lastTransaction`` and
+    ``loadSerial`` answer from one current snapshot; any other base as is."""
+    if not IMVCCStorage.providedBy(base):
+        yield base
+        return
+    view = base.new_instance()
+    try:
+        view.poll_invalidations()
+        yield view
+    finally:
+        view.release()
+
+
 def collect_orphans(
     base,
     store: ObjectStore,
@@ -57,24 +80,25 @@ def collect_orphans(
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs."""
     report = CollectionReport()
-    # Read before listing: anything committed later has a larger tid.
-    last_committed = base.lastTransaction()
     revisions = []
-    for key, size in store.list(layout.root):
-        report.scanned += 1
-        parsed = layout.parse(key)
-        if parsed is None:
-            report.foreign += 1
-            continue
-        oid, tid = parsed
-        if tid > last_committed:
-            report.in_flight += 1
-        elif revision_exists(base, oid, tid):
-            report.kept += 1
-        else:
-            report.orphans.append(key)
-            report.orphan_bytes += size
-            revisions.append((oid, tid))
+    with current_view(base) as view:
+        # Read before listing: anything committed later has a larger tid.
+        last_committed = view.lastTransaction()
+        for key, size in store.list(layout.root):
+            report.scanned += 1
+            parsed = layout.parse(key)
+            if parsed is None:
+                report.foreign += 1
+                continue
+            oid, tid = parsed
+            if tid > last_committed:
+                report.in_flight += 1
+            elif revision_exists(view, oid, tid):
+                report.kept += 1
+            else:
+                report.orphans.append(key)
+                report.orphan_bytes += size
+                revisions.append((oid, tid))
     if not dry_run and report.orphans:
         report.deleted = store.delete(report.orphans)
         for oid, tid in revisions:
