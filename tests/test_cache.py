@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import traceback
 
 import pytest
@@ -246,24 +247,20 @@ def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
 
 def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
     mine = BlobCache(str(tmp_path), 50_000)
-    other = BlobCache(str(tmp_path), 50_000)  # another process on the same dir
-    mine.fetch(p64(1), p64(1), writer(b"m" * 10_000))
-    mine.evict()  # builds the index
+    mine.close()  # its index is built, from an empty directory
+    other = BlobCache(str(tmp_path), 1 << 30)  # another process, never evicting
     for oid in range(2, 10):
         other.fetch(p64(oid), p64(1), writer(b"o" * 10_000))
-    other.close()
-    # mine does not know the other files yet; loading a cache-size of bytes
-    # makes its next check rescan and count them.
+    # mine does not know those files; loading a cache-size of bytes makes its
+    # next check rescan and count them.
     for oid in range(10, 15):
         mine.fetch(p64(oid), p64(1), writer(b"m" * 10_000))
-    mine.close()
+        mine.close()
     mine.evict()
     assert cached_bytes(mine) <= 45_000
 
 
-def test_files_installed_while_the_index_is_rebuilt_are_counted(
-    tmp_path, monkeypatch
-):
+def test_files_installed_while_the_index_is_rebuilt_are_counted(tmp_path, monkeypatch):
     cache = BlobCache(str(tmp_path), 100_000)
     cache.fetch(p64(1), p64(1), writer(b"x" * 10_000))
     real_walk = BlobCache._walk
@@ -279,3 +276,28 @@ def test_files_installed_while_the_index_is_rebuilt_are_counted(
     cache.close()
     cache.evict()
     assert cached_bytes(cache) <= 90_000, "the file installed mid-walk was counted"
+
+
+def test_a_file_whose_size_changed_is_not_served(make_storage):
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    oid, tid = commit_blobs(db, {"b": b"the whole content"})["b"]
+    path = storage.loadBlob(oid, tid)
+    storage._cache.close()  # the index is built
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:  # damaged behind the cache's back
+        f.truncate(3)
+    with open(storage.loadBlob(oid, tid), "rb") as f:
+        assert f.read() == b"the whole content", "downloaded again"
+    db.close()
+
+
+def test_temp_files_abandoned_by_a_killed_process_are_removed(tmp_path):
+    cache = BlobCache(str(tmp_path), 1_000)
+    old = cache.new_temp_file("download-")
+    recent = cache.new_temp_file("staged-")
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    BlobCache(str(tmp_path), 1_000)  # the next process to open the cache
+    assert not os.path.exists(old)
+    assert os.path.exists(recent), "may belong to a transaction still voting"

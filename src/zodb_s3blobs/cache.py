@@ -50,6 +50,8 @@ EVICTION_TARGET = 0.9
 CHECK_FRACTION = 0.1
 _RESERVED = ("tmp", "locks")
 _INSTALL_ATTEMPTS = 10
+#: Temp files older than this (seconds) were left by a killed process.
+ABANDONED_AFTER = 24 * 3600
 
 
 @contextlib.contextmanager
@@ -120,6 +122,8 @@ class BlobCache:
         self._during_scan: list[tuple[tuple[bytes, bytes], int | None]] | None = None
         self._bytes_since_scan = 0
         self._evictor: threading.Thread | None = None
+        self._remove_abandoned_temp_files()
+        self._start_check()  # builds the index in the background
 
     def __repr__(self) -> str:
         return f"<BlobCache {self.directory} limit={self.size_limit}>"
@@ -145,17 +149,31 @@ class BlobCache:
     # -- reading ---------------------------------------------------------
 
     def lookup(self, oid: bytes, tid: bytes) -> str | None:
-        """The cached file's path, marked as just used; None when not cached."""
+        """The cached file's path, marked as just used; None when not cached,
+        or when its size is no longer the size it was installed with (it is
+        then removed, so the caller downloads it again)."""
         path = self.path(oid, tid)
         try:
+            size = os.stat(path).st_size
             os.utime(path)  # other processes sharing the cache see the use
         except FileNotFoundError:
             return None
         with self._state_lock:
-            known = self._index is None or self._index.touch((oid, tid))
-        if not known:  # installed by another process since our last scan
-            with contextlib.suppress(FileNotFoundError):
-                self._record((oid, tid), os.stat(path).st_size)
+            if self._index is None:
+                return path
+            expected = self._index.touch((oid, tid))
+        if expected is None:  # installed by another process since our last scan
+            self._record((oid, tid), size)
+        elif expected != size:
+            log.warning(
+                "Cached blob %s has %d bytes, not the %d it was installed with: "
+                "removed, to be downloaded again",
+                path,
+                size,
+                expected,
+            )
+            self.discard(oid, tid)
+            return None
         return path
 
     def fetch(self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]) -> str:
@@ -268,6 +286,11 @@ class BlobCache:
             self._bytes_since_check += size
             if self._bytes_since_check < self._check_threshold:
                 return
+        self._start_check()
+
+    def _start_check(self) -> None:
+        """Run an eviction check in the daemon thread, unless one is running."""
+        with self._state_lock:
             if self._evictor is not None and self._evictor.is_alive():
                 return
             self._bytes_since_check = 0
@@ -276,9 +299,22 @@ class BlobCache:
             )
             self._evictor.start()
 
+    def _remove_abandoned_temp_files(self) -> None:
+        """Remove downloads and staged uploads a killed process left in tmp/.
+
+        A file still in tmp/ was never installed, so it is never served; one a
+        day old belongs to no transaction or download still running.
+        """
+        cutoff = time.time() - ABANDONED_AFTER
+        for entry in _entries(self.temp_dir):
+            if entry.name.startswith(("download-", "staged-")):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < cutoff:
+                        os.remove(entry.path)
+
     def _evict_quietly(self) -> None:
         try:
-            self.evict()
+            self.evict(wait=False)
         except Exception:
             log.exception("Blob cache eviction in %s failed", self.directory)
 
@@ -329,16 +365,17 @@ class BlobCache:
             time.monotonic() - started,
         )
 
-    def evict(self, target: int | None = None) -> int:
+    def evict(self, target: int | None = None, wait: bool = True) -> int:
         """Delete least-recently-used files until at most *target* bytes remain
         (default: 90% of the limit, if the limit is exceeded). Returns the bytes
-        freed; 0 when another process is evicting already.
+        freed. With *wait* false (the daemon thread), returns 0 at once when
+        another thread or process is evicting already.
 
         Costs what it deletes: the directory is walked only to build the index
         and after each cache-size of loads.
         """
         lock = os.path.join(self._locks_dir, "evict.lock")
-        with _flock(lock, blocking=False) as acquired:
+        with _flock(lock, blocking=wait) as acquired:
             if not acquired:
                 return 0
             with self._state_lock:

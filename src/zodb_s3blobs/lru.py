@@ -31,13 +31,14 @@ class LRUIndex:
         self._sizes[revision] = size
         self.total += size
 
-    def touch(self, revision: Revision) -> bool:
-        """Mark *revision* as just used; False if it is not indexed."""
+    def touch(self, revision: Revision) -> int | None:
+        """Mark *revision* as just used and return its size; None if it is not
+        indexed."""
         try:
             self._sizes.move_to_end(revision)
         except KeyError:
-            return False
-        return True
+            return None
+        return self._sizes[revision]
 
     def remove(self, revision: Revision) -> None:
         self.total -= self._sizes.pop(revision, 0)
