@@ -6,11 +6,19 @@ object keys contain it and uploads must finish before ``tpc_vote`` returns
 here, explicitly, where its tid is after its own ``tpc_vote``; the tests pin
 each rule against the ZODB versions installed. An unsupported base is refused
 when the storage is opened rather than guessed at.
+
+RelStorage chooses its tid late, in ``tpc_finish``, unless it locks early; for
+a transaction with blobs to upload this module makes it lock early (see
+``_relstorage_tid``), so the database's commit lock is held while the blobs
+upload. The rule uses RelStorage internals, so it is enabled only for the
+RelStorage major versions it is tested with.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import sys
 
 from ZODB.BaseStorage import BaseStorage
 from ZODB.DemoStorage import DemoStorage
@@ -20,7 +28,8 @@ from .errors import S3BlobStorageError
 
 
 class UnsupportedBaseStorage(S3BlobStorageError):
-    """The base storage gives no reliable way to learn the tid at vote."""
+    """The base storage cannot be wrapped: it gives no reliable way to learn
+    the tid at vote, or it is set up to keep blobs itself."""
 
 
 @functools.singledispatch
@@ -34,10 +43,21 @@ def tid_at_vote(storage: object) -> bytes:
 
 def check_supported(storage: object) -> None:
     """Raise UnsupportedBaseStorage now, at open, for a base we cannot serve."""
+    _register_relstorage()
+    _check(storage)
+
+
+@functools.singledispatch
+def _check(storage: object) -> None:
+    """Refuse a base without a tid_at_vote rule; bases may add checks."""
     if tid_at_vote.dispatch(type(storage)) is tid_at_vote.dispatch(object):
         tid_at_vote(storage)
-    if isinstance(storage, DemoStorage):
-        check_supported(storage.changes)
+
+
+@_check.register
+def _check_demo_storage(storage: DemoStorage) -> None:
+    """A DemoStorage commits into its changes storage: check that one."""
+    _check(storage.changes)
 
 
 @tid_at_vote.register
@@ -57,3 +77,62 @@ def _mapping_storage(storage: MappingStorage) -> bytes:
 def _demo_storage(storage: DemoStorage) -> bytes:
     # DemoStorage commits into its `changes` storage under that storage's tid.
     return tid_at_vote(storage.changes)
+
+
+#: The RelStorage major versions whose commit phases ``_relstorage_tid`` was
+#: written against and is tested with (tests/test_relstorage.py).
+TESTED_RELSTORAGE_MAJORS = (4,)
+
+
+def _register_relstorage() -> None:
+    """Register the RelStorage rules once relstorage is imported.
+
+    A RelStorage cannot exist before its module is imported, and importing
+    RelStorage here would slow down every user who does not use it."""
+    module = sys.modules.get("relstorage.storage")
+    if module is None or module.RelStorage in tid_at_vote.registry:
+        return
+    tid_at_vote.register(module.RelStorage, _relstorage_tid)
+    _check.register(module.RelStorage, _check_relstorage)
+
+
+def _check_relstorage(storage) -> None:
+    """Refuse an untested RelStorage version, and a RelStorage with a blob-dir
+    of its own (its blobs would not go to S3)."""
+    from relstorage.blobhelper.interfaces import INoBlobHelper
+
+    version = importlib.metadata.version("RelStorage")
+    if int(version.split(".")[0]) not in TESTED_RELSTORAGE_MAJORS:
+        tested = ", ".join(f"{major}.x" for major in TESTED_RELSTORAGE_MAJORS)
+        raise UnsupportedBaseStorage(
+            f"S3BlobStorage cannot wrap RelStorage {version}: it learns the "
+            "transaction id at vote from RelStorage's commit phases, which it "
+            f"is tested with for RelStorage {tested} only (zodb_s3blobs/tids.py)"
+        )
+    if not INoBlobHelper.providedBy(storage.blobhelper):
+        raise UnsupportedBaseStorage(
+            f"The wrapped RelStorage {storage.getName()!r} has a blob-dir: remove "
+            "blob-dir (and shared-blob-dir) from its <relstorage> section; its "
+            "blobs are stored in S3"
+        )
+
+
+def _relstorage_tid(storage) -> bytes:
+    """Make RelStorage take its commit lock and choose the tid now, at vote,
+    for this transaction only, and return that tid."""
+    # RelStorage 4: RelStorage.tpc_vote (relstorage/storage/__init__.py)
+    # leaves the vote state in storage._tpc_phase. In
+    # relstorage/storage/tpc/vote.py, AbstractVote._vote takes the commit lock
+    # and allocates the tid at vote only with LOCK_EARLY (env
+    # RELSTORAGE_LOCK_EARLY) or when a shared blob dir must move files; both
+    # call self._lock_and_move(vote_only=True), which locks, chooses the tid,
+    # moves the rows and sets committing_tid_lock.tid; AbstractVote.tpc_finish
+    # then finds the move done and only commits. Otherwise the tid is chosen
+    # in tpc_finish.
+    # Here we take the same early path for this one transaction (it has blobs
+    # to upload); undo and restore have locked already. The price: the
+    # database's commit lock is held while the blobs upload.
+    phase = storage._tpc_phase
+    if phase.committing_tid_lock is None:
+        phase._lock_and_move(vote_only=True)
+    return phase.committing_tid_lock.tid

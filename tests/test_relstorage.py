@@ -1,0 +1,201 @@
+"""RelStorage as the base of ``<s3blobstorage>``, in one process: the tid
+learned at vote (the rule in tids.py, pinned against the installed RelStorage
+on SQLite and PostgreSQL, history-free and history-preserving), what is
+refused at open, undo, and the orphan collector's view of RelStorage."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+
+import pytest
+import relstorage.storage.tpc.vote
+import transaction
+import ZODB
+import ZODB.config
+from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import z64
+
+import s3env
+from deploy import bucket_keys, payload, relstorage_section
+from test_gc import blob_revisions
+from test_storage import stage_one_blob
+from zodb_s3blobs import tids
+
+
+def open_storage(base_section: str, cache_dir, prefix: str | None = None):
+    """``<s3blobstorage>`` around *base_section*, opened from ZConfig text."""
+    return ZODB.config.storageFromString(
+        s3env.zconfig(base_section, str(cache_dir), prefix=prefix)
+    )
+
+
+def prefix_of(storage) -> str:
+    return storage._layout.prefix
+
+
+@pytest.mark.parametrize("lock_early", [False, True], ids=["late", "lock-early"])
+def test_blobs_upload_under_the_tid_tpc_finish_returns(
+    relstorage_base, tmp_path, monkeypatch, lock_early
+):
+    # RELSTORAGE_LOCK_EARLY is read once, at import; this is its effect.
+    monkeypatch.setattr(relstorage.storage.tpc.vote, "LOCK_EARLY", lock_early)
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    instance = storage.new_instance()  # what ZODB.DB commits through
+    try:
+        data = payload()
+        txn, oid = stage_one_blob(instance, data)
+        instance.tpc_vote(txn)
+        voted_tid = instance._commit.tid
+        uploaded = list(instance._commit.attempted_keys)
+        assert bucket_keys(prefix_of(storage)) == uploaded, "uploaded at vote"
+        tid = instance.tpc_finish(txn)
+        assert voted_tid == tid
+        assert uploaded == [storage._layout.key(oid, tid)]
+        with open(instance.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == data
+    finally:
+        instance.release()
+        storage.close()
+
+
+def test_a_transaction_without_blobs_keeps_relstorage_locking_late(
+    relstorage_base, tmp_path
+):
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    instance = storage.new_instance()
+    try:
+        txn = TransactionMetaData()
+        instance.tpc_begin(txn)
+        instance.store(instance.new_oid(), z64, b"no blob", "", txn)
+        instance.tpc_vote(txn)
+        assert instance._base._tpc_phase.committing_tid_lock is None
+        instance.tpc_finish(txn)
+    finally:
+        instance.release()
+        storage.close()
+
+
+def test_undo_copies_the_blob_under_the_undo_transactions_tid(
+    history_preserving_base, tmp_path
+):
+    storage = open_storage(history_preserving_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    (oid, first, _), (_, second, _) = blob_revisions(db, [b"first", b"second"])
+    db.undo(db.undoLog(0, 1)[0]["id"])
+    transaction.commit()
+    reader = open_storage(
+        history_preserving_base.section, tmp_path / "empty", prefix_of(storage)
+    )
+    try:
+        tm = transaction.TransactionManager()
+        blob = ZODB.DB(reader).open(tm).root()["b"]
+        with blob.open() as f:
+            assert f.read() == b"first"
+        undo_tid = blob._p_serial
+        assert undo_tid > second
+        key = storage._layout.key
+        assert bucket_keys(prefix_of(storage)) == sorted(
+            [key(oid, first), key(oid, second), key(oid, undo_tid)]
+        )
+    finally:
+        tm.abort()
+        reader.close()
+        db.close()
+
+
+def test_an_untested_relstorage_major_version_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "sqlite").mkdir()
+    section = relstorage_section(
+        f"<sqlite3>\n data-dir {tmp_path / 'sqlite'}\n</sqlite3>", False
+    )
+    monkeypatch.setattr(tids, "TESTED_RELSTORAGE_MAJORS", (99,))
+    installed = importlib.metadata.version("RelStorage")
+    with pytest.raises(tids.UnsupportedBaseStorage) as info:
+        open_storage(section, tmp_path / "cache")
+    message = str(info.value)
+    assert f"cannot wrap RelStorage {installed}" in message
+    assert "tested with for RelStorage 99.x only" in message
+
+
+def test_the_installed_relstorage_is_a_tested_version():
+    major = int(importlib.metadata.version("RelStorage").split(".")[0])
+    assert major in tids.TESTED_RELSTORAGE_MAJORS
+
+
+def test_a_relstorage_with_its_own_blob_dir_is_refused(tmp_path):
+    (tmp_path / "sqlite").mkdir()
+    section = relstorage_section(
+        f"blob-dir {tmp_path / 'blobs'}\n"
+        f"<sqlite3>\n data-dir {tmp_path / 'sqlite'}\n</sqlite3>",
+        True,
+    )
+    with pytest.raises(tids.UnsupportedBaseStorage, match="remove blob-dir"):
+        open_storage(section, tmp_path / "cache")
+
+
+def test_pack_collects_revisions_committed_after_the_main_instance_polled(
+    relstorage_base, tmp_path
+):
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    polled = storage.lastTransaction()  # the main instance's snapshot
+    (oid, _, _), (_, second, after_second), (_, third, _) = blob_revisions(
+        db, [b"1", b"2", b"3"]
+    )
+    assert storage.lastTransaction() == polled < second, "the main one is stale"
+    key = storage._layout.key
+    if relstorage_base.keep_history:
+        db.pack(after_second)  # undo may still need the second revision
+        assert bucket_keys(prefix_of(storage)) == [key(oid, second), key(oid, third)]
+    else:
+        db.pack(time.time() + 1)
+        assert bucket_keys(prefix_of(storage)) == [key(oid, third)]
+    db.close()
+
+
+def test_the_collector_leaves_a_voting_transactions_blob_alone(
+    relstorage_base, tmp_path
+):
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    blob_revisions(db, [b"committed"])
+    instance = storage.new_instance()
+    try:
+        txn, oid = stage_one_blob(instance, b"voting")
+        instance.tpc_vote(txn)  # uploaded; the commit lock is held
+        (in_flight,) = instance._commit.attempted_keys
+        report = storage.collect_orphans()
+        assert report.in_flight == 1 and report.orphans == []
+        tid = instance.tpc_finish(txn)
+        assert in_flight in bucket_keys(prefix_of(storage))
+        assert storage.collect_orphans().orphans == []
+        with open(instance.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == b"voting"
+    finally:
+        instance.release()
+        db.close()
+
+
+def test_a_database_commits_and_reads_blobs(relstorage_base, tmp_path):
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    data = {f"b{i}": payload(1000 * i + 1) for i in range(5)}
+    for name, content in data.items():
+        conn.root()[name] = Blob(content)
+    tm.commit()
+    assert len(bucket_keys(prefix_of(storage))) == 5
+    conn.close()
+    db.close()
+    reader = ZODB.DB(
+        open_storage(relstorage_base.section, tmp_path / "empty", prefix_of(storage))
+    )
+    conn = reader.open(tm)
+    for name, content in data.items():
+        with conn.root()[name].open() as f:
+            assert f.read() == content
+    tm.abort()
+    reader.close()
