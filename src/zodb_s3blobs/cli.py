@@ -5,13 +5,16 @@ Each command lives in its own module of this package, listed in
 sets ``run`` (a function taking the parsed arguments and returning an exit
 code) as that parser's default. ``main`` turns failures into one line on
 stderr and an exit code: 0 success, 1 a problem found or a failed run, 2 bad
-usage (130 when interrupted with Ctrl-C).
+usage or configuration (130 when interrupted with Ctrl-C). With ``--json``, a
+failure is also printed as one JSON document on stdout, so a script always
+gets one.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import traceback
@@ -24,16 +27,29 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 #: Modules of this package that each define ``register(subparsers)``.
-COMMAND_MODULES = ("demo",)
+COMMAND_MODULES = (
+    "demo",
+    "cmd_migrate",
+)
 
 
 class CommandError(Exception):
     """A run failed for a reason the message fully explains (exit code 1)."""
 
+    exit_code = EXIT_FAILED
 
-def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:
-    """Options accepted before and after the command name. Subparsers use
-    ``argparse.SUPPRESS`` so they do not overwrite a value given before it."""
+
+class UsageError(CommandError):
+    """The command line or the configuration is wrong (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def add_common_options(
+    parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS
+) -> None:
+    """Add the options accepted before and after the command name. Subparsers
+    use ``argparse.SUPPRESS`` so they do not overwrite a value given before it."""
     parser.add_argument(
         "-v",
         "--debug",
@@ -43,20 +59,42 @@ def _add_common_options(parser: argparse.ArgumentParser, default: object) -> Non
     )
 
 
+def add_operator_options(parser: argparse.ArgumentParser) -> None:
+    """Add what every command working on a deployment takes: CONFIG, --db and
+    --json."""
+    parser.add_argument(
+        "config",
+        metavar="CONFIG",
+        help="a ZConfig file holding one <s3blobstorage> section (with "
+        "%%import zodb_s3blobs), or a zope.conf",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="NAME",
+        help="the <zodb_db NAME> section of a zope.conf to use; may be left "
+        "out when it has only one",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout instead of a table",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per command module."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tools for ZODB databases whose blobs are stored in S3.",
     )
-    _add_common_options(parser, default=False)
+    add_common_options(parser, default=False)
     subparsers = parser.add_subparsers(
         title="commands", dest="command", metavar="COMMAND", required=True
     )
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         command = module.register(subparsers)
-        _add_common_options(command, default=argparse.SUPPRESS)
+        add_common_options(command)
     return parser
 
 
@@ -69,14 +107,23 @@ def _configure_logging(debug: bool) -> None:
         logging.getLogger(__package__).setLevel(logging.DEBUG)
 
 
-def _report(exc: BaseException, debug: bool) -> None:
-    """Print *exc* as one line on stderr, after its traceback with --debug."""
-    if debug:
+def _report(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print *exc* as one line on stderr (after its traceback with --debug),
+    and as a JSON document on stdout with --json; return the exit code."""
+    from .errors import S3BlobStorageError
+
+    if args.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    message = (
-        str(exc) if isinstance(exc, CommandError) else (f"{type(exc).__name__}: {exc}")
-    )
+    if isinstance(exc, (CommandError, S3BlobStorageError)):
+        message = str(exc)  # these messages name what failed and why
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    code = getattr(exc, "exit_code", EXIT_FAILED)
     print(f"{PROG}: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        document = {"command": args.command, "ok": False, "error": message}
+        print(json.dumps(document, indent=2))
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,8 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        _report(exc, args.debug)
-        return EXIT_FAILED
+        return _report(exc, args)
 
 
 if __name__ == "__main__":

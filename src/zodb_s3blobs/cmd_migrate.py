@@ -1,0 +1,225 @@
+"""``zodb-s3blobs migrate``: upload the blobs of an existing database to S3.
+
+S3 is listed once; a revision whose object is there with the same size is
+skipped, so a run that was interrupted or failed can simply be run again.
+Uploads go in parallel (``s3-max-concurrency`` at once), in batches that
+bound the temporary space a RelStorage source needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .cli import EXIT_OK, CommandError, add_operator_options
+from .cliconfig import Target, load_target
+from .clioutput import emit, human_size, progress, table
+from .errors import ObjectStoreError
+from .sources import BlobDirSource, BlobRevision, RelStorageSource
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
+
+#: A batch of uploads holds at most this many bytes (unless one blob is
+#: larger), which bounds the temporary files of a RelStorage source.
+BATCH_BYTES = 256 << 20
+#: ... and at most this many blobs per upload slot, so progress shows often.
+BATCH_PER_SLOT = 4
+
+DESCRIPTION = """\
+Upload the blobs of an existing ZODB database to the keys CONFIG's
+<s3blobstorage> reads them from: from a blob directory (a FileStorage's
+blob-dir or a ZEO server's blob directory, bushy or lawn layout) with
+--from-blob-dir, or from the blob_chunk table of the RelStorage that is the
+base storage in CONFIG with --from-relstorage. Objects already in S3 with the
+same size are skipped, so running it again resumes an interrupted run and
+uploads only what is missing. Nothing is deleted.
+"""
+
+
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``migrate`` command to the ``zodb-s3blobs`` parser."""
+    parser = subparsers.add_parser(
+        "migrate",
+        help="upload the blobs of a blob directory or RelStorage to S3",
+        description=DESCRIPTION,
+    )
+    add_operator_options(parser)
+    add_source_options(parser, required=True)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be uploaded, upload nothing",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_source_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """Add the mutually exclusive --from-blob-dir and --from-relstorage."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        "--from-blob-dir",
+        metavar="DIR",
+        help="a ZODB blob directory: a FileStorage's blob-dir or a ZEO "
+        "server's blob dir (not a ZEO client's blob cache)",
+    )
+    group.add_argument(
+        "--from-relstorage",
+        action="store_true",
+        help="the blob_chunk table of the RelStorage base storage in CONFIG",
+    )
+
+
+@contextlib.contextmanager
+def open_source(
+    args: argparse.Namespace, target: Target, base: object | None = None
+) -> Iterator[BlobDirSource | RelStorageSource]:
+    """The source the options name, closed on exit; --from-relstorage reads
+    *base* if given, else opens CONFIG's base storage for the purpose."""
+    if args.from_blob_dir is not None:
+        yield BlobDirSource(args.from_blob_dir)
+        return
+    with contextlib.ExitStack() as stack:
+        if base is None:
+            base = stack.enter_context(target.base())
+        source = RelStorageSource(base)
+        stack.callback(source.close)
+        yield source
+
+
+@dataclass
+class Plan:
+    """What the source holds, what S3 has already, and what is left to upload."""
+
+    found: int = 0
+    found_bytes: int = 0
+    present: int = 0
+    present_bytes: int = 0
+    uploads: list[tuple[BlobRevision, str]] = field(default_factory=list)
+    #: Keys in S3 whose size differs from the source's: uploaded again.
+    differing: list[str] = field(default_factory=list)
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(revision.size for revision, _key in self.uploads)
+
+
+def plan(
+    revisions: Iterator[BlobRevision], existing: dict[str, int], target: Target
+) -> Plan:
+    """Sort the source's revisions into present (same size in S3) and to upload."""
+    result = Plan()
+    for revision in revisions:
+        key = target.layout.key(revision.oid, revision.tid)
+        result.found += 1
+        result.found_bytes += revision.size
+        size = existing.get(key)
+        if size == revision.size:
+            result.present += 1
+            result.present_bytes += revision.size
+            continue
+        if size is not None:
+            result.differing.append(key)
+        result.uploads.append((revision, key))
+    return result
+
+
+def batches(
+    uploads: list[tuple[BlobRevision, str]], count: int
+) -> Iterator[list[tuple[BlobRevision, str]]]:
+    """Split *uploads* into batches of at most *count* blobs and BATCH_BYTES."""
+    batch: list[tuple[BlobRevision, str]] = []
+    size = 0
+    for upload in uploads:
+        if batch and (len(batch) >= count or size + upload[0].size > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(upload)
+        size += upload[0].size
+    if batch:
+        yield batch
+
+
+def upload(
+    todo: Plan,
+    source: BlobDirSource | RelStorageSource,
+    store: ObjectStore,
+    concurrency: int,
+) -> None:
+    """Upload the planned revisions batch by batch, with a progress bar; a
+    failure says how far it got and that running again resumes."""
+    done = 0
+    with progress(todo.upload_bytes, "upload") as bar:
+        for batch in batches(todo.uploads, BATCH_PER_SLOT * concurrency):
+            try:
+                with source.files([revision for revision, _key in batch]) as paths:
+                    keys = [key for _revision, key in batch]
+                    store.transfer(zip(paths, keys, strict=True), [])
+            except ObjectStoreError as exc:
+                raise CommandError(
+                    f"{exc} (before this batch, {done} of {len(todo.uploads)} "
+                    "uploads were done; run migrate again to resume)"
+                ) from exc
+            done += len(batch)
+            bar.update(sum(revision.size for revision, _key in batch))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan from one listing of S3, then upload (or with --dry-run list)."""
+    target = load_target(args.config, args.db)
+    with open_source(args, target) as source, target.store() as store:
+        existing = dict(store.list(target.layout.root))
+        todo = plan(source.revisions(), existing, target)
+        if not args.dry_run:
+            upload(todo, source, store, target.settings.max_concurrency)
+        document = {
+            "ok": True,
+            "dry_run": args.dry_run,
+            "source": source.describe(),
+            "destination": target.url(),
+            "found": {"count": todo.found, "bytes": todo.found_bytes},
+            "present": {"count": todo.present, "bytes": todo.present_bytes},
+            "to_upload" if args.dry_run else "uploaded": {
+                "count": len(todo.uploads),
+                "bytes": todo.upload_bytes,
+            },
+            "replaced": todo.differing,
+        }
+        if args.dry_run:
+            document["uploads"] = [
+                {"key": key, "size": revision.size} for revision, key in todo.uploads
+            ]
+        emit(args, document, _lines(args, todo, source.describe(), target))
+    return EXIT_OK
+
+
+def _lines(
+    args: argparse.Namespace, todo: Plan, source: str, target: Target
+) -> list[str]:
+    """The human report: counts and bytes, and with --dry-run the keys."""
+    verb = "would upload" if args.dry_run else "uploaded"
+    lines = [f"Migrate {source} -> {target.url()}", ""]
+    lines += table(
+        ["", "blobs", "bytes"],
+        [
+            ["found", todo.found, human_size(todo.found_bytes)],
+            ["already in S3", todo.present, human_size(todo.present_bytes)],
+            [verb, len(todo.uploads), human_size(todo.upload_bytes)],
+        ],
+    )
+    if todo.differing:
+        lines += [
+            "",
+            f"{len(todo.differing)} object(s) in S3 had another size and "
+            + ("would be" if args.dry_run else "were")
+            + " uploaded again",
+        ]
+    if args.dry_run and todo.uploads:
+        lines += ["", *table(["key", "size"], [[k, r.size] for r, k in todo.uploads])]
+    return lines

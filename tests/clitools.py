@@ -1,0 +1,167 @@
+"""Helpers for the operator command tests: run ``zodb-s3blobs`` in a
+subprocess as a user would, write CONFIG files pointing at the session's S3
+server, and build real databases with blobs to work on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ZODB
+import ZODB.config
+from ZODB.blob import Blob, FilesystemHelper
+
+import s3env
+from zodb_s3blobs.keys import KeyLayout
+
+
+def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m zodb_s3blobs.cli ARGS``; stdout and stderr are pipes,
+    so no progress bar is drawn."""
+    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
+    return subprocess.run(
+        [sys.executable, "-m", "zodb_s3blobs.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_json(*args: str | Path) -> tuple[int, dict]:
+    """Run with ``--json``; return the exit code and the one JSON document."""
+    result = run(*args, "--json")
+    return result.returncode, json.loads(result.stdout)
+
+
+def filestorage(path: Path, blob_dir: Path | None = None) -> str:
+    """A <filestorage> section."""
+    blob_line = f"blob-dir {blob_dir}" if blob_dir else ""
+    return f"<filestorage>\n  path {path}\n  {blob_line}\n</filestorage>"
+
+
+def relstorage(data_dir: Path, blob_dir: Path | None = None) -> str:
+    """A history-preserving <relstorage> section on SQLite; with *blob_dir* it
+    keeps its blobs in its blob_chunk table (shared-blob-dir false)."""
+    blobs = f"blob-dir {blob_dir}\n  shared-blob-dir false" if blob_dir else ""
+    return (
+        f"<relstorage>\n  keep-history true\n  {blobs}\n"
+        f"  <sqlite3>\n    data-dir {data_dir}\n  </sqlite3>\n</relstorage>"
+    )
+
+
+def write_config(
+    tmp_path: Path,
+    base_section: str,
+    prefix: str | None = None,
+    extra: str = "",
+    name: str = "s3.conf",
+) -> Path:
+    """Write CONFIG: <s3blobstorage> around *base_section*, on the session's
+    bucket under a new prefix (or *prefix*), cache in ``tmp_path/cache``."""
+    text = s3env.zconfig(
+        base_section, str(tmp_path / "cache"), prefix=prefix, extra=extra
+    )
+    if "<relstorage>" in base_section:
+        text = "%import relstorage\n" + text
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def prefix_of(config: Path) -> str:
+    """The s3-prefix written into CONFIG."""
+    for line in config.read_text().splitlines():
+        if line.strip().startswith("s3-prefix "):
+            return line.split()[1]
+    return ""
+
+
+def layout(config: Path) -> KeyLayout:
+    return KeyLayout(prefix_of(config))
+
+
+def s3_objects(config: Path) -> dict[str, int]:
+    """``key -> size`` of every object under CONFIG's blobs/ root."""
+    client = s3env.server().client()
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3env.BUCKET, Prefix=layout(config).root
+    )
+    return {
+        item["Key"]: item["Size"] for page in pages for item in page.get("Contents", ())
+    }
+
+
+def s3_read(key: str) -> bytes:
+    response = s3env.server().client().get_object(Bucket=s3env.BUCKET, Key=key)
+    return response["Body"].read()
+
+
+def commit_blobs(
+    storage, sizes: list[int], updates: int = 0
+) -> dict[tuple[bytes, bytes], bytes]:
+    """Commit one blob per size into ``root["blobs"]`` in one transaction,
+    then rewrite the first *updates* of them in another; close the database.
+    Returns every revision committed: ``(oid, tid) -> bytes``."""
+    db = ZODB.DB(storage)
+    try:
+        with db.transaction() as conn:
+            conn.root()["blobs"] = [
+                _blob(bytes([n % 251]) * size) for n, size in enumerate(sizes)
+            ]
+        revisions = _revisions(db)
+        if updates:
+            with db.transaction() as conn:
+                for n, blob in enumerate(conn.root()["blobs"][:updates]):
+                    with blob.open("w") as file:
+                        file.write(b"updated %d" % n)
+            revisions.update(_revisions(db))
+    finally:
+        db.close()
+    return revisions
+
+
+def _blob(data: bytes) -> Blob:
+    blob = Blob()
+    with blob.open("w") as file:
+        file.write(data)
+    return blob
+
+
+def _revisions(db: ZODB.DB) -> dict[tuple[bytes, bytes], bytes]:
+    with db.transaction() as conn:
+        result = {}
+        for blob in conn.root()["blobs"]:
+            with blob.open("r") as file:
+                result[blob._p_oid, blob._p_serial] = file.read()
+    return result
+
+
+def current(
+    revisions: dict[tuple[bytes, bytes], bytes],
+) -> dict[tuple[bytes, bytes], bytes]:
+    """The newest revision of each oid among *revisions*."""
+    newest: dict[bytes, bytes] = {}
+    for oid, tid in revisions:
+        newest[oid] = max(tid, newest.get(oid, tid))
+    return {(oid, tid): revisions[oid, tid] for oid, tid in newest.items()}
+
+
+def blob_dir_revisions(blob_dir: Path) -> dict[tuple[bytes, bytes], int]:
+    """``(oid, tid) -> size`` of every blob file, as ZODB's own helper sees them."""
+    helper = FilesystemHelper(str(blob_dir))
+    found = {}
+    for _oid, path in helper.listOIDs():
+        for name in os.listdir(path):
+            oid, tid = helper.splitBlobFilename(os.path.join(path, name))
+            if oid is not None:
+                found[oid, tid] = os.path.getsize(os.path.join(path, name))
+    return found
+
+
+def open_storage(config: Path):
+    """The storage CONFIG describes, opened in this process."""
+    return ZODB.config.storageFromFile(open(config))

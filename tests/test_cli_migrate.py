@@ -1,0 +1,217 @@
+"""``zodb-s3blobs migrate``, run as a user would against the session's S3
+server: from FileStorage blob directories (bushy and lawn), from RelStorage's
+blob_chunk table on SQLite, idempotent, and resumed after an interruption."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ZODB.FileStorage import FileStorage
+
+import clitools
+import s3env
+from clitools import run, run_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from delayline import DelayLine  # noqa: E402
+
+SIZES = [1, 1000, 5000, 20000, 70000]
+
+
+def filestorage_with_blob_dir(tmp_path: Path, layout: str = "bushy"):
+    """A FileStorage with *layout* blob-dir holding SIZES blobs, two of them
+    updated once; returns (every revision's bytes, Data.fs, blob dir)."""
+    data_fs, blob_dir = tmp_path / "Data.fs", tmp_path / "blobs"
+    FileStorage(str(data_fs)).close()  # else it would empty the blob dir
+    blob_dir.mkdir()
+    (blob_dir / ".layout").write_text(layout)
+    storage = FileStorage(str(data_fs), blob_dir=str(blob_dir))
+    revisions = clitools.commit_blobs(storage, SIZES, updates=2)
+    assert len(clitools.blob_dir_revisions(blob_dir)) == len(SIZES) + 2
+    return revisions, data_fs, blob_dir
+
+
+@pytest.mark.parametrize("layout", ["bushy", "lawn"])
+def test_migrate_a_filestorage_blob_dir(tmp_path, layout):
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path, layout)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+
+    dry = run("migrate", config, "--from-blob-dir", blob_dir, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert clitools.s3_objects(config) == {}  # a dry run uploads nothing
+    layout_ = clitools.layout(config)
+    keys = {layout_.key(oid, tid) for oid, tid in revisions}
+    lines = dry.stdout.splitlines()
+    listed = {line.split()[0] for line in lines if line.startswith(layout_.root)}
+    assert listed == keys
+    assert f"({layout} layout)" in dry.stdout
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 0
+    total = sum(len(data) for data in revisions.values())
+    assert report["found"] == {"count": len(revisions), "bytes": total}
+    assert report["uploaded"] == {"count": len(revisions), "bytes": total}
+    for (oid, tid), data in revisions.items():
+        assert clitools.s3_read(clitools.layout(config).key(oid, tid)) == data
+
+    # The database reads its blobs from S3 now, through the migrated objects.
+    storage = clitools.open_storage(config)
+    db_revisions = {}
+    try:
+        for oid, tid in revisions:
+            with storage.openCommittedBlobFile(oid, tid) as file:
+                db_revisions[oid, tid] = file.read()
+    finally:
+        storage.close()
+    assert db_revisions == revisions
+
+
+def test_migrate_again_uploads_nothing(tmp_path):
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    assert run("migrate", config, "--from-blob-dir", blob_dir).returncode == 0
+
+    again = run("migrate", config, "--from-blob-dir", blob_dir)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""
+    rows = {
+        line[:13].strip(): line[13:].split() for line in again.stdout.splitlines()[2:6]
+    }
+    assert rows["already in S3"][0] == str(len(revisions))
+    assert rows["uploaded"][0] == "0"
+
+
+def test_an_object_of_another_size_is_uploaded_again(tmp_path):
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    oid, tid = next(iter(revisions))
+    key = clitools.layout(config).key(oid, tid)
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=key, Body=b"stale")
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 0
+    assert report["replaced"] == [key]
+    assert report["uploaded"]["count"] == len(revisions)
+    assert clitools.s3_read(key) == revisions[oid, tid]
+
+
+def test_a_zeo_client_blob_cache_is_refused(tmp_path):
+    cache = tmp_path / "zeo-cache"
+    cache.mkdir()
+    (cache / ".layout").write_text("zeocache")
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "x.fs"))
+    result = run("migrate", config, "--from-blob-dir", cache)
+    assert result.returncode == 2
+    assert f"--from-blob-dir {cache}:" in result.stderr
+    assert "ZEO client's blob cache" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_missing_blob_dir_is_bad_usage(tmp_path):
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "x.fs"))
+    result = run("migrate", config, "--from-blob-dir", tmp_path / "nowhere")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'nowhere'}: not a directory" in result.stderr
+
+
+def test_a_source_is_required(tmp_path):
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "x.fs"))
+    result = run("migrate", config)
+    assert result.returncode == 2
+    assert "one of the arguments --from-blob-dir --from-relstorage" in result.stderr
+
+
+def test_an_interrupted_migrate_resumes(tmp_path):
+    """Ctrl-C in the middle, then run again: only the rest is uploaded."""
+    count = 120
+    data_fs, blob_dir = tmp_path / "Data.fs", tmp_path / "blobs"
+    storage = FileStorage(str(data_fs), blob_dir=str(blob_dir))
+    revisions = clitools.commit_blobs(storage, [1024] * count)
+    prefix = s3env.new_prefix()
+    section = clitools.filestorage(data_fs)
+    fast = clitools.write_config(tmp_path, section, prefix=prefix)
+    server = s3env.server()
+    host, port = server.endpoint_url.removeprefix("http://").split(":")
+    with DelayLine(target=(host, int(port)), delay=0.02) as line:
+        slow = clitools.write_config(
+            tmp_path, section, prefix, "s3-max-concurrency 2", name="slow.conf"
+        )
+        slow.write_text(
+            slow.read_text().replace(server.endpoint_url, line.endpoint_url)
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "zodb_s3blobs.cli", "migrate", str(slow)]
+            + ["--from-blob-dir", str(blob_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(clitools.s3_objects(fast)) < 16:
+            assert process.poll() is None, "migrate ended before it was interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "zodb-s3blobs: interrupted"
+    done = len(clitools.s3_objects(fast))
+    assert 16 <= done < count
+
+    code, report = run_json("migrate", fast, "--from-blob-dir", blob_dir)
+    assert code == 0
+    assert report["present"]["count"] == done
+    assert report["uploaded"]["count"] == count - done
+    assert clitools.s3_objects(fast) == {
+        clitools.layout(fast).key(oid, tid): len(data)
+        for (oid, tid), data in revisions.items()
+    }
+
+
+def relstorage_with_blob_chunks(tmp_path: Path):
+    """A history-preserving RelStorage on SQLite keeping SIZES blobs (two
+    updated) in blob_chunk; returns (every revision's bytes, the data dir)."""
+    import ZODB.config
+
+    data_dir = tmp_path / "rs"
+    section = clitools.relstorage(data_dir, blob_dir=tmp_path / "rs-blob-cache")
+    storage = ZODB.config.storageFromString("%import relstorage\n" + section)
+    return clitools.commit_blobs(storage, SIZES, updates=2), data_dir
+
+
+def test_migrate_from_relstorage_blob_chunk(tmp_path):
+    revisions, data_dir = relstorage_with_blob_chunks(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.relstorage(data_dir))
+
+    code, dry = run_json("migrate", config, "--from-relstorage", "--dry-run")
+    assert code == 0
+    assert dry["source"].startswith("blob_chunk table of RelStorage")
+    assert {u["key"]: u["size"] for u in dry["uploads"]} == {
+        clitools.layout(config).key(oid, tid): len(data)
+        for (oid, tid), data in revisions.items()
+    }
+    assert clitools.s3_objects(config) == {}
+
+    code, report = run_json("migrate", config, "--from-relstorage")
+    assert code == 0
+    assert report["uploaded"]["count"] == len(revisions)
+    for (oid, tid), data in revisions.items():
+        assert clitools.s3_read(clitools.layout(config).key(oid, tid)) == data
+
+    code, again = run_json("migrate", config, "--from-relstorage")
+    assert code == 0
+    assert again["uploaded"]["count"] == 0
+    assert again["present"]["count"] == len(revisions)
+
+
+def test_from_relstorage_needs_a_relstorage_base(tmp_path):
+    FileStorage(str(tmp_path / "x.fs")).close()
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "x.fs"))
+    result = run("migrate", config, "--from-relstorage")
+    assert result.returncode == 2
+    assert "the base storage is FileStorage, not RelStorage" in result.stderr
