@@ -29,6 +29,7 @@ EXIT_INTERRUPTED = 130
 #: Modules of this package that each define ``register(subparsers)``.
 COMMAND_MODULES = (
     "demo",
+    "cmd_check",
     "cmd_migrate",
 )
 

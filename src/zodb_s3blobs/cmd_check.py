@@ -1,0 +1,240 @@
+"""``zodb-s3blobs check``: preflight a configuration before Zope starts on it.
+
+Every check runs, even after one failed, so one run shows everything to fix;
+each failure names the bucket, key or path and the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import z64
+
+from .cache import DIR_MODE
+from .cli import EXIT_FAILED, EXIT_OK, add_operator_options
+from .cliconfig import Target, load_target
+from .clioutput import emit, problem, table
+from .errors import ObjectStoreError
+
+DESCRIPTION = """\
+Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
+credentials are accepted (one LIST), a probe object can be written, read
+back intact and deleted (with the configured server-side encryption), the
+cache directory is writable and private, and the whole storage opens (its
+base storage included). Every check runs; exits 1 if any failed. The probe
+key is [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc
+leave alone should its deletion fail.
+"""
+PROBE_SIZE = 4096
+#: What S3 answers, for a request it refused, when the credentials are wrong.
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId": "the access key id is not known to the server",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id",
+    "InvalidToken": "the session token is not valid",
+    "ExpiredToken": "the session token has expired",
+}
+
+
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``check`` command to the ``zodb-s3blobs`` parser."""
+    parser = subparsers.add_parser(
+        "check",
+        help="preflight: bucket, credentials, a probe object, cache-dir, storage",
+        description=DESCRIPTION,
+    )
+    add_operator_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+@dataclass
+class Check:
+    """One check's outcome: ``ok``, ``failed`` or ``skipped``, and why."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def _code(exc: ObjectStoreError) -> str:
+    """The S3 error code an ObjectStoreError's cause starts with."""
+    return exc.cause.split(" ", 1)[0].rstrip(":")
+
+
+def check_bucket(target: Target, store) -> list[Check]:
+    """List the blobs' prefix once: that shows both whether the bucket is
+    there and whether the credentials are accepted."""
+    bucket = target.settings.bucket
+    where = target.settings.endpoint_url or "AWS S3"
+    try:
+        next(iter(store.list(target.layout.root)), None)
+    except ObjectStoreError as exc:
+        code = _code(exc)
+        if code in _CREDENTIAL_CODES:
+            return [
+                Check("bucket", "skipped", "the credentials were refused"),
+                Check(
+                    "credentials",
+                    "failed",
+                    f"{_CREDENTIAL_CODES[code]} at {where}, for bucket {bucket!r} "
+                    f"({exc.cause}): check s3-access-key and s3-secret-key",
+                ),
+            ]
+        if code == "NoSuchBucket":
+            return [
+                Check(
+                    "bucket",
+                    "failed",
+                    f"bucket {bucket!r} does not exist at {where} ({exc.cause}): "
+                    "check bucket-name and s3-region; it is not created",
+                ),
+                Check("credentials", "ok", "accepted"),
+            ]
+        if code in ("AccessDenied", "403"):
+            return [
+                Check("bucket", "ok", f"bucket {bucket!r} answered at {where}"),
+                Check(
+                    "credentials",
+                    "failed",
+                    f"accepted, but not allowed to list {target.url()} "
+                    f"({exc.cause}): check the policy",
+                ),
+            ]
+        return [
+            Check("bucket", "failed", f"cannot list {target.url()}: {exc.cause}"),
+            Check("credentials", "skipped", "the bucket could not be reached"),
+        ]
+    return [
+        Check("bucket", "ok", f"{target.url()} listed at {where}"),
+        Check("credentials", "ok", "accepted"),
+    ]
+
+
+def check_round_trip(target: Target, store) -> Check:
+    """PUT, GET and DELETE a probe object, as the storage's own requests do."""
+    key = f"{target.layout.root}zodb-s3blobs-check-{uuid.uuid4().hex}.probe"
+    data = os.urandom(PROBE_SIZE)
+    sse = " with SSE-C" if target.settings.sse_customer_key else ""
+    with tempfile.TemporaryDirectory(prefix="zodb-s3blobs-check-") as tmp:
+        sent = os.path.join(tmp, "sent")
+        received = os.path.join(tmp, "received")
+        with open(sent, "wb") as file:
+            file.write(data)
+        try:
+            store.transfer([(sent, key)], [])
+            with open(received, "wb") as out:
+                store.download(key, out)
+            with open(received, "rb") as file:
+                intact = file.read() == data
+            store.delete([key])
+            gone = store.size(key) is None
+        except ObjectStoreError as exc:
+            return Check("round trip", "failed", str(exc))
+    if not intact:
+        return Check("round trip", "failed", f"{store.url(key)} read back altered")
+    if not gone:
+        return Check("round trip", "failed", f"{store.url(key)} is still there")
+    return Check(
+        "round trip",
+        "ok",
+        f"PUT, GET and DELETE of {store.url(key)}{sse} ({PROBE_SIZE} bytes intact)",
+    )
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_cache_dir(path: str) -> Check:
+    """cache-dir (and its tmp/ and locks/) is private and writable, or can be
+    created."""
+    if not os.path.exists(path):
+        parent = _existing_ancestor(path)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return Check(
+                "cache-dir",
+                "failed",
+                f"{path} does not exist and cannot be created: {parent} is not "
+                "writable",
+            )
+        return Check(
+            "cache-dir",
+            "ok",
+            f"{path} does not exist yet; it will be created ({parent} is writable)",
+        )
+    if not os.path.isdir(path):
+        return Check("cache-dir", "failed", f"{path} is not a directory")
+    for directory in (path, os.path.join(path, "tmp"), os.path.join(path, "locks")):
+        if not os.path.isdir(directory):
+            continue
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        if mode & 0o077:
+            return Check(
+                "cache-dir",
+                "failed",
+                f"{directory} has mode {mode:#o}: other users can read cached "
+                f"blobs (chmod {DIR_MODE:o} it)",
+            )
+    tmp = os.path.join(path, "tmp")
+    probe_dir = tmp if os.path.isdir(tmp) else path
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix="check-") as file:
+            file.write(b"x")
+            file.flush()
+    except OSError as exc:
+        return Check("cache-dir", "failed", f"{probe_dir} is not writable: {exc}")
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    return Check("cache-dir", "ok", f"{path} is private (mode {mode:#o}) and writable")
+
+
+def check_storage(target: Target) -> Check:
+    """Open the whole storage as Zope would (base storage included), then
+    close it."""
+    try:
+        with target.storage() as storage:
+            last = storage.lastTransaction()
+    except Exception as exc:  # a preflight reports every failure, then goes on
+        return Check(
+            "storage",
+            "failed",
+            f"<s3blobstorage> around <{target.base_type}> in {target.path} does "
+            f"not open: {type(exc).__name__}: {exc}",
+        )
+    when = "no transaction yet" if last == z64 else f"last commit {TimeStamp(last)}"
+    return Check(
+        "storage", "ok", f"<s3blobstorage> around <{target.base_type}> opened ({when})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every check, print them, and name each failure on stderr."""
+    target = load_target(args.config, args.db)
+    with target.store() as store:
+        checks = check_bucket(target, store)
+        if all(check.status == "ok" for check in checks):
+            checks.append(check_round_trip(target, store))
+        else:
+            checks.append(Check("round trip", "skipped", "the bucket is not usable"))
+    checks.append(check_cache_dir(target.cache_dir))
+    checks.append(check_storage(target))
+    failed = [check for check in checks if check.status == "failed"]
+    for check in failed:
+        problem(f"check failed: {check.name}: {check.detail}")
+    document = {"ok": not failed, "checks": [asdict(check) for check in checks]}
+    lines = table(
+        ["check", "result", "detail"],
+        [[check.name, check.status, check.detail] for check in checks],
+    )
+    lines += ["", f"{len(failed)} of {len(checks)} checks failed" if failed else "OK"]
+    emit(args, document, lines)
+    return EXIT_FAILED if failed else EXIT_OK

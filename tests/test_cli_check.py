@@ -1,0 +1,226 @@
+"""``zodb-s3blobs check``, run as a user would: a good configuration passes;
+a missing bucket, refused credentials, a cache-dir others can read and a
+storage that does not open each fail with what and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+import clitools
+from clitools import run, run_json
+from zodb_s3blobs.localserver import REGION
+
+#: Runs moto's server in its own process (authentication is process-wide in
+#: moto, and the session's server must keep accepting any credentials).
+SERVER = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+AUTH_BUCKET = "zodb-s3blobs-auth"
+ALLOW_S3 = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+}
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    """An S3 server that checks credentials: ``(endpoint, key id, secret)`` of
+    the one IAM user allowed to use AUTH_BUCKET."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        endpoint = process.stdout.readline().strip()
+        setup = {
+            "endpoint_url": endpoint,
+            "region_name": REGION,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="zope")
+        key = iam.create_access_key(UserName="zope")["AccessKey"]
+        iam.put_user_policy(
+            UserName="zope", PolicyName="s3", PolicyDocument=json.dumps(ALLOW_S3)
+        )
+        boto3.client("s3", **setup).create_bucket(Bucket=AUTH_BUCKET)
+        # From now on every request must be signed by a known key.
+        request = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        urllib.request.urlopen(request).read()
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+
+
+def existing_filestorage(path: Path) -> str:
+    """A <filestorage> section for a new database (with its root object)."""
+    ZODB.DB(FileStorage(str(path))).close()
+    return clitools.filestorage(path)
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {check["name"]: check["status"] for check in report["checks"]}
+
+
+def test_a_good_configuration_passes(tmp_path):
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    result = run("check", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["check", "result", "detail"]
+    assert [line.split()[0] for line in lines[1:6]] == [
+        "bucket",
+        "credentials",
+        "round",
+        "cache-dir",
+        "storage",
+    ]
+    assert all(" ok " in line for line in lines[1:6])
+    assert lines[-1] == "OK"
+    assert clitools.s3_objects(config) == {}  # the probe object was deleted
+
+
+def test_json_is_one_document(tmp_path):
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    code, report = run_json("check", config)
+    assert code == 0
+    assert report["command"] == "check"
+    assert report["ok"] is True
+    assert statuses(report) == dict.fromkeys(
+        ["bucket", "credentials", "round trip", "cache-dir", "storage"], "ok"
+    )
+
+
+def test_a_missing_bucket_is_named(tmp_path):
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    config.write_text(
+        config.read_text().replace("zodb-s3blobs-tests", "no-such-bucket-here")
+    )
+    result = run("check", config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0].startswith(
+        "zodb-s3blobs: check failed: bucket: bucket 'no-such-bucket-here' does not "
+        "exist at http://127.0.0.1:"
+    )
+    assert "NoSuchBucket" in result.stderr.splitlines()[0]
+    code, report = run_json("check", config)
+    assert code == 1
+    assert report["ok"] is False
+    assert statuses(report)["round trip"] == "skipped"
+    assert statuses(report)["cache-dir"] == "ok"  # every check still runs
+
+
+@pytest.mark.parametrize(
+    "wrong, code, cause",
+    [
+        ("secret", "SignatureDoesNotMatch", "the secret key does not match"),
+        ("key id", "InvalidAccessKeyId", "the access key id is not known"),
+    ],
+)
+def test_refused_credentials_are_named(tmp_path, auth_server, wrong, code, cause):
+    endpoint, key_id, secret = auth_server
+    if wrong == "secret":
+        secret = "not-" + secret
+    else:
+        key_id = "AKIAUNKNOWNUNKNOWN00"
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    text = config.read_text()
+    server = clitools.s3env.server()
+    for old, new in [
+        (server.endpoint_url, endpoint),
+        ("zodb-s3blobs-tests", AUTH_BUCKET),
+        ("s3-access-key local-access-key", f"s3-access-key {key_id}"),
+        ("s3-secret-key local-secret-key", f"s3-secret-key {secret}"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
+
+    result = run("check", config)
+    assert result.returncode == 1
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"zodb-s3blobs: check failed: credentials: {cause}")
+    assert f"for bucket '{AUTH_BUCKET}'" in first
+    assert code in first
+    assert secret not in result.stdout + result.stderr
+
+
+def test_the_right_credentials_pass_the_checking_server(tmp_path, auth_server):
+    endpoint, key_id, secret = auth_server
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    server = clitools.s3env.server()
+    text = config.read_text().replace(server.endpoint_url, endpoint)
+    text = text.replace("zodb-s3blobs-tests", AUTH_BUCKET)
+    text = text.replace("local-access-key", key_id).replace("local-secret-key", secret)
+    config.write_text(text)
+    code, report = run_json("check", config)
+    assert code == 0, report
+    assert statuses(report)["round trip"] == "ok"
+
+
+def test_a_cache_dir_others_can_read_fails(tmp_path):
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    cache.chmod(0o755)
+    result = run("check", config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: check failed: cache-dir: {cache} has mode 0o755: other "
+        "users can read cached blobs (chmod 700 it)"
+    ]
+
+
+def test_a_storage_that_does_not_open_fails(tmp_path):
+    # A FileStorage with its own blob-dir is refused by S3BlobStorage.
+    section = clitools.filestorage(tmp_path / "x.fs", blob_dir=tmp_path / "blobs")
+    ZODB.DB(
+        FileStorage(str(tmp_path / "x.fs"), blob_dir=str(tmp_path / "blobs"))
+    ).close()
+    config = clitools.write_config(tmp_path, section)
+    code, report = run_json("check", config)
+    assert code == 1
+    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
+    assert storage["status"] == "failed"
+    assert storage["detail"].startswith(
+        f"<s3blobstorage> around <filestorage> in {config} does not open: "
+    )
+    assert "has blob-dir" in storage["detail"]
+
+
+def test_a_bad_key_is_a_configuration_error(tmp_path):
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    config.write_text(config.read_text().replace("s3-region", "s3-regoin"))
+    result = run("check", config)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: error: {config}: 's3-regoin' is not a known key name"
+    ]
+    assert result.stdout == ""
