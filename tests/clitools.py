@@ -150,6 +150,18 @@ def current(
     return {(oid, tid): revisions[oid, tid] for oid, tid in newest.items()}
 
 
+def relstorage_with_blob_chunks(
+    tmp_path: Path, sizes: list[int]
+) -> tuple[dict[tuple[bytes, bytes], bytes], Path]:
+    """A history-preserving RelStorage on SQLite keeping blobs of *sizes* (two
+    of them updated) in its blob_chunk table; returns every revision's bytes
+    and the data dir."""
+    data_dir = tmp_path / "rs"
+    section = relstorage(data_dir, blob_dir=tmp_path / "rs-blob-cache")
+    storage = ZODB.config.storageFromString("%import relstorage\n" + section)
+    return commit_blobs(storage, sizes, updates=2), data_dir
+
+
 def blob_dir_revisions(blob_dir: Path) -> dict[tuple[bytes, bytes], int]:
     """``(oid, tid) -> size`` of every blob file, as ZODB's own helper sees them."""
     helper = FilesystemHelper(str(blob_dir))

@@ -173,19 +173,8 @@ def test_an_interrupted_migrate_resumes(tmp_path):
     }
 
 
-def relstorage_with_blob_chunks(tmp_path: Path):
-    """A history-preserving RelStorage on SQLite keeping SIZES blobs (two
-    updated) in blob_chunk; returns (every revision's bytes, the data dir)."""
-    import ZODB.config
-
-    data_dir = tmp_path / "rs"
-    section = clitools.relstorage(data_dir, blob_dir=tmp_path / "rs-blob-cache")
-    storage = ZODB.config.storageFromString("%import relstorage\n" + section)
-    return clitools.commit_blobs(storage, SIZES, updates=2), data_dir
-
-
 def test_migrate_from_relstorage_blob_chunk(tmp_path):
-    revisions, data_dir = relstorage_with_blob_chunks(tmp_path)
+    revisions, data_dir = clitools.relstorage_with_blob_chunks(tmp_path, SIZES)
     config = clitools.write_config(tmp_path, clitools.relstorage(data_dir))
 
     code, dry = run_json("migrate", config, "--from-relstorage", "--dry-run")

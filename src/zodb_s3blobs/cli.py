@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "demo",
     "cmd_check",
     "cmd_migrate",
+    "cmd_verify",
 )
 
 
