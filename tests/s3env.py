@@ -29,17 +29,19 @@ def new_prefix() -> str:
 
 
 def settings(prefix: str | None = None, **kw) -> S3Settings:
-    return S3Settings(
-        bucket=BUCKET,
-        prefix=new_prefix() if prefix is None else prefix,
-        endpoint_url=server().endpoint_url,
-        region=REGION,
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        use_ssl=False,
-        addressing_style="path",
-        **kw,
-    )
+    """Settings for the session's bucket; keyword arguments override any field
+    (e.g. the endpoint of a fault-injecting server)."""
+    fields = {
+        "bucket": BUCKET,
+        "prefix": new_prefix() if prefix is None else prefix,
+        "endpoint_url": server().endpoint_url,
+        "region": REGION,
+        "access_key": ACCESS_KEY,
+        "secret_key": SECRET_KEY,
+        "use_ssl": False,
+        "addressing_style": "path",
+    }
+    return S3Settings(**{**fields, **kw})
 
 
 def zconfig(

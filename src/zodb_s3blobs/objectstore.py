@@ -6,17 +6,19 @@ nothing of ZODB transactions, and turns every botocore failure into an
 ``s3://bucket/key`` and the cause, marked transient or not.
 
 Two clients: one for uploads, copies, deletes and listings (patient: long
-timeouts, many attempts), one for downloads (short timeouts, few attempts),
-which serve web requests. botocore retries transient failures (5xx,
-throttling, resets before the body) with backoff; a download whose body
-breaks, or whose bytes do not match the CRC32 recorded at upload, is started
-again up to ``download_max_attempts`` times before the read fails.
+timeouts, many attempts, botocore retrying transient failures -- 5xx,
+throttling, resets -- with backoff), one for downloads (short timeouts),
+which serve web requests. A download that fails transiently, whose body
+breaks off, or whose bytes do not match the CRC32 recorded at upload is
+started again with backoff, up to ``download_max_attempts`` times in all, so
+a stalled read fails within about that many times the two timeouts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -46,6 +48,7 @@ CHECKSUM_METADATA = "zodb-crc32"
 #: requests. A single S3 connection over the internet gives well below this.
 FAST_STREAM = 256 * MiB
 _DOWNLOAD_CHUNK = 1 << 20
+_MAX_BACKOFF = 1.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -67,6 +70,12 @@ def file_crc32(path: str) -> str:
         while chunk := f.read(_DOWNLOAD_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry *attempt* + 1: exponential, jittered, small
+    (a web request is waiting)."""
+    return random.uniform(0, min(_MAX_BACKOFF, 0.05 * 2**attempt))
 
 
 def content_disposition(filename: str) -> str:
@@ -95,10 +104,10 @@ class ObjectStore:
         self._client = self._make_client(
             settings.connect_timeout, settings.read_timeout, settings.max_attempts
         )
+        # One try per request: download() retries itself (with backoff), so
+        # that a read fails within download_max_attempts x the timeouts.
         self._reader = self._make_client(
-            settings.download_connect_timeout,
-            settings.download_read_timeout,
-            settings.download_max_attempts,
+            settings.download_connect_timeout, settings.download_read_timeout, 1
         )
         self._transfers = create_transfer_manager(
             self._client,
@@ -137,7 +146,8 @@ class ObjectStore:
         config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
+            # total_max_attempts counts the first try; max_attempts would not.
+            retries={"total_max_attempts": attempts, "mode": "standard"},
             max_pool_connections=max(10, 2 * settings.max_concurrency),
             s3={"addressing_style": settings.addressing_style},
             # Ceph-based providers reject the CRC headers newer botocore sends by
@@ -304,8 +314,11 @@ class ObjectStore:
             except ObjectStoreError as exc:
                 if not exc.transient or attempt >= attempts:
                     raise
+                log.warning(
+                    "Retrying (attempt %d of %d): %s", attempt + 1, attempts, exc
+                )
+                time.sleep(_backoff(attempt))
                 attempt += 1
-                log.warning("Retrying (attempt %d of %d): %s", attempt, attempts, exc)
 
     def _download_once(self, key: str, out: BinaryIO) -> int:
         """One GET streamed into *out*. If the object is larger than
@@ -402,7 +415,7 @@ class ObjectStore:
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist (HEAD)."""
         try:
-            response = self._reader.head_object(
+            response = self._client.head_object(
                 Bucket=self.bucket, Key=key, **self._get_args
             )
         except (ClientError, BotoCoreError) as exc:

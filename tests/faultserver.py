@@ -1,0 +1,175 @@
+"""An S3 server with injectable faults: moto's application behind a WSGI
+layer that answers some requests with 503 SlowDown, cuts some response bodies
+off, stalls some, and refuses some access keys; optionally over TLS with a
+throwaway certificate authority.
+
+It serves the same in-process moto backend as the session's server, so
+buckets and objects are shared. Loopback only; stalls are bounded; the server
+stops with its context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
+
+MAX_STALL = 30.0
+_CREDENTIAL = re.compile(r"Credential=([^/]+)/")
+
+
+@dataclass
+class Faults:
+    """What to inject, into requests for which *applies(method, path)* is true."""
+
+    error_rate: float = 0.0  # answer 503 SlowDown
+    cut_rate: float = 0.0  # send half the body, then drop the connection
+    stall: float = 0.0  # seconds to wait before answering
+    refused_keys: set[str] = field(default_factory=set)  # answer 403
+    applies: Callable[[str, str], bool] = lambda method, path: True
+    seed: int = 1
+    injected: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    def draw(self) -> float:
+        with self._lock:
+            return self._random.random()
+
+    def note(self, what: str) -> None:
+        with self._lock:
+            self.injected.append(what)
+
+
+def _error(status: str, code: str) -> tuple[str, list, bytes]:
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+        "<Message>injected fault</Message></Error>"
+    ).encode()
+    return status, [("Content-Type", "application/xml")], body
+
+
+class FaultyApp:
+    """WSGI middleware injecting :class:`Faults` in front of moto."""
+
+    def __init__(self, app, faults: Faults) -> None:
+        self.app = app
+        self.faults = faults
+
+    def __call__(self, environ, start_response):
+        faults = self.faults
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        credential = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if credential and credential.group(1) in faults.refused_keys:
+            faults.note(f"refused {method} {path}")
+            status, headers, body = _error("403 Forbidden", "InvalidAccessKeyId")
+            start_response(status, headers)
+            return [body]
+        if not faults.applies(method, path):
+            return self.app(environ, start_response)
+        if faults.stall:
+            faults.note(f"stalled {method} {path}")
+            time.sleep(min(faults.stall, MAX_STALL))
+        if faults.draw() < faults.error_rate:
+            faults.note(f"503 {method} {path}")
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            status, headers, body = _error("503 Service Unavailable", "SlowDown")
+            start_response(status, headers)
+            return [body]
+        if faults.draw() < faults.cut_rate:
+            faults.note(f"cut {method} {path}")
+            return self._cut_off(environ, start_response)
+        return self.app(environ, start_response)
+
+    def _cut_off(self, environ, start_response):
+        body = b"".join(self.app(environ, start_response))
+
+        def half_then_drop():
+            yield body[: len(body) // 2]
+            raise ConnectionResetError("injected: connection dropped mid-body")
+
+        return half_then_drop()
+
+
+def _self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in *directory*."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "ca.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@dataclass
+class RunningServer:
+    endpoint_url: str
+    faults: Faults
+    ca_bundle: str | None
+
+
+@contextlib.contextmanager
+def faulty_s3(faults: Faults, tls_dir=None) -> Iterator[RunningServer]:
+    """Serve moto with *faults* on 127.0.0.1; over TLS if *tls_dir* is given
+    (the CA to trust is ``.ca_bundle``)."""
+    context, ca_bundle = None, None
+    if tls_dir is not None:
+        ca_bundle, key = _self_signed(tls_dir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(ca_bundle, key)
+    app = FaultyApp(DomainDispatcherApplication(create_backend_app), faults)
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=context)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    scheme = "https" if context else "http"
+    try:
+        yield RunningServer(
+            f"{scheme}://127.0.0.1:{server.server_port}", faults, ca_bundle
+        )
+    finally:
+        server.shutdown()
+        thread.join(timeout=MAX_STALL + 5)
