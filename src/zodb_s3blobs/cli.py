@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "cmd_check",
     "cmd_migrate",
     "cmd_verify",
+    "cmd_gc",
 )
 
 

@@ -1,0 +1,68 @@
+"""``zodb-s3blobs gc``, run as a user would: orphans are listed (dry run) or
+deleted; objects revisions need, foreign keys and keys of transactions newer
+than the last commit are left alone."""
+
+from __future__ import annotations
+
+import pytest
+from ZODB.utils import p64, u64
+
+import clitools
+import s3env
+from clitools import run, run_json
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    """CONFIG of a FileStorage-based S3BlobStorage with two blobs (one
+    updated: its old revision is history the base keeps), plus an orphan, two
+    foreign keys and an in-flight key put beside them; returns CONFIG and
+    {role: keys}."""
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "Data.fs"))
+    revisions = clitools.commit_blobs(clitools.open_storage(config), [100, 200], 1)
+    layout = clitools.layout(config)
+    last = max(tid for _oid, tid in revisions)
+    keys = {
+        "needed": [layout.key(oid, tid) for oid, tid in revisions],
+        "orphan": [layout.key(p64(0x999), last)],  # no such revision
+        "foreign": [
+            f"{layout.root}0999/{u64(last):x}.blob",  # a leading zero
+            f"{layout.root}README.txt",
+        ],
+        "in flight": [layout.key(p64(0x998), p64(u64(last) + 1))],
+    }
+    client = s3env.server().client()
+    for role in ("orphan", "foreign", "in flight"):
+        for key in keys[role]:
+            client.put_object(Bucket=s3env.BUCKET, Key=key, Body=b"12345")
+    return config, keys
+
+
+def test_dry_run_lists_and_deletes_nothing(bucket):
+    config, keys = bucket
+    before = clitools.s3_objects(config)
+    result = run("gc", config, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("(dry run: nothing deleted)")
+    assert lines[lines.index("Would delete:") + 1 :] == [f"  {keys['orphan'][0]}"]
+    assert clitools.s3_objects(config) == before
+
+
+def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
+    config, keys = bucket
+    code, report = run_json("gc", config)
+    assert code == 0
+    assert report["orphans"] == keys["orphan"]
+    assert report["orphan_bytes"] == 5
+    assert report["deleted"] == 1
+    assert report["foreign"] == 2
+    assert report["in_flight"] == 1
+    assert report["kept"] == len(keys["needed"])
+    left = set(clitools.s3_objects(config))
+    assert left == set(keys["needed"] + keys["foreign"] + keys["in flight"])
+
+    code, again = run_json("gc", config)
+    assert code == 0
+    assert again["orphans"] == []
