@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "cmd_migrate",
     "cmd_verify",
     "cmd_gc",
+    "cmd_cache",
 )
 
 

@@ -1,0 +1,179 @@
+"""``zodb-s3blobs cache stats|prune``: look at and shrink the local blob cache.
+
+Both work on ``cache-dir`` alone (no S3 request, no base storage), and are
+safe while Zope processes use the cache: pruning is the cache's own eviction,
+which takes the same locks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+
+from ZConfig.datatypes import stock_datatypes
+
+from .cache import BlobCache
+from .cli import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
+from .cliconfig import Target, load_target
+from .clioutput import emit, human_size, problem, table, timestamp
+
+STATS_DESCRIPTION = """\
+Show what the local blob cache of CONFIG's <s3blobstorage> holds: blob files
+and their bytes against cache-size, the oldest and newest access, and what
+is left in tmp/ (files being written now, or left by processes that
+crashed). Hit and miss counts live in the memory of each process using the
+cache, so this command cannot know them; they are reported as unknown.
+"""
+PRUNE_DESCRIPTION = """\
+Evict least recently used files from the local blob cache of CONFIG's
+<s3blobstorage> until it holds at most SIZE bytes. Without --to, do what the
+storage's own eviction does: if the cache holds more than cache-size, evict
+down to 90% of it. Safe while Zope uses the cache (it takes the cache's
+locks); exits 1 if another process is evicting at the moment.
+"""
+
+
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``cache stats`` and ``cache prune`` to the ``zodb-s3blobs`` parser."""
+    parser = subparsers.add_parser(
+        "cache",
+        help="show or shrink the local blob cache",
+        description="Show (stats) or shrink (prune) the local blob cache.",
+    )
+    actions = parser.add_subparsers(
+        title="cache commands", dest="cache_command", metavar="ACTION", required=True
+    )
+    stats = actions.add_parser(
+        "stats", help="files, bytes and access times", description=STATS_DESCRIPTION
+    )
+    add_operator_options(stats)
+    stats.set_defaults(run=run_stats, command="cache stats")
+    prune = actions.add_parser(
+        "prune", help="evict down to a size", description=PRUNE_DESCRIPTION
+    )
+    add_operator_options(prune)
+    prune.add_argument(
+        "--to",
+        type=_size,
+        metavar="SIZE",
+        help="evict until at most SIZE remains, e.g. 500MB or 0 (default: "
+        "90%% of cache-size, if it is exceeded)",
+    )
+    prune.set_defaults(run=run_prune, command="cache prune")
+    for action in (stats, prune):
+        add_common_options(action)
+    return parser
+
+
+def _size(value: str) -> int:
+    try:
+        return stock_datatypes["byte-size"](value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a size such as 0, 4096, 500MB or 10GB"
+        ) from None
+
+
+@dataclass
+class CacheStats:
+    """What the cache directory holds now."""
+
+    exists: bool
+    files: int = 0
+    bytes: int = 0
+    oldest_access: float | None = None
+    newest_access: float | None = None
+    tmp_files: int = 0
+    tmp_bytes: int = 0
+
+
+def cache_stats(target: Target) -> CacheStats:
+    """Walk cache-dir (without creating it) and sum up its blob files."""
+    if not os.path.isdir(target.cache_dir):
+        return CacheStats(exists=False)
+    cache = BlobCache(target.cache_dir, target.cache_size)
+    stats = CacheStats(exists=True)
+    for _path, st in cache.files():
+        stats.files += 1
+        stats.bytes += st.st_size
+        stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
+        stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
+    with os.scandir(cache.temp_dir) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                stats.tmp_files += 1
+                stats.tmp_bytes += entry.stat(follow_symlinks=False).st_size
+    return stats
+
+
+def _document(target: Target, stats: CacheStats) -> dict:
+    """The JSON fields of *stats*, with times as ISO 8601 strings."""
+    document = asdict(stats)
+    document.update(
+        cache_dir=target.cache_dir,
+        cache_size=target.cache_size,
+        oldest_access=timestamp(stats.oldest_access),
+        newest_access=timestamp(stats.newest_access),
+        hits=None,
+        misses=None,
+    )
+    return document
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """Print what the cache holds."""
+    target = load_target(args.config, args.db)
+    stats = cache_stats(target)
+    document = {"ok": True, **_document(target, stats)}
+    share = f" ({stats.bytes / target.cache_size:.0%} of cache-size)"
+    lines = table(
+        ["cache-dir", target.cache_dir + ("" if stats.exists else " (not created)")],
+        [
+            ["blob files", stats.files],
+            ["bytes", f"{human_size(stats.bytes)}{share}"],
+            ["cache-size", human_size(target.cache_size)],
+            ["oldest access", timestamp(stats.oldest_access) or "-"],
+            ["newest access", timestamp(stats.newest_access) or "-"],
+            ["tmp/", f"{stats.tmp_files} files, {human_size(stats.tmp_bytes)}"],
+            ["hits / misses", "unknown (counted in each process's memory)"],
+        ],
+    )
+    emit(args, document, lines)
+    return EXIT_OK
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Evict down to --to (or the storage's own target) and report what went."""
+    target = load_target(args.config, args.db)
+    before = cache_stats(target)
+    freed = 0
+    if before.exists:
+        cache = BlobCache(target.cache_dir, target.cache_size)
+        try:
+            freed = cache.evict(args.to)
+        finally:
+            cache.close()
+    after = cache_stats(target)
+    goal = args.to if args.to is not None else target.cache_size
+    if not freed and after.bytes > goal:
+        problem(
+            f"cache-dir {target.cache_dir}: another process is evicting "
+            f"(locks/evict.lock is held); nothing was removed, try again"
+        )
+    document = {
+        "ok": after.bytes <= goal,
+        "cache_dir": target.cache_dir,
+        "target": args.to,
+        "removed": {"files": before.files - after.files, "bytes": freed},
+        "remaining": {"files": after.files, "bytes": after.bytes},
+    }
+    lines = [
+        f"Pruned {target.cache_dir}: removed {before.files - after.files} files "
+        f"({human_size(freed)}); {after.files} files ({human_size(after.bytes)}) "
+        "remain"
+    ]
+    emit(args, document, lines)
+    return EXIT_OK if document["ok"] else EXIT_FAILED
