@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 import transaction
 import ZODB
+import ZODB.blob
 from ZODB.MappingStorage import MappingStorage
 from ZODB.utils import z64
 
@@ -355,3 +356,36 @@ def test_presigned_url_round_trip(make_storage):
     assert storage.presigned_url(oid, z64) is None
     assert storage.presigned_url(oid, b"\x7f" * 8) is None, "not committed"
     db.close()
+
+
+def test_sse_s3_applies_to_uploads_and_undo_copies(make_storage):
+    storage = make_storage(settings=s3env.settings(sse="AES256"))
+    db = ZODB.DB(storage)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    conn.root()["b"] = blob = ZODB.blob.Blob(b"first")
+    tm.commit()
+    with blob.open("w") as f:
+        f.write(b"second")
+    tm.commit()
+    db.undo(db.undoLog(0, 1)[0]["id"], tm.get())
+    tm.commit()
+    client = s3env.server().client()
+    stored = keys(storage)
+    assert len(stored) == 3, "two commits and the undo's copy"
+    for key in stored:
+        head = client.head_object(Bucket=s3env.BUCKET, Key=key)
+        assert head["ServerSideEncryption"] == "AES256", key
+    db.close()
+
+
+def test_tls_is_verified_unless_the_ca_is_given(tmp_path):
+    with faulty_s3(Faults(), tls_dir=tmp_path) as server:
+        untrusted = s3env.settings(endpoint_url=server.endpoint_url, use_ssl=True)
+        with pytest.raises(ObjectStoreError) as info:
+            S3BlobStorage(MappingStorage(), untrusted, str(tmp_path / "a"))
+        assert "SSL" in str(info.value) or "certificate" in str(info.value)
+        trusted = s3env.settings(
+            endpoint_url=server.endpoint_url, use_ssl=True, ca_bundle=server.ca_bundle
+        )
+        S3BlobStorage(MappingStorage(), trusted, str(tmp_path / "b")).close()
