@@ -1,9 +1,11 @@
 """What the deployment tests share: RelStorage base sections (SQLite, and the
-session's PostgreSQL), the keys in the test bucket, and random payloads."""
+session's PostgreSQL), the keys in the test bucket, random payloads, and the
+console scripts of this environment."""
 
 from __future__ import annotations
 
 import os
+import sysconfig
 from dataclasses import dataclass
 
 import pytest
@@ -86,3 +88,11 @@ def blob_key(prefix: str, oid: bytes, tid: bytes) -> str:
 
 def payload(size: int = 3000) -> bytes:
     return os.urandom(size)
+
+
+def console_script(name: str) -> str:
+    """The path of a console script (runzeo, zodbconvert) installed into the
+    environment running the tests, as an operator would run it."""
+    path = os.path.join(sysconfig.get_path("scripts"), name)
+    assert os.path.exists(path), f"{name} is not installed in {path}"
+    return path
