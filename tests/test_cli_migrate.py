@@ -4,9 +4,15 @@ blob_chunk table on SQLite, idempotent, and resumed after an interruption."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -74,7 +80,9 @@ def test_migrate_a_filestorage_blob_dir(tmp_path, layout):
 def test_migrate_again_uploads_nothing(tmp_path):
     revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
     config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
-    assert run("migrate", config, "--from-blob-dir", blob_dir).returncode == 0
+    first = run("migrate", config, "--from-blob-dir", blob_dir)
+    assert first.returncode == 0
+    assert first.stderr == ""  # no progress bar when stderr is a pipe
 
     again = run("migrate", config, "--from-blob-dir", blob_dir)
     assert again.returncode == 0, again.stderr
@@ -84,6 +92,36 @@ def test_migrate_again_uploads_nothing(tmp_path):
     }
     assert rows["already in S3"][0] == str(len(revisions))
     assert rows["uploaded"][0] == "0"
+
+
+def test_a_progress_bar_on_a_terminal(tmp_path):
+    _revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "zodb_s3blobs.cli", "migrate", str(config)]
+            + ["--from-blob-dir", str(blob_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        os.close(stderr)  # the process has its own copy
+        shown = b""
+        while True:  # read as it is written: a closed pty may drop what is left
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # EIO: the process has closed its end
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+    finally:
+        os.close(terminal)
+    assert process.wait(timeout=60) == 0
+    assert b"\rupload:   0%|" in shown  # tqdm, redrawn in place
+    assert b"B/s]" in shown
 
 
 def test_an_object_of_another_size_is_uploaded_again(tmp_path):
