@@ -173,6 +173,9 @@ class S3BlobStorage:
             provided.append(IBlobStorageRestoreable)
         zope.interface.directlyProvides(self, *provided)
         base.registerDB(self)
+        # RelStorage.registerDB sets wrapper.copyTransactionsFrom to its own,
+        # which restores blobs into RelStorage's blob-dir; ours puts them in S3.
+        self.__dict__.pop("copyTransactionsFrom", None)
 
     def __getattr__(self, name: str):
         return getattr(self._base, name)
