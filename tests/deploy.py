@@ -35,7 +35,9 @@ def relstorage_section(adapter: str, keep_history: bool) -> str:
 """
 
 
-def _new_base(request, tmp_path, backend: str, keep_history: bool) -> RelStorageBase:
+def new_relstorage_base(
+    request, tmp_path, backend: str, keep_history: bool
+) -> RelStorageBase:
     """A new, empty database on SQLite or in the session's PostgreSQL server."""
     if backend == "sqlite":
         data_dir = tmp_path / "sqlite"
@@ -61,13 +63,13 @@ def _new_base(request, tmp_path, backend: str, keep_history: bool) -> RelStorage
 def relstorage_base(request, tmp_path) -> RelStorageBase:
     """A RelStorage database of each kind: SQLite and PostgreSQL,
     history-free and history-preserving."""
-    return _new_base(request, tmp_path, *request.param)
+    return new_relstorage_base(request, tmp_path, *request.param)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def history_preserving_base(request, tmp_path) -> RelStorageBase:
     """A history-preserving RelStorage database, for what needs undo."""
-    return _new_base(request, tmp_path, request.param, True)
+    return new_relstorage_base(request, tmp_path, request.param, True)
 
 
 def bucket_keys(prefix: str) -> list[str]:
