@@ -12,6 +12,7 @@ import stat
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
@@ -21,6 +22,9 @@ from .cli import EXIT_FAILED, EXIT_OK, add_operator_options
 from .cliconfig import Target, load_target
 from .clioutput import emit, problem, table
 from .errors import ObjectStoreError
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
 
 DESCRIPTION = """\
 Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
@@ -69,7 +73,7 @@ def _code(exc: ObjectStoreError) -> str:
     return exc.cause.split(" ", 1)[0].rstrip(":")
 
 
-def check_bucket(target: Target, store) -> list[Check]:
+def check_bucket(target: Target, store: ObjectStore) -> list[Check]:
     """List the blobs' prefix once: that shows both whether the bucket is
     there and whether the credentials are accepted."""
     bucket = target.settings.bucket
@@ -118,7 +122,7 @@ def check_bucket(target: Target, store) -> list[Check]:
     ]
 
 
-def check_round_trip(target: Target, store) -> Check:
+def check_round_trip(target: Target, store: ObjectStore) -> Check:
     """PUT, GET and DELETE a probe object, as the storage's own requests do."""
     key = f"{target.layout.root}zodb-s3blobs-check-{uuid.uuid4().hex}.probe"
     data = os.urandom(PROBE_SIZE)

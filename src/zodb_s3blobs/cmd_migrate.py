@@ -12,7 +12,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cli import EXIT_OK, CommandError, add_operator_options
 from .cliconfig import Target, load_target
@@ -78,7 +78,7 @@ def add_source_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 @contextlib.contextmanager
 def open_source(
-    args: argparse.Namespace, target: Target, base: object | None = None
+    args: argparse.Namespace, target: Target, base: Any = None
 ) -> Iterator[BlobDirSource | RelStorageSource]:
     """The source the options name, closed on exit; --from-relstorage reads
     *base* if given, else opens CONFIG's base storage for the purpose."""

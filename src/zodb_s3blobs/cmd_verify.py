@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ZODB.blob import is_blob_record
 
@@ -59,7 +60,7 @@ def register(
 
 
 def blob_revisions(
-    base, until: bytes, all_revisions: bool
+    base: Any, until: bytes, all_revisions: bool
 ) -> list[tuple[bytes, bytes]]:
     """``(oid, tid)`` of the blob revisions *base* holds up to tid *until*:
     all of them, or only each object's current one."""
@@ -75,7 +76,7 @@ def blob_revisions(
                 else:  # deleted, or no longer a blob
                     current.pop(record.oid, None)
     finally:
-        with contextlib.suppress(AttributeError):
+        if hasattr(transactions, "close"):  # FileStorage's iterator holds a file
             transactions.close()
     return every if all_revisions else sorted(current.items())
 
@@ -102,7 +103,7 @@ def _entry(target: Target, oid: bytes, tid: bytes) -> dict:
 
 @contextlib.contextmanager
 def _local_sizes(
-    args: argparse.Namespace, target: Target, base
+    args: argparse.Namespace, target: Target, base: Any
 ) -> Iterator[tuple[str, Callable[[bytes, bytes], int | None]]]:
     """What --sizes compares with, and a function giving a revision's local
     size (None: no local copy): the source given, else the cached file."""
