@@ -6,6 +6,7 @@ refused at open, undo, and the orphan collector's view of RelStorage."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
 import s3env
-from deploy import bucket_keys, payload, relstorage_section
+from deploy import bucket_keys, console_script, payload, relstorage_section
 from test_gc import blob_revisions
 from test_storage import stage_one_blob
 from zodb_s3blobs import tids
@@ -199,3 +200,21 @@ def test_a_database_commits_and_reads_blobs(relstorage_base, tmp_path):
             assert f.read() == content
     tm.abort()
     reader.close()
+
+
+def test_relstorages_zodbpack_packs_and_collects(relstorage_base, tmp_path):
+    config = s3env.zconfig(relstorage_base.section, str(tmp_path / "cache"))
+    storage = ZODB.config.storageFromString(config)
+    db = ZODB.DB(storage)
+    revisions = blob_revisions(db, [b"1", b"2", b"3"])
+    db.close()
+    (tmp_path / "pack.conf").write_text(config)
+    done = subprocess.run(
+        [console_script("zodbpack"), "--days", "-1", str(tmp_path / "pack.conf")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    oid, current, _ = revisions[-1]
+    assert bucket_keys(prefix_of(storage)) == [storage._layout.key(oid, current)]
