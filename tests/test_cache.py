@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 import traceback
+from dataclasses import asdict
 
 import pytest
 import ZODB
@@ -182,18 +183,8 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
     refs = commit_blobs(db, payloads)
     db.close()
     shared = tmp_path / "shared-cache"
-    settings = storage._store.settings
     job = {
-        "settings": {
-            "bucket": settings.bucket,
-            "prefix": settings.prefix,
-            "endpoint_url": settings.endpoint_url,
-            "region": settings.region,
-            "access_key": settings.access_key,
-            "secret_key": settings.secret_key,
-            "use_ssl": False,
-            "addressing_style": "path",
-        },
+        "settings": asdict(storage._store.settings),
         "cache_dir": str(shared),
         "cache_size": 100_000,  # about five of the twelve blobs: evicts often
         "rounds": 60,

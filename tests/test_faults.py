@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+from dataclasses import asdict
 
 import pytest
 import transaction
@@ -198,19 +199,7 @@ def test_a_process_killed_between_vote_and_finish_leaves_only_an_orphan(
     job = {
         "data_fs": str(data_fs),
         "cache_dir": str(tmp_path / "crashed-cache"),
-        "settings": {
-            k: getattr(settings, k)
-            for k in (
-                "bucket",
-                "prefix",
-                "endpoint_url",
-                "region",
-                "access_key",
-                "secret_key",
-                "use_ssl",
-                "addressing_style",
-            )
-        },
+        "settings": asdict(settings),
     }
     child = subprocess.run(
         [sys.executable, "-c", CRASH_AFTER_VOTE, json.dumps(job)],
@@ -261,19 +250,7 @@ def test_a_killed_download_leaves_nothing_to_serve(make_storage, tmp_path):
             "cache_dir": str(cache_dir),
             "oid": oid.hex(),
             "tid": tid.hex(),
-            "settings": {
-                k: getattr(settings, k)
-                for k in (
-                    "bucket",
-                    "prefix",
-                    "endpoint_url",
-                    "region",
-                    "access_key",
-                    "secret_key",
-                    "use_ssl",
-                    "addressing_style",
-                )
-            },
+            "settings": asdict(settings),
         }
         child = subprocess.Popen(
             [sys.executable, "-c", KILLED_DOWNLOAD, json.dumps(job)]
