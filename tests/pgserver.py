@@ -30,6 +30,9 @@ INSTALL_HINT = "install Debian's postgresql package (apt-get install postgresql)
 #: The role initdb creates; it owns every test database.
 USER = "zodb"
 _START_ATTEMPTS = 3
+_PREFIX = "zodb-s3blobs-pg-"
+#: The file in a cluster's directory naming the pid of the owning session.
+_OWNER = "owner.pid"
 _databases = itertools.count()
 
 
@@ -80,15 +83,23 @@ class PostgreSQL:
 
 
 class _Cluster:
-    """initdb, pg_ctl start and stop, run as ``postgres`` when we are root."""
+    """initdb, pg_ctl start and stop, run as ``postgres`` when we are root.
 
-    def __init__(self, bindir: str) -> None:
+    The directory records the test process that owns the cluster, so that a
+    later session stops a cluster whose session was killed before its
+    teardown (pg_ctl's server outlives the process that started it)."""
+
+    def __init__(self, bindir: str, directory: str | None = None) -> None:
         self.bindir = bindir
         self.as_root = os.geteuid() == 0
-        self.directory = tempfile.mkdtemp(prefix="zodb-s3blobs-pg-")
-        if self.as_root:
-            account = pwd.getpwnam("postgres")
-            os.chown(self.directory, account.pw_uid, account.pw_gid)
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix=_PREFIX)
+            with open(os.path.join(directory, _OWNER), "w") as f:
+                f.write(str(os.getpid()))
+            if self.as_root:
+                account = pwd.getpwnam("postgres")
+                os.chown(directory, account.pw_uid, account.pw_gid)
+        self.directory = directory
         self.data = os.path.join(self.directory, "data")
         self.log = os.path.join(self.directory, "server.log")
 
@@ -136,9 +147,33 @@ class _Cluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_abandoned_clusters(bindir: str) -> None:
+    """Stop and remove the clusters of test sessions that no longer run."""
+    pattern = os.path.join(tempfile.gettempdir(), _PREFIX + "*", _OWNER)
+    for owner in glob.glob(pattern):
+        try:
+            with open(owner) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid):
+            _Cluster(bindir, os.path.dirname(owner)).stop()
+
+
 @contextlib.contextmanager
 def postgresql_server(bindir: str) -> Iterator[PostgreSQL]:
     """Run a new PostgreSQL cluster on 127.0.0.1 for the duration of the block."""
+    stop_abandoned_clusters(bindir)
     cluster = _Cluster(bindir)
     try:
         cluster.init()
