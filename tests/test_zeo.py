@@ -7,6 +7,8 @@ through the server, which keeps them in S3 and in its own cache-dir."""
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,13 @@ class ZEOServer:
         return ZODB.DB(storage)
 
 
+def _end_with_the_tests() -> None:
+    """In the server's process: receive SIGTERM when the test process dies,
+    so that a killed test session leaves no server behind (Linux prctl)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @pytest.fixture
 def zeo_server(tmp_path) -> Iterator[ZEOServer]:
     port = free_port()
@@ -51,6 +60,7 @@ def zeo_server(tmp_path) -> Iterator[ZEOServer]:
             [console_script("runzeo"), "-C", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_end_with_the_tests,
         )
     try:
         wait_for_port(port, server)
