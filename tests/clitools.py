@@ -43,13 +43,20 @@ def filestorage(path: Path, blob_dir: Path | None = None) -> str:
     return f"<filestorage>\n  path {path}\n  {blob_line}\n</filestorage>"
 
 
-def relstorage(data_dir: Path, blob_dir: Path | None = None) -> str:
-    """A history-preserving <relstorage> section on SQLite; with *blob_dir* it
-    keeps its blobs in its blob_chunk table (shared-blob-dir false)."""
+def sqlite3(data_dir: Path) -> str:
+    """RelStorage's <sqlite3> adapter section."""
+    return f"<sqlite3>\n    data-dir {data_dir}\n  </sqlite3>"
+
+
+def relstorage(
+    adapter: str, keep_history: bool = True, blob_dir: Path | None = None
+) -> str:
+    """A <relstorage> section around *adapter*; with *blob_dir* it keeps its
+    blobs in its blob_chunk table (shared-blob-dir false)."""
     blobs = f"blob-dir {blob_dir}\n  shared-blob-dir false" if blob_dir else ""
+    history = "true" if keep_history else "false"
     return (
-        f"<relstorage>\n  keep-history true\n  {blobs}\n"
-        f"  <sqlite3>\n    data-dir {data_dir}\n  </sqlite3>\n</relstorage>"
+        f"<relstorage>\n  keep-history {history}\n  {blobs}\n  {adapter}\n</relstorage>"
     )
 
 
@@ -151,15 +158,14 @@ def current(
 
 
 def relstorage_with_blob_chunks(
-    tmp_path: Path, sizes: list[int]
-) -> tuple[dict[tuple[bytes, bytes], bytes], Path]:
-    """A history-preserving RelStorage on SQLite keeping blobs of *sizes* (two
-    of them updated) in its blob_chunk table; returns every revision's bytes
-    and the data dir."""
-    data_dir = tmp_path / "rs"
-    section = relstorage(data_dir, blob_dir=tmp_path / "rs-blob-cache")
+    tmp_path: Path, sizes: list[int], adapter: str, keep_history: bool = True
+) -> dict[tuple[bytes, bytes], bytes]:
+    """Commit blobs of *sizes* (two of them updated) into a RelStorage on
+    *adapter* that keeps them in its blob_chunk table; return every revision
+    committed."""
+    section = relstorage(adapter, keep_history, blob_dir=tmp_path / "rs-blob-cache")
     storage = ZODB.config.storageFromString("%import relstorage\n" + section)
-    return commit_blobs(storage, sizes, updates=2), data_dir
+    return commit_blobs(storage, sizes, updates=2)
 
 
 def blob_dir_revisions(blob_dir: Path) -> dict[tuple[bytes, bytes], int]:
@@ -177,3 +183,18 @@ def blob_dir_revisions(blob_dir: Path) -> dict[tuple[bytes, bytes], int]:
 def open_storage(config: Path):
     """The storage CONFIG describes, opened in this process."""
     return ZODB.config.storageFromFile(open(config))
+
+
+def read_through(
+    config: Path, revisions: dict[tuple[bytes, bytes], bytes]
+) -> dict[tuple[bytes, bytes], bytes]:
+    """Read *revisions* through the storage CONFIG describes (from S3)."""
+    storage = open_storage(config)
+    try:
+        read = {}
+        for oid, tid in revisions:
+            with storage.openCommittedBlobFile(oid, tid) as file:
+                read[oid, tid] = file.read()
+        return read
+    finally:
+        storage.close()

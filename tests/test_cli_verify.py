@@ -143,8 +143,9 @@ def test_a_zope_conf_with_db(tmp_path, database):
 
 
 def test_a_relstorage_base_after_migrating_its_blob_chunks(tmp_path):
-    revisions, data_dir = clitools.relstorage_with_blob_chunks(tmp_path, SIZES)
-    config = clitools.write_config(tmp_path, clitools.relstorage(data_dir))
+    adapter = clitools.sqlite3(tmp_path / "rs")
+    revisions = clitools.relstorage_with_blob_chunks(tmp_path, SIZES, adapter)
+    config = clitools.write_config(tmp_path, clitools.relstorage(adapter))
     assert run("migrate", config, "--from-relstorage").returncode == 0
 
     code, report = run_json("verify", config, "--all-revisions", "--from-relstorage")
