@@ -48,6 +48,7 @@ class DatabaseProcess:
         threading.Thread(target=self._read_replies, daemon=True).start()
 
     def _read_replies(self) -> None:
+        """Queue the process's answer lines; an empty one when it exits."""
         for line in self.process.stdout:
             self._replies.put(line)
         self._replies.put("")
@@ -71,6 +72,7 @@ class DatabaseProcess:
         return reply
 
     def call(self, op: str, **args) -> dict:
+        """Send a request and return its answer."""
         self.send(op, **args)
         return self.receive()
 
@@ -104,16 +106,18 @@ class _HoldAfterVote:
         self._answer = answer
 
     def sortKey(self) -> str:
+        """Sort after every storage, so that they vote first."""
         return "\uffff hold after vote"
 
     def tpc_vote(self, transaction) -> None:
+        """Report the keys uploaded at vote, then wait for ``go``."""
         storage = self._connection._storage
         self._answer({"voted": list(storage._commit.attempted_keys)})
         request = json.loads(sys.stdin.readline())
         assert request["op"] == "go", request
 
     def abort(self, transaction) -> None:
-        pass
+        """Nothing to do: this data manager holds no data."""
 
     tpc_begin = commit = tpc_finish = tpc_abort = abort
 
@@ -133,6 +137,7 @@ class _Requests:
         self._answer = answer
 
     def _root(self):
+        """Begin a new transaction (seeing other processes' commits)."""
         self.tm.begin()
         return self.connection.root()
 
@@ -148,9 +153,6 @@ class _Requests:
             "time": time.time(),
         }
 
-    def ping(self) -> dict:
-        return {}
-
     def write(self, name: str, data: str, hold: bool = False) -> dict:
         """Create or overwrite the blob root[name]."""
         from ZODB.blob import Blob
@@ -165,6 +167,7 @@ class _Requests:
         return self._committed(name)
 
     def read(self, name: str) -> dict:
+        """The content, oid and tid of the blob root[name]."""
         blob = self._root()[name]
         with blob.open("r") as f:
             data = f.read()
@@ -175,12 +178,8 @@ class _Requests:
             "tid": blob._p_serial.hex(),
         }
 
-    def names(self) -> dict:
-        names = sorted(self._root())
-        self.tm.abort()
-        return {"names": names}
-
     def delete(self, name: str) -> dict:
+        """Remove root[name] from the root."""
         del self._root()[name]
         self.tm.commit()
         return {"time": time.time()}
@@ -194,10 +193,12 @@ class _Requests:
         return {}
 
     def pack(self, time: float | None = None) -> dict:
+        """Pack the database (to *time*, or now)."""
         self.db.pack(time)
         return {}
 
     def collect(self) -> dict:
+        """Collect orphans without a pack; what the collector saw and did."""
         report = self.db.storage.collect_orphans()
         return {
             "in_flight": report.in_flight,

@@ -85,10 +85,12 @@ def bucket_keys(prefix: str) -> list[str]:
 
 
 def blob_key(prefix: str, oid: bytes, tid: bytes) -> str:
+    """The key of one blob revision under *prefix*."""
     return KeyLayout(prefix).key(oid, tid)
 
 
 def payload(size: int = 3000) -> bytes:
+    """Random blob content, different in every call."""
     return os.urandom(size)
 
 

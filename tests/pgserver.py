@@ -65,6 +65,7 @@ class PostgreSQL:
     port: int
 
     def dsn(self, dbname: str) -> str:
+        """The libpq connection string of database *dbname*."""
         return f"dbname={dbname} user={USER} host={HOST} port={self.port}"
 
     def create_database(self) -> str:
@@ -104,6 +105,7 @@ class _Cluster:
         self.log = os.path.join(self.directory, "server.log")
 
     def run(self, program: str, *args: str) -> subprocess.CompletedProcess:
+        """Run a PostgreSQL program on this cluster's directory."""
         command = [os.path.join(self.bindir, program), *args]
         if self.as_root:
             command = ["runuser", "-u", "postgres", "--", *command]
@@ -112,6 +114,7 @@ class _Cluster:
         )
 
     def init(self) -> None:
+        """Create the cluster: role ``zodb``, trusted on loopback."""
         done = self.run(
             "initdb", "-D", self.data, "-U", USER, "-A", "trust", "-E", "UTF8",
             "--locale=C", "--no-sync",
@@ -142,12 +145,14 @@ class _Cluster:
         raise RuntimeError(f"pg_ctl start failed:\n{done.stdout}{done.stderr}{log}")
 
     def stop(self) -> None:
+        """Stop the server if it runs, and remove the directory."""
         if os.path.exists(os.path.join(self.data, "postmaster.pid")):
             self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
+    """Whether process *pid* exists (possibly another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

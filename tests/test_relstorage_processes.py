@@ -52,6 +52,7 @@ class Site:
 
 @pytest.fixture
 def site(relstorage_base, tmp_path) -> Site:
+    """A deployment on each kind of RelStorage database."""
     return Site(relstorage_base, tmp_path)
 
 

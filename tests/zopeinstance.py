@@ -30,6 +30,7 @@ NAME = "zope-blob"
 
 
 def read_blob(db: ZODB.DB, name: str) -> bytes:
+    """The content of the blob root[name] of *db*."""
     conn = db.open()
     with conn.root()[name].open() as f:
         data = f.read()
@@ -38,6 +39,7 @@ def read_blob(db: ZODB.DB, name: str) -> bytes:
 
 
 def main(config: str, action: str, data: str = "") -> dict:
+    """Start Zope from *config* and do *action*; return what to print."""
     configure_wsgi(config)
     app = Zope2.app()  # starts Zope on the configured database
     db = app._p_jar.db()
