@@ -43,10 +43,12 @@ class Target:
 
     @property
     def cache_dir(self) -> str:
+        """The ``cache-dir`` key, as an absolute path."""
         return os.path.abspath(self.section.config.cache_dir)
 
     @property
     def cache_size(self) -> int:
+        """The ``cache-size`` key, in bytes."""
         return self.section.config.cache_size
 
     @property

@@ -55,12 +55,14 @@ class BlobDirSource:
                 f"{self.layout_name!r} (expected bushy or lawn)"
             )
         self._layout = LAYOUTS[self.layout_name]
+        self._paths: dict[tuple[bytes, bytes], str] = {}
 
     def describe(self) -> str:
+        """The source in words, for reports."""
         return f"blob directory {self.directory} ({self.layout_name} layout)"
 
-    def _files(self) -> Iterator[tuple[bytes, bytes, str]]:
-        """``(oid, tid, path)`` of every committed blob file, in a stable order."""
+    def revisions(self) -> Iterator[BlobRevision]:
+        """Every committed blob file's revision and size, in a stable order."""
         for parent, dirs, names in os.walk(self.directory):
             dirs.sort()
             try:
@@ -74,20 +76,14 @@ class BlobDirSource:
                     tid = repr_to_oid(name[: -len(BLOB_SUFFIX)])
                 except ValueError:
                     continue
-                yield oid, tid, os.path.join(parent, name)
-
-    def revisions(self) -> Iterator[BlobRevision]:
-        for oid, tid, path in self._files():
-            yield BlobRevision(oid, tid, os.stat(path).st_size)
+                path = self._paths[oid, tid] = os.path.join(parent, name)
+                yield BlobRevision(oid, tid, os.stat(path).st_size)
 
     @contextlib.contextmanager
     def files(self, revisions: Sequence[BlobRevision]) -> Iterator[list[str]]:
-        """The files of *revisions*: here, the blob files themselves."""
-        layout = self._layout
-        yield [
-            os.path.join(self.directory, layout.getBlobFilePath(r.oid, r.tid))
-            for r in revisions
-        ]
+        """The files of *revisions* (listed by :meth:`revisions`): here, the
+        blob files themselves."""
+        yield [self._paths[r.oid, r.tid] for r in revisions]
 
 
 #: SQL for a blob's size in blob_chunk, by RelStorage adapter package. In
@@ -122,9 +118,11 @@ class RelStorageSource:
         self._conn, self._cursor = adapter.connmanager.open_for_load()
 
     def describe(self) -> str:
+        """The source in words, for reports."""
         return f"blob_chunk table of RelStorage {self._name}"
 
     def revisions(self) -> Iterator[BlobRevision]:
+        """Every blob revision in blob_chunk with its size, from one query."""
         self._cursor.execute(
             f"SELECT zoid, tid, SUM({self._size_sql}) FROM blob_chunk "
             "GROUP BY zoid, tid ORDER BY zoid, tid"
@@ -148,4 +146,5 @@ class RelStorageSource:
             yield paths
 
     def close(self) -> None:
+        """Give the loading connection back."""
         self._adapter.connmanager.close(self._conn, self._cursor)
