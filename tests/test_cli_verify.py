@@ -132,6 +132,9 @@ def test_a_zope_conf_with_db(tmp_path, database):
     result = run("verify", path, "--db", "temporary")
     assert result.returncode == 2
     assert "is a <mappingstorage> section, not <s3blobstorage>" in result.stderr
+    result = run("verify", config, "--db", "main")
+    assert result.returncode == 2
+    assert f"--db main: {config} has no <zodb_db> sections" in result.stderr
     code, report = run_json("verify", path, "--db", "catalog")
     assert code == 2
     assert report == {
