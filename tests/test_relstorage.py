@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import time
+import urllib.request
 
 import pytest
 import relstorage.storage.tpc.vote
@@ -153,6 +154,21 @@ def test_pack_collects_revisions_committed_after_the_main_instance_polled(
     else:
         db.pack(time.time() + 1)
         assert bucket_keys(prefix_of(storage)) == [key(oid, third)]
+    db.close()
+
+
+def test_presigned_url_for_a_revision_newer_than_the_main_snapshot(
+    relstorage_base, tmp_path
+):
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    polled = storage.lastTransaction()
+    ((oid, tid, _),) = blob_revisions(db, [b"just committed"])
+    assert storage.lastTransaction() == polled < tid, "the main one is stale"
+    url = storage.presigned_url(oid, tid, expires=60)
+    assert url is not None
+    with urllib.request.urlopen(str(url), timeout=30) as response:
+        assert response.read() == b"just committed"
     db.close()
 
 
