@@ -113,7 +113,7 @@ class BlobCache:
         self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
         self._state_lock = threading.Lock()
         self._bytes_since_check = 0
-        # Built by the first eviction check (in the daemon thread, so opening
+        # Built by the check started at open (in the daemon thread, so opening
         # the storage does not wait for a walk of a large cache), and rebuilt
         # after each cache-size of loads to count other processes' files.
         self._index: LRUIndex | None = None
@@ -183,24 +183,25 @@ class BlobCache:
         (threads or processes) download once. *download* writes into a temp
         file that is renamed into place only when complete.
         """
-        path = self.lookup(oid, tid)
-        if path is not None:
-            return path
+        cached = self.lookup(oid, tid)
+        if cached is not None:
+            return cached
         with _flock(self._lock_path(oid, tid)):
-            path = self.lookup(oid, tid)
-            if path is not None:
-                return path
+            cached = self.lookup(oid, tid)
+            if cached is not None:
+                return cached
+            path = self.path(oid, tid)
             temp = self.new_temp_file("download-")
             try:
                 with open(temp, "wb") as out:
                     size = download(out)
-                self._install(temp, self.path(oid, tid))
+                self._install(temp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
         self._added((oid, tid), size)
-        return self.path(oid, tid)
+        return path
 
     # -- writing ---------------------------------------------------------
 
@@ -263,19 +264,16 @@ class BlobCache:
     # -- eviction --------------------------------------------------------
 
     def _record(self, revision: tuple[bytes, bytes], size: int | None) -> None:
-        """Index an added file (size) or a removed one (None). Caller may hold
-        the state lock only through :meth:`_added`."""
+        """Index an added file (its size) or a removed one (None)."""
         with self._state_lock:
             self._apply(revision, size)
 
     def _apply(self, revision: tuple[bytes, bytes], size: int | None) -> None:
+        """:meth:`_record`, for a caller holding the state lock."""
         if self._during_scan is not None:
             self._during_scan.append((revision, size))
         if self._index is not None:
-            if size is None:
-                self._index.remove(revision)
-            else:
-                self._index.add(revision, size)
+            self._index.apply(revision, size)
 
     def _added(self, revision: tuple[bytes, bytes], size: int) -> None:
         """Account a new file; start an eviction check every CHECK_FRACTION of
@@ -350,10 +348,7 @@ class BlobCache:
         with self._state_lock:
             # Replay what happened during the walk, which it may have missed.
             for revision, size in self._during_scan:
-                if size is None:
-                    index.remove(revision)
-                else:
-                    index.add(revision, size)
+                index.apply(revision, size)
             self._during_scan = None
             self._index = index
             self._bytes_since_scan = 0

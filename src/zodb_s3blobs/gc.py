@@ -48,6 +48,7 @@ class CollectionReport:
 
 
 def revision_exists(base, oid: bytes, tid: bytes) -> bool:
+    """Can *base* still load revision *tid* of *oid*? (ZODB's own pack rule.)"""
     try:
         base.loadSerial(oid, tid)
     except (POSKeyError, KeyError):
@@ -80,7 +81,6 @@ def collect_orphans(
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs."""
     report = CollectionReport()
-    revisions = []
     with current_view(base) as view:
         # Read before listing: anything committed later has a larger tid.
         last_committed = view.lastTransaction()
@@ -98,11 +98,10 @@ def collect_orphans(
             else:
                 report.orphans.append(key)
                 report.orphan_bytes += size
-                revisions.append((oid, tid))
     if not dry_run and report.orphans:
         report.deleted = store.delete(report.orphans)
-        for oid, tid in revisions:
-            cache.discard(oid, tid)
+        for key in report.orphans:
+            cache.discard(*layout.parse(key))
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
         "%d foreign, %d orphans (%d bytes) %s",

@@ -43,6 +43,13 @@ class LRUIndex:
     def remove(self, revision: Revision) -> None:
         self.total -= self._sizes.pop(revision, 0)
 
+    def apply(self, revision: Revision, size: int | None) -> None:
+        """Record an added file (its size) or a removed one (None)."""
+        if size is None:
+            self.remove(revision)
+        else:
+            self.add(revision, size)
+
     def pop_oldest_until(self, target: int) -> list[tuple[Revision, int]]:
         """Remove and return least-recently-used entries until at most *target*
         bytes remain indexed."""

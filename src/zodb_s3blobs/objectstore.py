@@ -72,6 +72,13 @@ def file_crc32(path: str) -> str:
     return f"{crc:08x}"
 
 
+def _http_status(exc: Exception) -> int:
+    """The HTTP status of a botocore ClientError; 0 for any other failure."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return 0
+
+
 def _backoff(attempt: int) -> float:
     """Seconds to wait before retry *attempt* + 1: exponential, jittered, small
     (a web request is waiting)."""
@@ -186,7 +193,7 @@ class ObjectStore:
     def _error(self, operation: str, key: str, exc: Exception) -> ObjectStoreError:
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            status = _http_status(exc)
             code = str(error.get("Code", status or "Unknown"))
             message = error.get("Message") or ""
             if code in _NOT_FOUND:
@@ -209,11 +216,7 @@ class ObjectStore:
             self._client.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
             error = self._error("HEAD bucket", "", exc)
-            status = (
-                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if isinstance(exc, ClientError)
-                else None
-            )
+            status = _http_status(exc)
             if isinstance(error, ObjectNotFound) or status == 404:
                 cause = "the bucket does not exist (check bucket-name, s3-region)"
             elif status in (401, 403):

@@ -327,7 +327,7 @@ class S3BlobStorage:
         if oids is None:
             oids = _oids_stored_by(self._base, undone_tid)
         pending = self._pending(transaction)
-        for oid in oids or ():
+        for oid in oids:
             source = self._undo_source(oid, undone_tid)
             if source is not None:
                 pending.copies[oid] = source
@@ -386,8 +386,9 @@ class S3BlobStorage:
         # Taken out before the base's tpc_finish/tpc_abort: those release the
         # base's commit lock, after which another thread's tpc_begin may set
         # its own pending commit.
-        commit = self._commit
-        if commit is None or commit.transaction is not transaction:
+        try:
+            commit = self._pending(transaction)
+        except StorageTransactionError:
             return None
         self._commit = None
         return commit
