@@ -1,7 +1,9 @@
 """An S3 server with injectable faults: moto's application behind a WSGI
-layer that answers some requests with 503 SlowDown, cuts some response bodies
+layer that answers some requests with 503 SlowDown, fails some ranged GETs
+with 500, resets some connections before answering, cuts some response bodies
 off, stalls some, and refuses some access keys; optionally over TLS with a
-throwaway certificate authority.
+throwaway certificate authority. The fault rates may be changed while the
+server runs (each request reads them anew).
 
 It serves the same in-process moto backend as the session's server, so
 buckets and objects are shared. Loopback only; stalls are bounded; the server
@@ -15,6 +17,7 @@ import datetime
 import ipaddress
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -36,10 +39,14 @@ class Faults:
     """What to inject, into requests for which *applies(method, path)* is true."""
 
     error_rate: float = 0.0  # answer 503 SlowDown
+    range_error_rate: float = 0.0  # answer a GET with a Range header 500
+    reset_rate: float = 0.0  # drop the connection before answering
     cut_rate: float = 0.0  # send half the body, then drop the connection
     stall: float = 0.0  # seconds to wait before answering
     refused_keys: set[str] = field(default_factory=set)  # answer 403
     applies: Callable[[str, str], bool] = lambda method, path: True
+    #: A further condition on the WSGI environ (e.g. one Range header).
+    when: Callable[[dict], bool] = lambda environ: True
     seed: int = 1
     injected: list[str] = field(default_factory=list)
 
@@ -80,21 +87,42 @@ class FaultyApp:
             status, headers, body = _error("403 Forbidden", "InvalidAccessKeyId")
             start_response(status, headers)
             return [body]
-        if not faults.applies(method, path):
+        if not (faults.applies(method, path) and faults.when(environ)):
             return self.app(environ, start_response)
         if faults.stall:
             faults.note(f"stalled {method} {path}")
             time.sleep(min(faults.stall, MAX_STALL))
+        if faults.draw() < faults.reset_rate:
+            faults.note(f"reset {method} {path}")
+            return self._reset(environ, start_response)
         if faults.draw() < faults.error_rate:
             faults.note(f"503 {method} {path}")
             environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             status, headers, body = _error("503 Service Unavailable", "SlowDown")
             start_response(status, headers)
             return [body]
+        if (
+            method == "GET"
+            and environ.get("HTTP_RANGE")
+            and faults.draw() < faults.range_error_rate
+        ):
+            faults.note(f"500 {method} {path} {environ['HTTP_RANGE']}")
+            status, headers, body = _error("500 Internal Server Error", "InternalError")
+            start_response(status, headers)
+            return [body]
         if faults.draw() < faults.cut_rate:
             faults.note(f"cut {method} {path}")
             return self._cut_off(environ, start_response)
         return self.app(environ, start_response)
+
+    def _reset(self, environ, start_response):
+        """Close the client's connection without an answer (werkzeug's server
+        exposes the socket); a 500 where the socket is not exposed."""
+        sock = environ.get("werkzeug.socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        raise ConnectionResetError("injected: connection reset before answering")
 
     def _cut_off(self, environ, start_response):
         body = b"".join(self.app(environ, start_response))
