@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from io import RawIOBase
 from typing import BinaryIO
 from urllib.parse import quote
 
@@ -339,18 +341,21 @@ class ObjectStore:
         expected = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
         body = response["Body"]
         part = self.settings.part_size
-        started = time.monotonic()
-        written, crc = self._copy(key, body, out, min(size, part), 0)
-        if written < size:
-            rate = written / max(time.monotonic() - started, 1e-9)
-            if rate >= self.fast_stream:
-                more, crc = self._copy(key, body, out, size - written, crc)
-                written += more
-            else:
-                body.close()  # drops the connection; the parts are faster
-                out.flush()
-                written += self._fetch_parts(key, out.fileno(), written, size)
-                crc = None
+        try:
+            started = time.monotonic()
+            written, crc = self._copy(key, body, out, min(size, part), 0)
+            if written < size:
+                rate = written / max(time.monotonic() - started, 1e-9)
+                if rate >= self.fast_stream:
+                    more, crc = self._copy(key, body, out, size - written, crc)
+                    written += more
+                else:
+                    body.close()  # drops the connection; the parts are faster
+                    out.flush()
+                    written += self._fetch_parts(key, out, written, size)
+                    crc = None
+        finally:
+            body.close()
         if written != size:
             raise ObjectStoreError(
                 "GET", self.url(key), f"got {written} of {size} bytes", True
@@ -387,19 +392,50 @@ class ObjectStore:
             raise self._error("GET", key, exc) from exc
         return copied, crc
 
-    def _fetch_parts(self, key: str, fd: int, start: int, size: int) -> int:
-        """Fetch bytes start..size-1 in ranged GETs of part_size, in parallel."""
+    def _fetch_parts(self, key: str, out: BinaryIO, start: int, size: int) -> int:
+        """Fetch bytes start..size-1 of *key* into *out* in ranged GETs of
+        part_size, in parallel; return how many bytes were written.
+
+        No worker outlives this call: on the first failure the queued ranges
+        are cancelled, the running ones told to stop (between chunks), and all
+        of them awaited before the failure is raised. They write through a
+        descriptor of their own, closed only after the last has ended, so the
+        caller may close or truncate *out* as soon as this returns.
+        """
         part = self.settings.part_size
-        futures = [
-            self._pool.submit(
-                self._fetch_range, key, fd, offset, min(offset + part, size)
-            )
-            for offset in range(start, size, part)
-        ]
+        stop = threading.Event()
+        with open(os.dup(out.fileno()), "wb", buffering=0) as target:
+            futures = [
+                self._pool.submit(
+                    self._fetch_range,
+                    key,
+                    target,
+                    offset,
+                    min(offset + part, size),
+                    stop,
+                )
+                for offset in range(start, size, part)
+            ]
+            try:
+                done, _running = wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()
         return sum(future.result() for future in futures)
 
-    def _fetch_range(self, key: str, fd: int, start: int, end: int) -> int:
-        """GET bytes start..end-1 and write them at their offset."""
+    def _fetch_range(
+        self, key: str, target: RawIOBase, start: int, end: int, stop: threading.Event
+    ) -> int:
+        """GET bytes start..end-1 and write them at their offset in *target*;
+        return how many were written (fewer once *stop* is set)."""
+        if stop.is_set():
+            return 0
+        offset = start
         try:
             response = self._reader.get_object(
                 Bucket=self.bucket,
@@ -407,10 +443,22 @@ class ObjectStore:
                 Range=f"bytes={start}-{end - 1}",
                 **self._get_args,
             )
-            offset = start
-            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
+            body = response["Body"]
+            try:
+                for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+                    if stop.is_set():
+                        break
+                    if offset + len(chunk) > end:
+                        raise ObjectStoreError(
+                            "GET",
+                            self.url(key),
+                            f"asked for bytes {start}-{end - 1}, got more: does "
+                            "the endpoint ignore Range headers?",
+                        )
+                    os.pwrite(target.fileno(), chunk, offset)
+                    offset += len(chunk)
+            finally:
+                body.close()
         except (ClientError, BotoCoreError) as exc:
             raise self._error("GET", key, exc) from exc
         return offset - start

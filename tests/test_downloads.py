@@ -1,0 +1,131 @@
+"""Downloads through ObjectStore against a real S3 server with injected
+faults: parallel ranges that fail, the retry deadline, stalls, and the
+bucket check at open."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import zlib
+
+import pytest
+
+import s3env
+from faultserver import Faults, faulty_s3
+from zodb_s3blobs.errors import ObjectStoreError
+from zodb_s3blobs.objectstore import CHECKSUM_METADATA, ObjectStore
+from zodb_s3blobs.settings import MiB
+
+PART = 5 * MiB  # the smallest part size: many ranges from a modest object
+
+
+def put_object(key: str, data: bytes) -> None:
+    """Store *data* under *key* with its CRC32 recorded, as uploads do."""
+    s3env.server().client().put_object(
+        Bucket=s3env.BUCKET,
+        Key=key,
+        Body=data,
+        Metadata={CHECKSUM_METADATA: f"{zlib.crc32(data):08x}"},
+    )
+
+
+def ranged_store(endpoint_url: str, **kw) -> ObjectStore:
+    """An ObjectStore that always switches to parallel ranges after the first
+    part (as over a WAN), however fast loopback is."""
+    store = ObjectStore(s3env.settings(endpoint_url=endpoint_url, part_size=PART, **kw))
+    store.fast_stream = float("inf")
+    return store
+
+
+def running_range_fetches() -> int:
+    """How many threads are inside ObjectStore._fetch_range right now."""
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "_fetch_range":
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+def one_range_fails(failing: str, others_delay: float, times: int = 1_000):
+    """A Faults ``when`` condition: the GET of range *failing* is answered 500
+    (with ``range_error_rate=1``) the first *times* times; every other ranged
+    GET is held back *others_delay* seconds, so it is still running when the
+    failure arrives, and then served."""
+    lock = threading.Lock()
+    failed = [0]
+
+    def when(environ) -> bool:
+        header = environ.get("HTTP_RANGE")
+        if header == failing:
+            with lock:
+                if failed[0] < times:
+                    failed[0] += 1
+                    return True
+            return False
+        if header:
+            time.sleep(others_delay)
+        return False
+
+    return when
+
+
+def test_a_failed_range_leaves_no_worker_writing_into_reused_files(tmp_path):
+    """Fails before the fix: when one ranged GET failed, the others kept
+    running and wrote through the raw fd number of the download's file after
+    the caller had closed it; the next file opened got that number and
+    received megabytes of blob bytes.
+
+    ``download_max_attempts=1``: this test is about what one failed attempt
+    leaves behind, not about retrying it."""
+    data = os.urandom(30 * MiB)
+    key = f"{s3env.new_prefix()}/blobs/big.blob"
+    put_object(key, data)
+    failing = f"bytes={2 * PART}-{3 * PART - 1}"
+    faults = Faults(range_error_rate=1.0, when=one_range_fails(failing, 1.5))
+    with faulty_s3(faults) as server:
+        store = ranged_store(server.endpoint_url, download_max_attempts=1)
+        try:
+            target = tmp_path / "download"
+            with open(target, "wb") as out, pytest.raises(ObjectStoreError) as info:
+                store.download(key, out)
+            assert "500" in str(info.value) or "InternalError" in str(info.value)
+            assert running_range_fetches() == 0, "no range worker outlives it"
+            # The cache closes and removes the temp file; the process then
+            # opens other files, which reuse the freed descriptor numbers.
+            os.remove(target)
+            unrelated = tmp_path / "unrelated"
+            with open(unrelated, "wb") as other:
+                other.write(b"mine")
+                other.flush()
+                time.sleep(3)  # longer than the held-back ranges take
+            assert unrelated.read_bytes() == b"mine"
+        finally:
+            store.close()
+    assert any(failing in note for note in faults.injected)
+
+
+def test_a_retry_after_a_failed_range_writes_the_right_bytes(tmp_path):
+    """One range fails on the first attempt while the others are still
+    running; the retry must produce exactly the object's bytes, with no
+    worker of the first attempt writing into the file the retry refills."""
+    data = os.urandom(30 * MiB)
+    key = f"{s3env.new_prefix()}/blobs/retried.blob"
+    put_object(key, data)
+    failing = f"bytes={3 * PART}-{4 * PART - 1}"
+    faults = Faults(range_error_rate=1.0, when=one_range_fails(failing, 1.0, 1))
+    with faulty_s3(faults) as server:
+        store = ranged_store(server.endpoint_url)
+        try:
+            target = tmp_path / "download"
+            with open(target, "wb") as out:
+                assert store.download(key, out) == len(data)
+            assert running_range_fetches() == 0
+            assert target.read_bytes() == data
+        finally:
+            store.close()
+    assert sum(failing in note for note in faults.injected) == 1
