@@ -15,6 +15,10 @@ import re
 import threading
 
 MASK = "***"
+#: Values shorter than this are not masked: no real credential or key is that
+#: short, and masking every occurrence of a short string (a test's "s") makes
+#: tracebacks unreadable.
+MIN_SECRET_LENGTH = 8
 _SIGNATURE = re.compile(r"((?:X-Amz-)?Signature=)[0-9A-Za-z%/+]+", re.IGNORECASE)
 _secrets: tuple[str, ...] = ()  # replaced, never mutated: readers need no lock
 _lock = threading.Lock()
@@ -30,7 +34,8 @@ def redact(text: str) -> str:
 
 
 def protect(*values: str | bytes | None) -> None:
-    """Mask these values (and the reprs of bytes) in every later log record."""
+    """Mask these values (and the reprs of bytes) in every later log record,
+    those of at least :data:`MIN_SECRET_LENGTH` characters."""
     global _secrets
     added = set()
     for value in values:
@@ -38,6 +43,7 @@ def protect(*values: str | bytes | None) -> None:
             added.update({repr(value), repr(value)[2:-1]})
         elif value:
             added.add(value)
+    added = {value for value in added if len(value) >= MIN_SECRET_LENGTH}
     with _lock:
         # Longest first, so a secret containing another is masked whole.
         _secrets = tuple(sorted(set(_secrets) | added, key=len, reverse=True))
@@ -52,7 +58,13 @@ def _install() -> None:
 
     def redacting_record(*args, **kwargs) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A malformed call (too few arguments for its format): logging
+            # reports it when the record is emitted; raising here would break
+            # the caller instead.
+            return record
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
