@@ -139,7 +139,7 @@ def check_round_trip(target: Target, store: ObjectStore) -> Check:
             with open(received, "rb") as file:
                 intact = file.read() == data
             store.delete([key])
-            gone = store.size(key) is None
+            gone = store.stat(key) is None
         except ObjectStoreError as exc:
             return Check("round trip", "failed", str(exc))
     if not intact:

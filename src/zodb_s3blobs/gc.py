@@ -28,10 +28,14 @@ from ZODB.interfaces import IMVCCStorage
 from ZODB.POSException import POSKeyError
 
 from .cache import BlobCache
+from .errors import ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
 from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
+
+#: How many orphan keys an error message names.
+_KEYS_SHOWN = 5
 
 
 @dataclass
@@ -45,6 +49,20 @@ class CollectionReport:
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
     deleted: int = 0
+
+
+class OrphansNotDeleted(S3BlobStorageError):
+    """The collector found orphans but S3 refused (some of) their deletes; they
+    stay until a later collection removes them."""
+
+    def __init__(self, report: CollectionReport, cause: ObjectStoreError) -> None:
+        self.report = report
+        first = ", ".join(report.orphans[:_KEYS_SHOWN])
+        more = " ..." if len(report.orphans) > _KEYS_SHOWN else ""
+        super().__init__(
+            f"{len(report.orphans)} orphan(s) ({report.orphan_bytes} bytes) could "
+            f"not all be deleted: {cause}; first: {first}{more}"
+        )
 
 
 def revision_exists(base, oid: bytes, tid: bytes) -> bool:
@@ -99,7 +117,10 @@ def collect_orphans(
                 report.orphans.append(key)
                 report.orphan_bytes += size
     if not dry_run and report.orphans:
-        report.deleted = store.delete(report.orphans)
+        try:
+            report.deleted = store.delete(report.orphans)
+        except ObjectStoreError as exc:
+            raise OrphansNotDeleted(report, exc) from exc
         for key in report.orphans:
             cache.discard(*layout.parse(key))
     log.info(

@@ -29,6 +29,8 @@ class PendingCommit:
     #: oid -> tid of the revision whose object the new revision copies (undo).
     copies: dict[bytes, bytes] = field(default_factory=dict)
     #: Every key an upload or copy was attempted for: abort deletes them all.
+    #: A restored revision found in S3 with the same bytes is not among them
+    #: (it is not uploaded again, and this transaction did not create it).
     attempted_keys: list[str] = field(default_factory=list)
     tid: bytes | None = None
 

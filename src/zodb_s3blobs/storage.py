@@ -15,6 +15,7 @@ deletes every object this transaction tried to write.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from base64 import decodebytes
@@ -29,7 +30,11 @@ from ZODB.interfaces import (
     IStorageRestoreable,
     IStorageWrapper,
 )
-from ZODB.POSException import POSKeyError, StorageTransactionError
+from ZODB.POSException import (
+    POSKeyError,
+    ReadConflictError,
+    StorageTransactionError,
+)
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
@@ -37,7 +42,7 @@ from . import gc, unghost
 from .cache import BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, file_crc32
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -148,8 +153,22 @@ class S3BlobStorage:
         store = ObjectStore(settings)
         try:
             store.check_bucket()
+        except ObjectStoreError as exc:
+            if not exc.transient:  # a configuration error: refuse to start
+                store.close()
+                cache.close()
+                raise
+            # S3 is unreachable for now: pages and cached blobs can still be
+            # served, and reads and votes fail clearly until S3 is back.
+            log.error(
+                "S3 is not reachable at %s (%s); starting anyway: blob reads "
+                "that miss the cache and commits with blobs fail until it is",
+                settings.endpoint_url or "AWS S3",
+                exc,
+            )
         except BaseException:
             store.close()
+            cache.close()
             raise
         shared = _Shared(store, layout, cache, threading.Lock(), download_on_unghost)
         self._setup(base, shared, True)
@@ -230,8 +249,13 @@ class S3BlobStorage:
     def temporaryDirectory(self) -> str:
         if not self._shared.download_on_unghost:
             # Blob.open('r+'/'a') is about to copy a lazily loaded blob's file.
+            # Only a committed revision is fetched: after a savepoint
+            # _p_blob_committed is the savepoint's file (a new blob's serial is
+            # z64), which ZODB copies from disk.
             blob = unghost.blob_about_to_copy(sys._getframe(1))
-            if blob is not None:
+            if blob is not None and blob._p_blob_committed == self._cache.path(
+                blob._p_oid, blob._p_serial
+            ):
                 self.loadBlob(blob._p_oid, blob._p_serial)
         return self._cache.temp_dir
 
@@ -262,6 +286,18 @@ class S3BlobStorage:
                 oid, serial, lambda out: self._store.download(key, out)
             )
         except ObjectNotFound as exc:
+            if not gc.revision_exists(self._base, oid, serial):
+                # Packed away (with its object) since the caller loaded it:
+                # lazy loading defers the download, so a connection may hold a
+                # revision a pack has since removed. A conflict makes Zope
+                # retry the request in a new transaction, which sees the
+                # current revision.
+                raise ReadConflictError(
+                    f"Blob {oid_repr(oid)} revision {tid_repr(serial)} was "
+                    f"removed by a pack after it was loaded ({exc.key})",
+                    oid=oid,
+                    serials=(serial,),
+                ) from exc
             raise POSKeyError(
                 f"No blob file: {exc.key} does not exist", oid, serial
             ) from exc
@@ -371,16 +407,37 @@ class S3BlobStorage:
         if commit.copies or any(b.tid is None for b in commit.blobs.values()):
             commit.tid = tid_at_vote(self._base)
         key = self._layout.key
-        uploads = [
-            (blob.path, key(blob.oid, blob.tid or commit.tid))
-            for blob in commit.blobs.values()
-        ]
+        uploads = []
+        for blob in commit.blobs.values():
+            target = key(blob.oid, blob.tid or commit.tid)
+            if blob.tid is None or not self._restored_already(target, blob.path):
+                uploads.append((blob.path, target))
         copies = [
             (key(oid, source), key(oid, commit.tid))
             for oid, source in commit.copies.items()
         ]
         commit.attempted_keys = [k for _p, k in uploads] + [k for _s, k in copies]
         self._store.transfer(uploads, copies)
+
+    def _restored_already(self, key: str, path: str) -> bool:
+        """Does *key* hold the restored file's bytes already (a repeated
+        zodbconvert, a rerun after a failure)? Then it is not uploaded again, and
+        an abort leaves it: it is not this transaction's to delete. Other bytes
+        under a committed revision's key fail the vote rather than overwrite
+        them."""
+        existing = self._store.stat(key)
+        if existing is None:
+            return False
+        size = os.path.getsize(path)
+        checksum = file_crc32(path)
+        if existing.size == size and existing.checksum in (None, checksum):
+            return True
+        raise S3BlobStorageError(
+            f"Restoring {self._store.url(key)} would overwrite an object with other "
+            f"bytes ({existing.size} bytes, CRC32 {existing.checksum or 'unknown'}; "
+            f"restored: {size} bytes, CRC32 {checksum}): the target bucket and "
+            "prefix already hold another database's blobs"
+        )
 
     def _take_commit(self, transaction) -> PendingCommit | None:
         # Taken out before the base's tpc_finish/tpc_abort: those release the
@@ -422,10 +479,14 @@ class S3BlobStorage:
     def tpc_abort(self, transaction):
         commit = self._take_commit(transaction)
         try:
-            self._base.tpc_abort(transaction)
-        finally:
             if commit is not None:
+                # Delete before the base's tpc_abort releases its commit lock:
+                # a base may give the next transaction this one's tid
+                # (MappingStorage: last + 1; RelStorage: max(clock, last + 1)),
+                # and a later DELETE would remove that commit's objects.
                 self._abort(commit)
+        finally:
+            self._base.tpc_abort(transaction)
 
     def _abort(self, commit: PendingCommit) -> None:
         commit.discard_files()
@@ -452,7 +513,19 @@ class S3BlobStorage:
             raise S3BlobStorageError("Already packing")
         try:
             result = self._base.pack(pack_time, referencesf, *args, **kw)
-            self.collect_orphans()
+            try:
+                self.collect_orphans()
+            except (ObjectStoreError, gc.OrphansNotDeleted) as exc:
+                # The pack itself worked; orphans only cost storage until the
+                # next pack or `zodb-s3blobs gc` removes them. Raising would
+                # report a failed pack to the ZMI.
+                log.error(
+                    "Packed %s, but its orphan collection failed: %s. The "
+                    "orphans stay in S3 until the next pack or `zodb-s3blobs gc` "
+                    "removes them.",
+                    self.getName(),
+                    exc,
+                )
             return result
         finally:
             lock.release()

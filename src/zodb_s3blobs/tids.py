@@ -20,8 +20,8 @@ import functools
 import importlib.metadata
 import sys
 
-from ZODB.BaseStorage import BaseStorage
 from ZODB.DemoStorage import DemoStorage
+from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 
 from .errors import S3BlobStorageError
@@ -61,9 +61,11 @@ def _check_demo_storage(storage: DemoStorage) -> None:
 
 
 @tid_at_vote.register
-def _base_storage(storage: BaseStorage) -> bytes:
-    # BaseStorage.tpc_begin assigns self._tid (FileStorage and every other
-    # BaseStorage subclass commit under it; tpc_finish passes it to func).
+def _file_storage(storage: FileStorage) -> bytes:
+    # BaseStorage.tpc_begin assigns self._tid, and FileStorage commits under
+    # it (its _finish writes that tid). Only FileStorage is registered, not
+    # BaseStorage: a subclass may choose its tid in tpc_finish instead (NEO's
+    # client storage does), and its _tid would name wrong keys.
     return storage._tid
 
 

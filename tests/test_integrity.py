@@ -1,0 +1,304 @@
+"""Where two correct paths meet: abort and the next commit with the same tid,
+restore and abort, savepoints and lazy loading, pack and a loaded but unopened
+blob, a pack whose orphan deletes fail, and a base whose tid is unknown at
+vote. Each test names the defect it pins and fails on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+import transaction
+import ZODB
+from ZODB.BaseStorage import BaseStorage
+from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.MappingStorage import MappingStorage
+from ZODB.POSException import POSKeyError, ReadConflictError
+from ZODB.utils import p64, u64, z64
+
+import s3env
+from s3hooks import failing, requests
+from test_storage import commit_blobs, keys
+from zodb_s3blobs import BlobReadError, ObjectStoreError, S3BlobStorage
+from zodb_s3blobs.tids import UnsupportedBaseStorage
+
+#: A tid far in the future: a base whose last tid is this has a clock behind
+#: it, and gives every new transaction last + 1 (ZODB.utils.newTid).
+FUTURE_TID = p64(u64(b"\x7f" + b"\x00" * 7))
+
+
+def store_blob(storage, txn, oid: bytes, data: bytes, tmp_path, serial=z64):
+    path = tmp_path / f"blob-{os.urandom(4).hex()}"
+    path.write_bytes(data)
+    storage.storeBlob(oid, serial, b"blob record", str(path), "", txn)
+
+
+def read_cold(storage, tmp_path, oid: bytes, tid: bytes) -> bytes:
+    """The revision's bytes as a fresh process with an empty cache reads them."""
+    reader = S3BlobStorage(
+        MappingStorage(),
+        s3env.settings(prefix=storage._store.settings.prefix),
+        str(tmp_path / f"cold-{os.urandom(4).hex()}"),
+    )
+    try:
+        with open(reader.loadBlob(oid, tid), "rb") as f:
+            return f.read()
+    finally:
+        reader.close()
+
+
+def test_abort_deletes_before_the_next_transaction_can_reuse_its_tid(
+    make_storage, tmp_path
+):
+    """Defect 2. A MappingStorage whose clock is behind its last tid gives the
+    next transaction the aborted one's tid. Fails before the fix: abort released
+    the base's commit lock first and deleted afterwards, so the late DELETE
+    removed the next transaction's acknowledged blob (POSKeyError)."""
+    storage = make_storage(base=MappingStorage())
+    oid = storage.new_oid()
+    first = TransactionMetaData()
+    storage.tpc_begin(first, FUTURE_TID)
+    store_blob(storage, first, oid, b"v1", tmp_path)
+    storage.tpc_vote(first)
+    storage.tpc_finish(first)
+
+    aborted = TransactionMetaData()
+    storage.tpc_begin(aborted)
+    store_blob(storage, aborted, oid, b"aborted", tmp_path, FUTURE_TID)
+    storage.tpc_vote(aborted)
+    reused_tid = storage._commit.tid
+
+    committed: dict[str, bytes] = {}
+
+    def next_commit():
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)  # waits for the base's commit lock
+        store_blob(storage, txn, oid, b"acknowledged", tmp_path, FUTURE_TID)
+        storage.tpc_vote(txn)
+        committed["tid"] = storage.tpc_finish(txn)
+
+    real_delete = storage._store.delete
+
+    def delete_after_a_concurrent_commit(keys):
+        racer = threading.Thread(target=next_commit)
+        racer.start()
+        racer.join(timeout=3)  # commits now if the base's lock is free
+        try:
+            return real_delete(keys)
+        finally:
+            storage._store.delete = real_delete
+            committed["racer"] = racer
+
+    storage._store.delete = delete_after_a_concurrent_commit
+    storage.tpc_abort(aborted)
+    committed["racer"].join(timeout=30)
+    assert committed["tid"] == reused_tid, "the next transaction reused the tid"
+    assert read_cold(storage, tmp_path, oid, reused_tid) == b"acknowledged"
+
+
+def test_abort_after_restore_keeps_objects_that_existed_before(make_storage, tmp_path):
+    """Defect 5. Restoring a revision whose object is already in S3 (a repeated
+    zodbconvert, a rerun after a failure) and then aborting must leave the
+    object. Fails before the fix: abort deleted every key it attempted."""
+    source = make_storage(base=MappingStorage())
+    db = ZODB.DB(source)
+    oid, tid = commit_blobs(db, {"b": b"restored twice"})["b"]
+    target = make_storage(settings=source._store.settings)  # FileStorage restores
+    txn = TransactionMetaData()
+    target.tpc_begin(txn, tid)
+    path = tmp_path / "restored"
+    path.write_bytes(b"restored twice")
+    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
+    target.tpc_vote(txn)
+    target.tpc_abort(txn)
+    assert read_cold(source, tmp_path, oid, tid) == b"restored twice"
+    db.close()
+
+
+def test_restore_refuses_to_overwrite_different_bytes(make_storage, tmp_path):
+    """A restored revision whose object exists with other bytes fails the vote
+    naming the key, and the object is left as it was."""
+    source = make_storage(base=MappingStorage())
+    db = ZODB.DB(source)
+    oid, tid = commit_blobs(db, {"b": b"the original"})["b"]
+    target = make_storage(settings=source._store.settings)  # FileStorage restores
+    txn = TransactionMetaData()
+    target.tpc_begin(txn, tid)
+    path = tmp_path / "other"
+    path.write_bytes(b"other bytes!")
+    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
+    with pytest.raises(Exception, match=source._layout.key(oid, tid)):
+        target.tpc_vote(txn)
+    target.tpc_abort(txn)
+    assert read_cold(source, tmp_path, oid, tid) == b"the original"
+    db.close()
+
+
+def test_restore_uploads_once_when_run_again(make_storage, tmp_path):
+    """A rerun of a restore finds the object with the same bytes and sends no
+    PUT for it."""
+    source = make_storage(base=MappingStorage())
+    db = ZODB.DB(source)
+    oid, tid = commit_blobs(db, {"b": b"same bytes"})["b"]
+    target = make_storage(settings=source._store.settings)  # FileStorage restores
+    txn = TransactionMetaData()
+    target.tpc_begin(txn, tid)
+    path = tmp_path / "same"
+    path.write_bytes(b"same bytes")
+    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
+    with requests(target._store) as sent:
+        target.tpc_vote(txn)
+    target.tpc_finish(txn)
+    assert [op for op, _url in sent if op == "PutObject"] == []
+    with open(target.loadBlob(oid, tid), "rb") as f:
+        assert f.read() == b"same bytes"
+    db.close()
+
+
+@pytest.mark.parametrize("mode", ["r+", "a"])
+def test_open_for_update_of_a_blob_that_exists_only_in_a_savepoint(make_storage, mode):
+    """Defect 3, a new blob. Fails before the fix: the lazy-load hook downloaded
+    serial z64 (POSKeyError .../0.blob) instead of leaving ZODB to copy the
+    savepoint file."""
+    db = ZODB.DB(make_storage())
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    conn.root()["b"] = blob = Blob(b"in a savepoint")
+    tm.savepoint()
+    with blob.open(mode) as f:
+        if mode == "a":
+            f.write(b", appended")
+    tm.commit()
+    with blob.open() as f:
+        expected = b"in a savepoint" + (b", appended" if mode == "a" else b"")
+        assert f.read() == expected
+    conn.close()
+    db.close()
+
+
+def test_open_for_update_after_a_savepoint_downloads_nothing(make_storage):
+    """Defect 3, a changed blob: its working copy comes from the savepoint
+    file. Fails before the fix: the hook downloaded the committed revision, which
+    may be gone."""
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    commit_blobs(db, {"b": b"committed"})
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    blob = conn.root()["b"]
+    with blob.open("w") as f:
+        f.write(b"changed")
+    tm.savepoint()
+    storage._cache.discard(blob._p_oid, blob._p_serial)
+    with requests(storage._store) as sent, blob.open("a") as f:
+        f.write(b" again")
+    assert sent == []
+    tm.commit()
+    with blob.open() as f:
+        assert f.read() == b"changed again"
+    conn.close()
+    db.close()
+
+
+def test_a_revision_packed_away_after_loading_is_a_read_conflict(make_storage):
+    """Defect 9. A connection loads a Blob (lazily: nothing downloaded), another
+    commits a new revision and a pack removes the old one from the base and S3.
+    Opening the loaded blob raises ReadConflictError, which Zope retries with a
+    fresh transaction, never a hang or wrong bytes."""
+    storage = make_storage(base=MappingStorage())
+    db = ZODB.DB(storage)
+    commit_blobs(db, {"b": b"old"})
+    reader_tm = transaction.TransactionManager()
+    reader = db.open(reader_tm)
+    blob = reader.root()["b"]
+    blob._p_activate()
+    storage._cache.discard(blob._p_oid, blob._p_serial)
+    commit_blobs(db, {"b": b"new"})
+    db.pack()
+    with pytest.raises(ReadConflictError):
+        blob.open().read()
+    reader_tm.abort()
+    with reader.root()["b"].open() as f:
+        assert f.read() == b"new"
+    reader.close()
+    db.close()
+
+
+def test_a_revision_missing_from_s3_that_the_base_holds_is_a_poskeyerror(
+    make_storage,
+):
+    """Data loss is not a conflict: the base still holds the revision, so a
+    missing object is a POSKeyError naming the key."""
+    storage = make_storage(base=MappingStorage())
+    db = ZODB.DB(storage)
+    oid, tid = commit_blobs(db, {"b": b"lost"})["b"]
+    storage._cache.discard(oid, tid)
+    storage._store.delete([storage._layout.key(oid, tid)])
+    with pytest.raises(POSKeyError, match=storage._layout.key(oid, tid)):
+        storage.loadBlob(oid, tid)
+    db.close()
+
+
+def test_pack_succeeds_when_only_the_orphan_deletes_fail(make_storage, caplog):
+    """The base pack worked: pack() returns, logs an error with the count and
+    the first keys, and leaves the orphans for `zodb-s3blobs gc`."""
+    storage = make_storage(base=MappingStorage())
+    db = ZODB.DB(storage)
+    old = commit_blobs(db, {"b": b"old"})["b"]
+    commit_blobs(db, {"b": b"new"})
+    orphan = storage._layout.key(*old)
+    with (
+        failing(storage._store, "DeleteObjects", code="InternalError", status=500),
+        caplog.at_level(logging.ERROR, logger="zodb_s3blobs"),
+    ):
+        db.pack()
+    assert orphan in keys(storage)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("1 orphan" in m and orphan in m and "gc" in m for m in errors), errors
+    assert storage.collect_orphans().deleted == 1
+    assert orphan not in keys(storage)
+    db.close()
+
+
+class _TidAtFinish(BaseStorage):
+    """A BaseStorage subclass that chooses its tid in tpc_finish, as NEO's client
+    storage does."""
+
+
+def test_a_base_storage_subclass_without_a_tested_rule_is_refused(make_storage):
+    """Defect 7. Fails before the fix: every BaseStorage subclass was accepted
+    and its (stale) _tid used for the keys."""
+    with pytest.raises(UnsupportedBaseStorage, match="_TidAtFinish"):
+        make_storage(base=_TidAtFinish("tid-at-finish"))
+
+
+def test_storage_opens_while_s3_is_unreachable_and_fails_reads_clearly(
+    tmp_path, caplog
+):
+    """A short S3 outage during a restart must not take the site down: the
+    storage opens with an ERROR naming the endpoint, serves what needs no S3,
+    and fails a cold read and a vote with blobs clearly. Fails before the fix:
+    any HeadBucket failure refused the open."""
+    from ports import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = s3env.settings(endpoint_url=endpoint)
+    with caplog.at_level(logging.ERROR, logger="zodb_s3blobs"):
+        storage = S3BlobStorage(MappingStorage(), settings, str(tmp_path / "c"))
+    try:
+        assert any(endpoint in r.getMessage() for r in caplog.records)
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            conn.root()["plain"] = "pages still work"
+        with pytest.raises(BlobReadError, match="127.0.0.1"):
+            storage.loadBlob(p64(1), p64(2))
+        with pytest.raises(ObjectStoreError):
+            commit_blobs(db, {"b": b"cannot be stored yet"})
+        transaction.abort()
+        db.close()
+    finally:
+        storage.close()
