@@ -129,3 +129,140 @@ def test_a_retry_after_a_failed_range_writes_the_right_bytes(tmp_path):
         finally:
             store.close()
     assert sum(failing in note for note in faults.injected) == 1
+
+
+def blob_gets(method: str, path: str) -> bool:
+    return method == "GET" and path.endswith(".blob")
+
+
+def small_blobs(count: int) -> dict[str, bytes]:
+    """*count* objects of a few KB each, stored; returns key -> bytes."""
+    prefix = s3env.new_prefix()
+    blobs = {
+        f"{prefix}/blobs/{n:02x}/b.blob": os.urandom(3_000 + n) for n in range(count)
+    }
+    for key, data in blobs.items():
+        put_object(key, data)
+    return blobs
+
+
+def read_all(store: ObjectStore, blobs: dict[str, bytes], tmp_path) -> None:
+    for n, (key, data) in enumerate(blobs.items()):
+        path = tmp_path / f"out{n}"
+        with open(path, "wb") as out:
+            assert store.download(key, out) == len(data)
+        assert path.read_bytes() == data, key
+
+
+def test_reads_under_a_20_percent_slowdown_rate_succeed_with_the_defaults(tmp_path):
+    """Fails before the fix: three attempts in all were the default, and with
+    this seed the seventh blob meets three 503 SlowDown answers in a row (a
+    20% rate does that to about one set of 30 blobs in three). S3 asks
+    clients to back off and retry; within s3-download-deadline they do."""
+    blobs = small_blobs(30)
+    faults = Faults(error_rate=0.2, applies=blob_gets, seed=5)
+    with faulty_s3(faults) as server:
+        store = ObjectStore(s3env.settings(endpoint_url=server.endpoint_url))
+        try:
+            read_all(store, blobs, tmp_path)
+        finally:
+            store.close()
+    assert len(faults.injected) > 3
+
+
+def test_reads_under_resets_and_cut_bodies_succeed_with_the_defaults(tmp_path):
+    """Connections reset before the answer and bodies cut off halfway are
+    retried like throttling, within the deadline."""
+    blobs = small_blobs(30)
+    faults = Faults(reset_rate=0.15, cut_rate=0.15, applies=blob_gets, seed=2)
+    with faulty_s3(faults) as server:
+        store = ObjectStore(s3env.settings(endpoint_url=server.endpoint_url))
+        try:
+            read_all(store, blobs, tmp_path)
+        finally:
+            store.close()
+    assert any(note.startswith("reset") for note in faults.injected)
+    assert any(note.startswith("cut") for note in faults.injected)
+
+
+def test_a_stalled_read_fails_within_the_deadline_naming_key_and_cause(tmp_path):
+    """With the default timeouts and deadline, a server that never answers
+    costs one read timeout, then no attempt starts that could outlast the
+    deadline. (The one slow test here: about s3-download-read-timeout.)"""
+    (key,) = small_blobs(1)
+    with faulty_s3(Faults(stall=25, applies=blob_gets)) as server:
+        settings = s3env.settings(endpoint_url=server.endpoint_url)
+        store = ObjectStore(settings)
+        try:
+            started = time.monotonic()
+            with (
+                open(tmp_path / "out", "wb") as out,
+                pytest.raises(ObjectStoreError) as info,
+            ):
+                store.download(key, out)
+            elapsed = time.monotonic() - started
+        finally:
+            store.close()
+    assert elapsed >= settings.download_read_timeout
+    assert elapsed < settings.download_deadline + 1.0, f"gave up after {elapsed:.1f}s"
+    message = str(info.value)
+    assert f"s3://{s3env.BUCKET}/{key}" in message
+    assert "Timeout" in message
+    assert "1 attempt" in message
+    assert "s3-download-deadline" in message
+
+
+def test_download_max_attempts_still_caps_the_attempts(tmp_path):
+    """``download_max_attempts=3``, as configurations written for the count
+    still set it: it caps the attempts within the deadline, and the error
+    says how many were made and how long they took."""
+    (key,) = small_blobs(1)
+    faults = Faults(error_rate=1.0, applies=blob_gets)
+    with faulty_s3(faults) as server:
+        store = ObjectStore(
+            s3env.settings(endpoint_url=server.endpoint_url, download_max_attempts=3)
+        )
+        try:
+            with (
+                open(tmp_path / "out", "wb") as out,
+                pytest.raises(ObjectStoreError) as info,
+            ):
+                store.download(key, out)
+        finally:
+            store.close()
+    assert len(faults.injected) == 3
+    message = str(info.value)
+    assert "SlowDown" in message
+    assert "3 attempts" in message
+    assert key in message
+
+
+def test_a_checksum_mismatch_is_tried_once_more_not_until_the_deadline(tmp_path):
+    """Bytes that differ from the recorded CRC32 may have been damaged in
+    transit, so they are fetched once more; a second mismatch means the
+    stored object is damaged, and waiting out the deadline would not help."""
+    key = f"{s3env.new_prefix()}/blobs/damaged.blob"
+    s3env.server().client().put_object(
+        Bucket=s3env.BUCKET,
+        Key=key,
+        Body=b"damaged bytes",
+        Metadata={CHECKSUM_METADATA: f"{zlib.crc32(b'original bytes'):08x}"},
+    )
+    store = ObjectStore(s3env.settings())
+    gets = []
+    store.clients[1].meta.events.register(
+        "before-send.s3.GetObject", lambda **kw: gets.append(1)
+    )
+    try:
+        started = time.monotonic()
+        with (
+            open(tmp_path / "out", "wb") as out,
+            pytest.raises(ObjectStoreError) as info,
+        ):
+            store.download(key, out)
+    finally:
+        store.close()
+    assert len(gets) == 2
+    assert time.monotonic() - started < 5
+    assert "checksum mismatch" in str(info.value)
+    assert "2 attempts" in str(info.value)

@@ -10,8 +10,10 @@ timeouts, many attempts, botocore retrying transient failures -- 5xx,
 throttling, resets -- with backoff), one for downloads (short timeouts),
 which serve web requests. A download that fails transiently, whose body
 breaks off, or whose bytes do not match the CRC32 recorded at upload is
-started again with backoff, up to ``download_max_attempts`` times in all, so
-a stalled read fails within about that many times the two timeouts.
+started again with jittered exponential backoff as long as
+``download_deadline`` leaves time for one more attempt to run out its connect
+and read timeouts, so a server that stops answering fails the download
+within the deadline (see :meth:`ObjectStore.download` for the exact bound).
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ CHECKSUM_METADATA = "zodb-crc32"
 #: requests. A single S3 connection over the internet gives well below this.
 FAST_STREAM = 256 * MiB
 _DOWNLOAD_CHUNK = 1 << 20
-_MAX_BACKOFF = 1.0
+#: Download retries wait a random time up to 0.1 s, 0.2 s, 0.4 s ... capped
+#: here: S3 asks clients it throttles to back off, and a web request waits.
+_MAX_BACKOFF = 2.0
+_FIRST_BACKOFF = 0.1
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -63,6 +68,12 @@ _TRANSIENT_CODES = {
 }
 
 __all__ = ["ObjectStore", "S3Settings"]
+
+
+class _ChecksumMismatch(ObjectStoreError):
+    """The bytes read differ from the CRC32 recorded at upload: retried once
+    (they may have been damaged in transit), not until the deadline (a second
+    mismatch means the stored object is damaged)."""
 
 
 def file_crc32(path: str) -> str:
@@ -82,9 +93,9 @@ def _http_status(exc: Exception) -> int:
 
 
 def _backoff(attempt: int) -> float:
-    """Seconds to wait before retry *attempt* + 1: exponential, jittered, small
-    (a web request is waiting)."""
-    return random.uniform(0, min(_MAX_BACKOFF, 0.05 * 2**attempt))
+    """Seconds to wait before retry *attempt* + 1: exponential with full
+    jitter, capped at :data:`_MAX_BACKOFF` (a web request is waiting)."""
+    return random.uniform(0, min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (attempt - 1)))
 
 
 def content_disposition(filename: str) -> str:
@@ -305,24 +316,57 @@ class ObjectStore:
     def download(self, key: str, out: BinaryIO) -> int:
         """Write the object into *out* (a file opened for writing); return its size.
 
-        Transient failures (a broken body, a checksum mismatch, 5xx after
-        botocore's own retries) start the download again, up to
-        ``download_max_attempts`` times; a missing object fails at once.
+        Transient failures (throttling, 5xx, a reset connection, a body cut
+        off, a checksum mismatch, a timeout) start the download again after a
+        jittered backoff, but only while the attempt, started after the
+        backoff, could run out its connect and read timeouts before
+        ``download_deadline`` (counted from this call) has passed; and at most
+        ``download_max_attempts`` times in all, if that is set. A missing
+        object, or any other failure that is not transient, fails at once.
+
+        The bound that holds: an attempt gets no answer, or no byte of its
+        body, for ``download_read_timeout`` and is abandoned; so a server that
+        stops answering fails the download within the deadline (plus name
+        resolution). A body that keeps arriving, however slowly, is not cut
+        off: the download then ends at most one read timeout after its last
+        byte, and starts no new attempt after the deadline. A checksum
+        mismatch is tried once more only: twice means the stored bytes are bad.
         """
-        attempts = self.settings.download_max_attempts
-        attempt = 1
+        settings = self.settings
+        limit = settings.download_max_attempts
+        # The longest an attempt takes to fail when nothing arrives at all.
+        stall = settings.download_connect_timeout + settings.download_read_timeout
+        started = time.monotonic()
+        deadline = started + settings.download_deadline
+        attempt, mismatches = 1, 0
         while True:
             out.seek(0)
             out.truncate()
             try:
                 return self._download_once(key, out)
             except ObjectStoreError as exc:
-                if not exc.transient or attempt >= attempts:
+                if not exc.transient:
                     raise
-                log.warning(
-                    "Retrying (attempt %d of %d): %s", attempt + 1, attempts, exc
-                )
-                time.sleep(_backoff(attempt))
+                pause = _backoff(attempt)
+                now = time.monotonic()
+                mismatches += isinstance(exc, _ChecksumMismatch)
+                if (
+                    (limit is not None and attempt >= limit)
+                    or now + pause + stall > deadline
+                    or mismatches > 1
+                ):
+                    raise ObjectStoreError(
+                        exc.operation,
+                        exc.key,
+                        f"{exc.cause} (gave up after {attempt} "
+                        f"attempt{'s' if attempt > 1 else ''} in "
+                        f"{now - started:.1f}s; s3-download-deadline "
+                        f"{settings.download_deadline:g}s"
+                        + (f", s3-download-max-attempts {limit})" if limit else ")"),
+                        exc.transient,
+                    ) from exc
+                log.warning("Retrying (attempt %d): %s", attempt + 1, exc)
+                time.sleep(pause)
                 attempt += 1
 
     def _download_once(self, key: str, out: BinaryIO) -> int:
@@ -365,7 +409,7 @@ class ObjectStore:
                 out.flush()
                 crc = int(file_crc32(out.name), 16)
             if f"{crc:08x}" != expected.lower():
-                raise ObjectStoreError(
+                raise _ChecksumMismatch(
                     "GET",
                     self.url(key),
                     f"checksum mismatch: CRC32 {crc:08x}, recorded {expected}",

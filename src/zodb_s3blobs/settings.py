@@ -60,10 +60,14 @@ class S3Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
-    #: Downloads serve web requests: a stalled connection is abandoned fast.
+    #: Downloads serve web requests: a stalled connection is abandoned fast,
+    #: and failures are retried with backoff while the deadline allows one
+    #: more attempt to run its full connect + read timeout (see
+    #: ObjectStore.download); download_max_attempts, if set, caps the count.
     download_connect_timeout: float = 3.0
     download_read_timeout: float = 10.0
-    download_max_attempts: int = 3
+    download_deadline: float = 20.0
+    download_max_attempts: int | None = None
 
     def __post_init__(self) -> None:
         if not self.bucket:
@@ -75,13 +79,14 @@ class S3Settings:
             )
         self._check_encryption()
         for name in ("max_concurrency", "max_attempts", "download_max_attempts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"s3-{name.replace('_', '-')} must be at least 1")
         for name in (
             "connect_timeout",
             "read_timeout",
             "download_connect_timeout",
             "download_read_timeout",
+            "download_deadline",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"s3-{name.replace('_', '-')} must be positive")
