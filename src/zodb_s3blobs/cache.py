@@ -52,24 +52,129 @@ _RESERVED = ("tmp", "locks")
 _INSTALL_ATTEMPTS = 10
 #: Temp files older than this (seconds) were left by a killed process.
 ABANDONED_AFTER = 24 * 3600
+#: The extended attribute holding a cached file's size at install.
+SIZE_ATTRIBUTE = "user.zodb_s3blobs.size"
+#: How often a waiting eviction check retries ``evict.lock`` (seconds).
+_LOCK_POLL = 0.02
+#: A file whose atime is this much newer (seconds) than this process's last
+#: use of it was used by another process since: eviction keeps it.
+_USED_ELSEWHERE = 1.0
 
 
 @contextlib.contextmanager
-def _flock(path: str, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on *path*; yield False if non-blocking and busy."""
+def _flock(
+    path: str, blocking: bool = True, stop: threading.Event | None = None
+) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on *path* through a descriptor of its own.
+
+    Yields False if non-blocking and busy, or if *stop* is set while waiting
+    (a wait with *stop* polls, so a closing cache's thread is not stuck in
+    ``flock`` behind another process).
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(
+                    fd,
+                    fcntl.LOCK_EX
+                    | (fcntl.LOCK_NB if stop is not None or not blocking else 0),
+                )
+                break
+            except BlockingIOError:
+                if stop is None or stop.wait(_LOCK_POLL):
+                    yield False
+                    return
         try:
             yield True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class _Ledger:
+    """The total size of the cache's blob files, shared by every process using
+    the directory: one decimal number in ``locks/total``, read and changed
+    under an ``flock`` on that file (taken under a stripe lock or
+    ``evict.lock``, never the other way round).
+
+    It may only over-count after a crash: installs add before their rename,
+    removals subtract after theirs. Every scan of the directory rewrites it.
+    None means unknown (a new or damaged ledger) until the next scan.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        with contextlib.ExitStack() as stack:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            stack.callback(os.close, fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
+            yield fd
+
+    @staticmethod
+    def _get(fd: int) -> int | None:
+        try:
+            return max(0, int(os.pread(fd, 64, 0)))
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _put(fd: int, total: int) -> None:
+        # Fixed width: a shorter number never leaves digits of a longer one.
+        os.pwrite(fd, f"{total:20d}\n".encode(), 0)
+
+    def read(self) -> int | None:
+        with self._locked() as fd:
+            return self._get(fd)
+
+    def add(self, delta: int) -> int | None:
+        """Add *delta* bytes; return the new total (None while unknown)."""
+        with self._locked() as fd:
+            total = self._get(fd)
+            if total is None:
+                return None
+            total = max(0, total + delta)
+            self._put(fd, total)
+            return total
+
+    def rewrite(self, found: int, recorded_before: int | None) -> int:
+        """Set the total a scan *found*, plus what the ledger recorded since it
+        started (*recorded_before*): changes the walk missed are counted, and
+        changes it saw are counted twice, which over-counts (an extra eviction
+        check) rather than under-counts (a cache over its limit)."""
+        with self._locked() as fd:
+            now = self._get(fd)
+            if now is not None and recorded_before is not None:
+                found += now - recorded_before
+            total = max(0, found)
+            self._put(fd, total)
+            return total
+
+
+def _recorded_size(target: str | int) -> int | None:
+    """The size a file had when the cache sealed it (see :func:`_seal`);
+    None for a file without the record (older, or a file system without user
+    extended attributes)."""
+    try:
+        return int(os.getxattr(target, SIZE_ATTRIBUTE))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError):
+        return None
+
+
+def _seal(fd: int, size: int) -> None:
+    """Record *size* with the file and flush it to disk, before it is renamed
+    into the cache: after a crash a cached file is then complete or absent,
+    and a file whose size later differs from the record is never served."""
+    with contextlib.suppress(OSError):  # no user xattrs here: the index checks
+        os.setxattr(fd, SIZE_ATTRIBUTE, str(size).encode())
+    os.fsync(fd)
 
 
 def _mkdir(path: str) -> None:
@@ -110,18 +215,22 @@ class BlobCache:
             raise S3BlobStorageError(
                 f"cache-dir {self.directory!r} cannot be used: {exc.strerror}"
             ) from exc
+        self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
         self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
         self._state_lock = threading.Lock()
         self._bytes_since_check = 0
         # Built by the check started at open (in the daemon thread, so opening
         # the storage does not wait for a walk of a large cache), and rebuilt
-        # after each cache-size of loads to count other processes' files.
+        # after each cache-size of loads to learn other processes' files.
         self._index: LRUIndex | None = None
         # Changes made while a scan walks the directory, replayed onto its
         # result: (revision, size) for an addition, (revision, None) a removal.
         self._during_scan: list[tuple[tuple[bytes, bytes], int | None]] | None = None
         self._bytes_since_scan = 0
+        # The eviction thread, if one runs; it exits when no check is pending.
         self._evictor: threading.Thread | None = None
+        self._check_pending = False
+        self._closing = threading.Event()
         self._remove_abandoned_temp_files()
         self._start_check()  # builds the index in the background
 
@@ -152,55 +261,86 @@ class BlobCache:
         """The cached file's path, marked as just used; None when not cached,
         or when its size is no longer the size it was installed with (it is
         then removed, so the caller downloads it again)."""
+        path, damaged = self._hit(oid, tid)
+        if damaged:
+            with _flock(self._lock_path(oid, tid)):
+                path, damaged = self._hit(oid, tid)
+                if damaged:
+                    self._remove_damaged(oid, tid)
+            self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
+        return path
+
+    def _hit(self, oid: bytes, tid: bytes) -> tuple[str | None, bool]:
+        """(path, False) for a sound cached file, marked as used; (None, True)
+        for a file whose size differs from the one recorded at install (by
+        the file itself, or this process's index); (None, False) if absent.
+        Takes no lock, so callers may hold the stripe lock or not."""
+        revision = (oid, tid)
         path = self.path(oid, tid)
         try:
             size = os.stat(path).st_size
+            recorded = _recorded_size(path)
             os.utime(path)  # other processes sharing the cache see the use
         except FileNotFoundError:
-            return None
+            return None, False
         with self._state_lock:
-            if self._index is None:
-                return path
-            expected = self._index.touch((oid, tid))
-        if expected is None:  # installed by another process since our last scan
-            self._record((oid, tid), size)
-        elif expected != size:
-            log.warning(
-                "Cached blob %s has %d bytes, not the %d it was installed with: "
-                "removed, to be downloaded again",
-                path,
-                size,
-                expected,
-            )
-            self.discard(oid, tid)
-            return None
-        return path
+            indexed = None if self._index is None else self._index.touch(revision)
+        # The file's own record is authoritative; this process's index (what
+        # it installed or scanned) covers files sealed without one.
+        expected = indexed if recorded is None else recorded
+        if expected is not None and expected != size:
+            return None, True
+        if indexed != size:  # e.g. installed by another process since our scan
+            self._record(revision, size)
+        return path, False
+
+    def _remove_damaged(self, oid: bytes, tid: bytes) -> None:
+        """Remove a file whose size changed since it was installed; the caller
+        holds its stripe lock."""
+        path = self.path(oid, tid)
+        log.warning(
+            "Cached blob %s no longer has the size it was installed with: "
+            "removed, to be downloaded again",
+            path,
+        )
+        self._remove_locked(oid, tid)
 
     def fetch(self, oid: bytes, tid: bytes, download: Callable[[BinaryIO], int]) -> str:
         """Return the cached file for (oid, tid), calling *download* if absent.
 
         Under the blob's lock the cache is checked again, so concurrent loaders
         (threads or processes) download once. *download* writes into a temp
-        file that is renamed into place only when complete.
+        file and returns the size it wrote; the file is renamed into place
+        only when it has that size and is on disk.
         """
-        cached = self.lookup(oid, tid)
-        if cached is not None:
-            return cached
+        path, _damaged = self._hit(oid, tid)
+        if path is not None:
+            return path
         with _flock(self._lock_path(oid, tid)):
-            cached = self.lookup(oid, tid)
-            if cached is not None:
-                return cached
+            path, damaged = self._hit(oid, tid)
+            if path is not None:
+                return path
+            if damaged:
+                self._remove_damaged(oid, tid)
             path = self.path(oid, tid)
             temp = self.new_temp_file("download-")
             try:
                 with open(temp, "wb") as out:
                     size = download(out)
-                self._install(temp, path)
+                    out.flush()
+                    written = os.fstat(out.fileno()).st_size
+                    if written != size:
+                        raise S3BlobStorageError(
+                            f"Download of blob {hex_id(oid)}/{hex_id(tid)} "
+                            f"reported {size} bytes but wrote {written}"
+                        )
+                    _seal(out.fileno(), size)
+                total = self._install(temp, path, size)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
-        self._added((oid, tid), size)
+        self._added((oid, tid), size, total)
         return path
 
     # -- writing ---------------------------------------------------------
@@ -209,21 +349,59 @@ class BlobCache:
         """Move a file the caller hands over into ``tmp/``; return its new path.
 
         ZODB's ``rename_or_copy_blob`` falls back to a copy when the file lives
-        on another file system (and logs it, as ZODB's own storages do).
+        on another file system (and logs it, as ZODB's own storages do). The
+        file is then sealed (its size recorded, flushed to disk), so that
+        :meth:`install`, in ``tpc_finish``, only renames; and its mtime is
+        set to now, so that no process takes it for abandoned while it waits.
         """
         staged = self.new_temp_file("staged-")
         rename_or_copy_blob(filename, staged, chmod=False)
+        os.utime(staged)
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            _seal(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         return staged
 
     def install(self, oid: bytes, tid: bytes, staged: str) -> None:
-        """Rename a staged, complete file into the cache as (oid, tid)."""
-        size = os.stat(staged).st_size
-        with _flock(self._lock_path(oid, tid)):
-            self._install(staged, self.path(oid, tid))
-        self._added((oid, tid), size)
+        """Rename a file sealed by :meth:`take` into the cache as (oid, tid).
 
-    def _install(self, source: str, path: str) -> None:
+        Raises only OSError, e.g. when the staged file's size is no longer the
+        one recorded when it was taken: it is then not installed, and will be
+        downloaded when read.
+        """
+        size = os.stat(staged).st_size
+        recorded = _recorded_size(staged)
+        if recorded is not None and recorded != size:
+            raise OSError(
+                errno.EIO,
+                f"staged blob has {size} bytes, not the {recorded} it was taken with",
+                staged,
+            )
+        with _flock(self._lock_path(oid, tid)):
+            total = self._install(staged, self.path(oid, tid), size)
+        self._added((oid, tid), size, total)
+
+    def _install(self, source: str, path: str, size: int) -> int | None:
+        """Rename *source* (of *size* bytes) to *path*, under its stripe lock;
+        return the ledger's new total."""
         os.chmod(source, FILE_MODE)
+        try:
+            replaced = os.stat(path).st_size
+        except FileNotFoundError:
+            replaced = 0
+        # Counted before the rename: a crash in between over-counts.
+        total = self._ledger.add(size - replaced)
+        try:
+            self._rename_into_place(source, path)
+        except BaseException:
+            self._ledger.add(replaced - size)
+            raise
+        return total
+
+    @staticmethod
+    def _rename_into_place(source: str, path: str) -> None:
         oid_dir = os.path.dirname(path)
         for _attempt in range(_INSTALL_ATTEMPTS):
             try:
@@ -240,17 +418,22 @@ class BlobCache:
 
     def discard(self, oid: bytes, tid: bytes) -> None:
         """Remove the cached copy of (oid, tid), if any, and empty directories."""
-        self._record((oid, tid), None)
-        self._delete(oid, tid)
+        with _flock(self._lock_path(oid, tid)):
+            self._remove_locked(oid, tid)
+        self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
 
-    def _delete(self, oid: bytes, tid: bytes) -> bool:
+    def _remove_locked(self, oid: bytes, tid: bytes) -> int | None:
+        """Remove the cached file of (oid, tid); the caller holds its stripe
+        lock. Returns its size, or None if there was none."""
+        self._record((oid, tid), None)
         path = self.path(oid, tid)
-        deleted = False
-        with _flock(self._lock_path(oid, tid)), contextlib.suppress(FileNotFoundError):
+        try:
+            size = os.stat(path).st_size
             os.remove(path)
-            deleted = True
-        self._remove_empty_dirs(os.path.dirname(path))
-        return deleted
+        except FileNotFoundError:
+            return None
+        self._ledger.add(-size)  # after the removal: a crash over-counts
+        return size
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
         for directory in (oid_dir, os.path.dirname(oid_dir)):
@@ -262,6 +445,12 @@ class BlobCache:
                 raise
 
     # -- eviction --------------------------------------------------------
+
+    def recorded_bytes(self) -> int | None:
+        """The total size of the cache's blob files as the shared ledger
+        records it, for every process using the directory, without walking
+        it; None until a first scan has written the ledger."""
+        return self._ledger.read()
 
     def _record(self, revision: tuple[bytes, bytes], size: int | None) -> None:
         """Index an added file (its size) or a removed one (None)."""
@@ -275,33 +464,61 @@ class BlobCache:
         if self._index is not None:
             self._index.apply(revision, size)
 
-    def _added(self, revision: tuple[bytes, bytes], size: int) -> None:
-        """Account a new file; start an eviction check every CHECK_FRACTION of
-        the size limit loaded, as ZEO's blob cache does."""
+    def _added(
+        self, revision: tuple[bytes, bytes], size: int, total: int | None
+    ) -> None:
+        """Account a new file; start an eviction check when the directory's
+        total (*total*, from the ledger) exceeds the limit, or, while the
+        ledger is unknown, every CHECK_FRACTION of the limit loaded."""
         with self._state_lock:
             self._apply(revision, size)
             self._bytes_since_scan += size
             self._bytes_since_check += size
-            if self._bytes_since_check < self._check_threshold:
+            if total is not None:
+                if total <= self.size_limit:
+                    return
+            elif self._bytes_since_check < self._check_threshold:
                 return
         self._start_check()
 
     def _start_check(self) -> None:
-        """Run an eviction check in the daemon thread, unless one is running."""
+        """Have the eviction thread check the cache once more, starting it if
+        it is not running. A check requested while one runs is not lost: the
+        thread loops until none is pending."""
         with self._state_lock:
-            if self._evictor is not None and self._evictor.is_alive():
-                return
+            self._check_pending = True
             self._bytes_since_check = 0
+            if self._evictor is not None:
+                return
             self._evictor = threading.Thread(
-                target=self._evict_quietly, name="zodb-s3blobs-evict", daemon=True
+                target=self._check_until_done, name="zodb-s3blobs-evict", daemon=True
             )
             self._evictor.start()
+
+    def _check_until_done(self) -> None:
+        while True:
+            with self._state_lock:
+                if not self._check_pending or self._closing.is_set():
+                    self._evictor = None
+                    return
+                self._check_pending = False
+            try:
+                lock = os.path.join(self._locks_dir, "evict.lock")
+                # Waits for another thread or process that is evicting: the
+                # total may still be over the limit when it has finished.
+                with _flock(lock, stop=self._closing) as acquired:
+                    if acquired:
+                        self._evict_locked(None)
+            except Exception:
+                log.exception("Blob cache eviction in %s failed", self.directory)
 
     def _remove_abandoned_temp_files(self) -> None:
         """Remove downloads and staged uploads a killed process left in tmp/.
 
-        A file still in tmp/ was never installed, so it is never served; one a
-        day old belongs to no transaction or download still running.
+        A file still in tmp/ was never installed, so it is never served; one
+        not written for a day belongs to no transaction or download still
+        running (downloads write, and :meth:`take` sets the mtime of what it
+        stages).
         """
         cutoff = time.time() - ABANDONED_AFTER
         for entry in _entries(self.temp_dir):
@@ -309,12 +526,6 @@ class BlobCache:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < cutoff:
                         os.remove(entry.path)
-
-    def _evict_quietly(self) -> None:
-        try:
-            self.evict(wait=False)
-        except Exception:
-            log.exception("Blob cache eviction in %s failed", self.directory)
 
     def files(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every cached blob file with its stat (not staged or temp files)."""
@@ -334,17 +545,23 @@ class BlobCache:
                         yield revision, entry.path, entry.stat()
 
     def _scan(self) -> None:
-        """Rebuild the index from the directory, in access-time order."""
+        """Rebuild the index from the directory, in access-time order, and
+        rewrite the shared ledger with the total found. Called under
+        ``evict.lock``."""
         started = time.monotonic()
         with self._state_lock:
             self._during_scan = []
         try:
+            recorded_before = self._ledger.read()
             found = sorted(self._walk(), key=lambda item: item[2].st_atime)
         except BaseException:
             with self._state_lock:
                 self._during_scan = None
             raise
-        index = LRUIndex((revision, st.st_size) for revision, _path, st in found)
+        index = LRUIndex(
+            (revision, st.st_size, st.st_atime) for revision, _path, st in found
+        )
+        total = self._ledger.rewrite(index.total, recorded_before)
         with self._state_lock:
             # Replay what happened during the walk, which it may have missed.
             for revision, size in self._during_scan:
@@ -353,45 +570,106 @@ class BlobCache:
             self._index = index
             self._bytes_since_scan = 0
         log.debug(
-            "Indexed %d cached files (%d bytes) in %s in %.3fs",
+            "Indexed %d cached files (%d bytes; ledger %d) in %s in %.3fs",
             len(index),
             index.total,
+            total,
             self.directory,
             time.monotonic() - started,
         )
 
     def evict(self, target: int | None = None, wait: bool = True) -> int:
-        """Delete least-recently-used files until at most *target* bytes remain
-        (default: 90% of the limit, if the limit is exceeded). Returns the bytes
-        freed. With *wait* false (the daemon thread), returns 0 at once when
-        another thread or process is evicting already.
+        """Delete least-recently-used files until the directory holds at most
+        *target* bytes (default: 90% of the limit, if the limit is exceeded),
+        counting every process's files. Returns the bytes freed. With *wait*
+        false, returns 0 at once when another thread or process is evicting.
 
-        Costs what it deletes: the directory is walked only to build the index
-        and after each cache-size of loads.
+        Costs what it deletes: the directory is walked only to build the index,
+        after each cache-size of loads, and when the index runs out of files
+        before the shared total reaches *target* (other processes' files).
         """
         lock = os.path.join(self._locks_dir, "evict.lock")
         with _flock(lock, blocking=wait) as acquired:
             if not acquired:
                 return 0
+            return self._evict_locked(target)
+
+    def _evict_locked(self, target: int | None) -> int:
+        """:meth:`evict`, for a caller holding ``evict.lock``."""
+        with self._state_lock:
+            stale = self._index is None or self._bytes_since_scan >= self.size_limit
+        total = None if stale else self._ledger.read()
+        scanned = total is None
+        if scanned:
+            self._scan()
+            total = self._ledger.read() or 0
+        if target is None:
+            if total <= self.size_limit:
+                return 0
+            target = int(self.size_limit * EVICTION_TARGET)
+        freed = 0
+        with self._state_lock:
+            # Each revision is passed over at most once as used elsewhere.
+            passes = len(self._index)
+        while total > target and not self._closing.is_set():
             with self._state_lock:
-                stale = self._index is None or self._bytes_since_scan >= self.size_limit
-            if stale:
+                oldest = self._index.pop_oldest()
+            if oldest is None:
+                if scanned:
+                    break
+                # The index does not cover the directory (other processes'
+                # files, or a stale total): learn it, and go on.
                 self._scan()
-            with self._state_lock:
-                if target is None:
-                    if self._index.total <= self.size_limit:
-                        return 0
-                    target = int(self.size_limit * EVICTION_TARGET)
-                victims = self._index.pop_oldest_until(target)
-            freed = sum(size for (oid, tid), size in victims if self._delete(oid, tid))
-            log.debug("Evicted %d bytes from %s", freed, self.directory)
-            return freed
+                scanned = True
+                total = self._ledger.read() or 0
+                continue
+            (oid, tid), _size, used = oldest
+            removed, used_at, total_after = self._evict_one(
+                oid, tid, used if passes > 0 else None
+            )
+            passes -= 1
+            if used_at is not None:  # another process used it since
+                with self._state_lock:
+                    self._index.add((oid, tid), used_at[0], used_at[1])
+                continue
+            if removed is not None:
+                freed += removed
+                self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
+            refreshed = total_after if total_after is not None else self._ledger.read()
+            total = refreshed or 0
+        log.debug("Evicted %d bytes from %s", freed, self.directory)
+        return freed
+
+    def _evict_one(
+        self, oid: bytes, tid: bytes, used: float | None
+    ) -> tuple[int | None, tuple[int, float] | None, int | None]:
+        """Remove (oid, tid) under its stripe lock unless its access time says
+        another process used it after *used* (None: remove regardless).
+        Returns (bytes removed or None, (size, atime) if kept, new total)."""
+        path = self.path(oid, tid)
+        with _flock(self._lock_path(oid, tid)):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None, None, None
+            if used is not None and st.st_atime > used + _USED_ELSEWHERE:
+                return None, (st.st_size, st.st_atime), None
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                return None, None, None
+            return st.st_size, None, self._ledger.add(-st.st_size)
 
     def close(self) -> None:
-        """Wait briefly for a running eviction so the process exits cleanly."""
-        evictor = self._evictor
+        """Let a running eviction check finish (for up to 10 seconds, then ask
+        it to stop), so that no thread outlives the storage."""
+        with self._state_lock:
+            evictor = self._evictor
         if evictor is not None:
             evictor.join(timeout=10)
+            if evictor.is_alive():
+                self._closing.set()
+                evictor.join(timeout=1)
 
 
 def _revision(oid_hex: str, filename: str) -> tuple[bytes, bytes] | None:

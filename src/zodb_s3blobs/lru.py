@@ -1,9 +1,11 @@
 """The cache's in-memory index: cached revisions in least-recently-used order
-with their sizes, so an eviction check costs what it evicts, not a walk of
-the cache directory. Not thread-safe: the cache guards it with its lock."""
+with their sizes and when this process last knew them to be used, so an
+eviction check costs what it evicts, not a walk of the cache directory. Not
+thread-safe: the cache guards it with its lock."""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -11,37 +13,41 @@ Revision = tuple[bytes, bytes]  # (oid, tid)
 
 
 class LRUIndex:
-    """Sizes of cached revisions, oldest use first, and their total."""
+    """Sizes and use times of cached revisions, oldest use first, and their
+    total size."""
 
-    def __init__(self, entries: Iterable[tuple[Revision, int]] = ()) -> None:
-        self._sizes: OrderedDict[Revision, int] = OrderedDict()
+    def __init__(self, entries: Iterable[tuple[Revision, int, float]] = ()) -> None:
+        self._entries: OrderedDict[Revision, tuple[int, float]] = OrderedDict()
         self.total = 0
-        for revision, size in entries:
-            self.add(revision, size)
+        for revision, size, used in entries:
+            self.add(revision, size, used)
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._entries)
 
     def __contains__(self, revision: Revision) -> bool:
-        return revision in self._sizes
+        return revision in self._entries
 
-    def add(self, revision: Revision, size: int) -> None:
-        """Record *revision* as just used, with its size."""
+    def add(self, revision: Revision, size: int, used: float | None = None) -> None:
+        """Record *revision* as the most recently used, with its size; *used*
+        is when it was used (default: now)."""
         self.remove(revision)
-        self._sizes[revision] = size
+        self._entries[revision] = (size, time.time() if used is None else used)
         self.total += size
 
     def touch(self, revision: Revision) -> int | None:
         """Mark *revision* as just used and return its size; None if it is not
         indexed."""
-        try:
-            self._sizes.move_to_end(revision)
-        except KeyError:
+        entry = self._entries.pop(revision, None)
+        if entry is None:
             return None
-        return self._sizes[revision]
+        self._entries[revision] = (entry[0], time.time())
+        return entry[0]
 
     def remove(self, revision: Revision) -> None:
-        self.total -= self._sizes.pop(revision, 0)
+        entry = self._entries.pop(revision, None)
+        if entry is not None:
+            self.total -= entry[0]
 
     def apply(self, revision: Revision, size: int | None) -> None:
         """Record an added file (its size) or a removed one (None)."""
@@ -50,12 +56,11 @@ class LRUIndex:
         else:
             self.add(revision, size)
 
-    def pop_oldest_until(self, target: int) -> list[tuple[Revision, int]]:
-        """Remove and return least-recently-used entries until at most *target*
-        bytes remain indexed."""
-        popped = []
-        while self.total > target and self._sizes:
-            revision, size = self._sizes.popitem(last=False)
-            self.total -= size
-            popped.append((revision, size))
-        return popped
+    def pop_oldest(self) -> tuple[Revision, int, float] | None:
+        """Remove and return the least recently used entry (revision, size,
+        use time); None when the index is empty."""
+        if not self._entries:
+            return None
+        revision, (size, used) = self._entries.popitem(last=False)
+        self.total -= size
+        return revision, size, used
