@@ -33,7 +33,15 @@ from urllib.parse import quote
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    SSLError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 from botocore.handlers import add_expect_header
 
 from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
@@ -52,6 +60,9 @@ CHECKSUM_METADATA = "zodb-crc32"
 #: requests. A single S3 connection over the internet gives well below this.
 FAST_STREAM = 256 * MiB
 _DOWNLOAD_CHUNK = 1 << 20
+#: HeadBucket attempts when the storage opens: enough to ride over one
+#: dropped connection, few enough not to hold up a restart.
+_CHECK_ATTEMPTS = 2
 #: Download retries wait a random time up to 0.1 s, 0.2 s, 0.4 s ... capped
 #: here: S3 asks clients it throttles to back off, and a web request waits.
 _MAX_BACKOFF = 2.0
@@ -223,23 +234,79 @@ class ObjectStore:
     # -- the bucket ------------------------------------------------------
 
     def check_bucket(self) -> None:
-        """Reach the bucket (HeadBucket); raise a clear error if it is missing
-        or the credentials are refused."""
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as exc:
-            error = self._error("HEAD bucket", "", exc)
+        """Reach the bucket (HeadBucket) and raise a clear error if it fails.
+
+        ``transient=False`` only for what is definitely the configuration
+        (no such bucket, credentials or permissions refused, another region
+        or endpoint, an untrusted certificate), naming the keys to check;
+        ``transient=True``, naming the endpoint, for what may pass (connection
+        refused, timeouts, 5xx, throttling), so that a storage opening during
+        a short S3 outage can tell the two apart. It runs when a site starts,
+        so it uses the download client's short timeouts and at most
+        :data:`_CHECK_ATTEMPTS` attempts, the second only if it could end
+        within ``download_deadline``.
+        """
+        settings = self.settings
+        stall = settings.download_connect_timeout + settings.download_read_timeout
+        deadline = time.monotonic() + settings.download_deadline
+        attempt = 1
+        while True:
+            try:
+                self._reader.head_bucket(Bucket=self.bucket)
+                return
+            except (ClientError, BotoCoreError) as exc:
+                error = self._bucket_error(exc)
+                pause = _backoff(attempt)
+                if (
+                    not error.transient
+                    or attempt >= _CHECK_ATTEMPTS
+                    or time.monotonic() + pause + stall > deadline
+                ):
+                    raise error from exc
+            time.sleep(pause)
+            attempt += 1
+
+    def _bucket_error(self, exc: Exception) -> ObjectStoreError:
+        """The ObjectStoreError for a failed HeadBucket: final, saying what to
+        check, or transient, naming the endpoint."""
+        where = f"s3://{self.bucket}"
+        endpoint = self._reader.meta.endpoint_url
+        if isinstance(exc, ClientError):
             status = _http_status(exc)
-            if isinstance(error, ObjectNotFound) or status == 404:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", status or "Unknown"))
+            answer = f"{code} {error.get('Message') or ''}".strip()
+            if status == 404 or code in _NOT_FOUND:
                 cause = "the bucket does not exist (check bucket-name, s3-region)"
-            elif status in (401, 403):
+                return ObjectStoreError("HEAD bucket", where, cause)
+            if status in (401, 403) and code not in _TRANSIENT_CODES:
                 cause = (
                     "access denied: the credentials were refused or may not list "
                     "the bucket (check s3-access-key, s3-secret-key, the policy)"
                 )
-            else:
-                cause = error.cause
-            raise ObjectStoreError("HEAD bucket", f"s3://{self.bucket}", cause) from exc
+                return ObjectStoreError("HEAD bucket", where, cause)
+            if status >= 500 or status in (408, 429) or code in _TRANSIENT_CODES:
+                cause = f"{endpoint} answered {answer}"
+                return ObjectStoreError("HEAD bucket", where, cause, True)
+            # 301/307 (the bucket is elsewhere), 400 (a malformed authorization
+            # header: usually the wrong region) and any other refusal.
+            cause = (
+                f"{endpoint} answered {answer}: check s3-region, "
+                "s3-endpoint-url and s3-addressing-style"
+            )
+            return ObjectStoreError("HEAD bucket", where, cause)
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SSLError):
+            cause = (
+                f"TLS with {endpoint} failed ({detail}): check s3-ca-bundle and "
+                "s3-endpoint-url"
+            )
+            return ObjectStoreError("HEAD bucket", where, cause)
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            cause = f"cannot reach {endpoint} ({detail})"
+            return ObjectStoreError("HEAD bucket", where, cause, True)
+        # No credentials found, an invalid parameter: nothing a retry mends.
+        return ObjectStoreError("HEAD bucket", where, detail)
 
     # -- writing ---------------------------------------------------------
 
