@@ -56,9 +56,11 @@ class S3Settings:
     multipart: bool = True
     multipart_threshold: int = 100 * MiB
     part_size: int = 8 * MiB
-    #: Uploads, copies, deletes and listings: patient, many attempts.
+    #: Uploads, copies, deletes and listings: patient, many attempts. Providers
+    #: under load (Hetzner, Ceph RGW) have been seen answering large PUTs after
+    #: more than 60 s; a shorter read timeout retries every such upload.
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 300.0
     max_attempts: int = 5
     #: Downloads serve web requests: a stalled connection is abandoned fast,
     #: and failures are retried with backoff while the deadline allows one
