@@ -3,6 +3,7 @@ key, naming that key, before anything is opened."""
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -49,6 +50,10 @@ GOOD = "bucket-name my-bucket\ncache-dir {cache}"
         (GOOD + "\ns3-multipart sometimes", "s3-multipart"),
         (GOOD + "\ns3-multipart-threshold -1", "s3-multipart-threshold"),
         (GOOD + "\ns3-part-size 1MB", "s3-part-size"),
+        (GOOD + "\ns3-download-deadline 0", "s3-download-deadline"),
+        (GOOD + "\ns3-download-deadline soon", "s3-download-deadline"),
+        (GOOD + "\ns3-download-max-attempts 0", "s3-download-max-attempts"),
+        (GOOD + "\ns3-read-timeout -1", "s3-read-timeout"),
         (GOOD + "\ncache-size 0", "cache-size"),
         (GOOD + "\ncache-size lots", "cache-size"),
         ("bucket-name my-bucket", "cache-dir"),
@@ -164,3 +169,29 @@ def test_environment_substitution(tmp_path, monkeypatch):
         assert storage._layout.root == "from-env/blobs/"
     finally:
         storage.close()
+
+
+def parsed_settings(lines: str):
+    """The S3Settings a section builds, without opening anything."""
+    config, _handler = ZConfig.loadConfigFile(
+        ZODB.config.getStorageSchema(), io.StringIO(section(lines))
+    )
+    return config.storage.settings()
+
+
+def test_download_and_upload_timing_defaults(tmp_path):
+    settings = parsed_settings(GOOD.format(cache=tmp_path))
+    assert settings.download_deadline == 20.0
+    assert settings.download_max_attempts is None, "the deadline decides"
+    assert settings.download_connect_timeout == 3.0
+    assert settings.download_read_timeout == 10.0
+    assert settings.read_timeout == 300.0
+
+
+def test_download_deadline_and_attempts_parse(tmp_path):
+    settings = parsed_settings(
+        GOOD.format(cache=tmp_path)
+        + "\ns3-download-deadline 12.5\ns3-download-max-attempts 3"
+    )
+    assert settings.download_deadline == 12.5
+    assert settings.download_max_attempts == 3

@@ -120,6 +120,7 @@ read_timeout = _keyed("s3-read-timeout", _positive_float)
 max_attempts = _keyed("s3-max-attempts", _positive_int)
 download_connect_timeout = _keyed("s3-download-connect-timeout", _positive_float)
 download_read_timeout = _keyed("s3-download-read-timeout", _positive_float)
+download_deadline = _keyed("s3-download-deadline", _positive_float)
 download_max_attempts = _keyed("s3-download-max-attempts", _positive_int)
 multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
@@ -154,6 +155,7 @@ class S3BlobStorageFactory(BaseConfig):
             max_attempts=c.s3_max_attempts,
             download_connect_timeout=c.s3_download_connect_timeout,
             download_read_timeout=c.s3_download_read_timeout,
+            download_deadline=c.s3_download_deadline,
             download_max_attempts=c.s3_download_max_attempts,
             multipart=c.s3_multipart,
             multipart_threshold=c.s3_multipart_threshold,
