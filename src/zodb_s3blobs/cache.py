@@ -5,17 +5,21 @@ Layout under the cache directory (mode 0o700)::
     tmp/                      staged and downloading files, savepoints
     locks/NN.lock             256 lock files, striped by (oid, tid)
     locks/evict.lock          held by whichever process is evicting
+    locks/total               the total size of the cached files
     <xx>/<oid_hex>/<tid_hex>.blob
 
-Files appear atomically (written under ``tmp/``, then renamed into place) and
-are read-only (0o400), so a reader never sees a partial file and an
-accidental ``open(blob.committed(), "w")`` fails instead of truncating the
-cached copy. Downloads and deletions of one blob hold that blob's stripe lock
+Files appear atomically (written under ``tmp/``, flushed to disk, then
+renamed into place) and are read-only (0o400), so a reader never sees a
+partial file, even after a power loss, and an accidental
+``open(blob.committed(), "w")`` fails instead of truncating the cached copy.
+Each file records its size at install; a hit on a file whose size differs is
+not served. Downloads and deletions of one blob hold that blob's stripe lock
 (``flock``, which also excludes other threads of this process), so two
-loaders never race and eviction never removes a file half-installed. As in
-ZEO's blob cache, a daemon thread evicts least-recently-used files down to
-90% of the size limit once enough bytes were loaded since the last check;
-only one process evicts at a time.
+loaders never race and eviction never removes a file half-installed; no
+thread takes a lock it holds. ``locks/total`` counts every process's files,
+so ``cache-size`` bounds the directory: an install over it starts a check in
+a daemon thread, which evicts least-recently-used files down to 90% of the
+size limit; only one process evicts at a time.
 """
 
 from __future__ import annotations
