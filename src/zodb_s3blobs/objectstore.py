@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from io import RawIOBase
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 from urllib.parse import quote
 
 import boto3
@@ -113,6 +113,14 @@ def content_disposition(filename: str) -> str:
     """An ``attachment`` Content-Disposition naming *filename* (RFC 6266)."""
     ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'")
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+class ObjectInfo(NamedTuple):
+    """What a HEAD tells of an object: its size, and the CRC32 (8 hex digits)
+    recorded at upload, None for objects written without one (1.x)."""
+
+    size: int
+    checksum: str | None
 
 
 class ObjectStore:
@@ -574,8 +582,9 @@ class ObjectStore:
             raise self._error("GET", key, exc) from exc
         return offset - start
 
-    def size(self, key: str) -> int | None:
-        """The object's size in bytes, or None when it does not exist (HEAD)."""
+    def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and recorded CRC32, or None when it does not exist
+        (HEAD)."""
         try:
             response = self._client.head_object(
                 Bucket=self.bucket, Key=key, **self._get_args
@@ -585,7 +594,10 @@ class ObjectStore:
             if isinstance(error, ObjectNotFound):
                 return None
             raise error from exc
-        return int(response["ContentLength"])
+        checksum = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
+        return ObjectInfo(
+            int(response["ContentLength"]), checksum.lower() if checksum else None
+        )
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""
