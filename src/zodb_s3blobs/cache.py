@@ -50,8 +50,6 @@ FILE_MODE = 0o400
 LOCK_STRIPES = 256
 #: Eviction brings the cache down to this fraction of its size limit.
 EVICTION_TARGET = 0.9
-#: An eviction check starts after loading this fraction of the size limit.
-CHECK_FRACTION = 0.1
 _RESERVED = ("tmp", "locks")
 _INSTALL_ATTEMPTS = 10
 #: Temp files older than this (seconds) were left by a killed process.
@@ -103,9 +101,12 @@ class _Ledger:
     under an ``flock`` on that file (taken under a stripe lock or
     ``evict.lock``, never the other way round).
 
-    It may only over-count after a crash: installs add before their rename,
-    removals subtract after theirs. Every scan of the directory rewrites it.
-    None means unknown (a new or damaged ledger) until the next scan.
+    Changes are recorded after the rename or removal they count, so that a
+    scan running meanwhile sees the file or the change (see :meth:`rewrite`);
+    a process killed in between leaves it off by that one file until the next
+    scan, which rewrites it. A new or unreadable ledger reads as unknown
+    (None); changes then count from zero, which the scan at open adds to what
+    it finds.
     """
 
     def __init__(self, path: str) -> None:
@@ -137,25 +138,21 @@ class _Ledger:
             return self._get(fd)
 
     def add(self, delta: int) -> int | None:
-        """Add *delta* bytes; return the new total (None while unknown)."""
+        """Add *delta* bytes; return the new total."""
         with self._locked() as fd:
-            total = self._get(fd)
-            if total is None:
-                return None
-            total = max(0, total + delta)
+            total = max(0, (self._get(fd) or 0) + delta)
             self._put(fd, total)
             return total
 
     def rewrite(self, found: int, recorded_before: int | None) -> int:
         """Set the total a scan *found*, plus what the ledger recorded since it
-        started (*recorded_before*): changes the walk missed are counted, and
-        changes it saw are counted twice, which over-counts (an extra eviction
-        check) rather than under-counts (a cache over its limit)."""
+        started (*recorded_before*): changes the walk missed are counted once,
+        and additions it saw twice, which over-counts (evicts a little early)
+        rather than under-counts (a cache over its limit). Only a removal the
+        walk missed, by a discard in another process (evictions wait for the
+        scan's ``evict.lock``), is subtracted twice."""
         with self._locked() as fd:
-            now = self._get(fd)
-            if now is not None and recorded_before is not None:
-                found += now - recorded_before
-            total = max(0, found)
+            total = max(0, found + (self._get(fd) or 0) - (recorded_before or 0))
             self._put(fd, total)
             return total
 
@@ -220,9 +217,7 @@ class BlobCache:
                 f"cache-dir {self.directory!r} cannot be used: {exc.strerror}"
             ) from exc
         self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
-        self._check_threshold = max(1, int(size_limit * CHECK_FRACTION))
         self._state_lock = threading.Lock()
-        self._bytes_since_check = 0
         # Built by the check started at open (in the daemon thread, so opening
         # the storage does not wait for a walk of a large cache), and rebuilt
         # after each cache-size of loads to learn other processes' files.
@@ -387,7 +382,7 @@ class BlobCache:
             total = self._install(staged, self.path(oid, tid), size)
         self._added((oid, tid), size, total)
 
-    def _install(self, source: str, path: str, size: int) -> int | None:
+    def _install(self, source: str, path: str, size: int) -> int:
         """Rename *source* (of *size* bytes) to *path*, under its stripe lock;
         return the ledger's new total."""
         os.chmod(source, FILE_MODE)
@@ -395,14 +390,8 @@ class BlobCache:
             replaced = os.stat(path).st_size
         except FileNotFoundError:
             replaced = 0
-        # Counted before the rename: a crash in between over-counts.
-        total = self._ledger.add(size - replaced)
-        try:
-            self._rename_into_place(source, path)
-        except BaseException:
-            self._ledger.add(replaced - size)
-            raise
-        return total
+        self._rename_into_place(source, path)
+        return self._ledger.add(size - replaced)
 
     @staticmethod
     def _rename_into_place(source: str, path: str) -> None:
@@ -436,7 +425,7 @@ class BlobCache:
             os.remove(path)
         except FileNotFoundError:
             return None
-        self._ledger.add(-size)  # after the removal: a crash over-counts
+        self._ledger.add(-size)
         return size
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
@@ -468,20 +457,13 @@ class BlobCache:
         if self._index is not None:
             self._index.apply(revision, size)
 
-    def _added(
-        self, revision: tuple[bytes, bytes], size: int, total: int | None
-    ) -> None:
+    def _added(self, revision: tuple[bytes, bytes], size: int, total: int) -> None:
         """Account a new file; start an eviction check when the directory's
-        total (*total*, from the ledger) exceeds the limit, or, while the
-        ledger is unknown, every CHECK_FRACTION of the limit loaded."""
+        total (*total*, from the ledger) exceeds the limit."""
         with self._state_lock:
             self._apply(revision, size)
             self._bytes_since_scan += size
-            self._bytes_since_check += size
-            if total is not None:
-                if total <= self.size_limit:
-                    return
-            elif self._bytes_since_check < self._check_threshold:
+            if total <= self.size_limit:
                 return
         self._start_check()
 
@@ -491,7 +473,6 @@ class BlobCache:
         thread loops until none is pending."""
         with self._state_lock:
             self._check_pending = True
-            self._bytes_since_check = 0
             if self._evictor is not None:
                 return
             self._evictor = threading.Thread(
