@@ -21,7 +21,7 @@ import ZODB
 from ZODB.utils import p64
 
 from test_storage import commit_blobs
-from zodb_s3blobs.cache import BlobCache
+from zodb_s3blobs.cache import MIN_AGE, BlobCache
 
 
 def writer(data: bytes):
@@ -59,7 +59,9 @@ def test_failed_download_leaves_nothing(tmp_path):
 
 
 def test_eviction_starts_by_itself_and_keeps_the_recently_used(tmp_path):
-    cache = BlobCache(str(tmp_path), 100_000)
+    """min_age 0: LRU order among files all used within the last minute (the
+    default minimum age is tested below)."""
+    cache = BlobCache(str(tmp_path), 100_000, min_age=0)
     data = b"x" * 10_000
     cache.fetch(p64(0), p64(1), writer(data))
     for oid in range(1, 30):
@@ -119,7 +121,8 @@ def test_installs_survive_eviction_removing_their_directories(tmp_path):
 
 
 def test_eviction_removes_empty_directories(tmp_path):
-    cache = BlobCache(str(tmp_path), 1_000_000)
+    """min_age 0: the file is evicted at once."""
+    cache = BlobCache(str(tmp_path), 1_000_000, min_age=0)
     cache.fetch(p64(0x1234), p64(1), writer(b"x"))
     cache.evict(target=0)
     assert sorted(os.listdir(tmp_path)) == ["locks", "tmp"]
@@ -128,7 +131,9 @@ def test_eviction_removes_empty_directories(tmp_path):
 def test_reads_under_eviction_never_see_a_missing_or_partial_file(
     make_storage, tmp_path
 ):
-    storage = make_storage(cache_size=60_000)
+    """cache_min_age 0: eviction races the readers as it would files older than
+    a minute (files used within it are kept)."""
+    storage = make_storage(cache_size=60_000, cache_min_age=0)
     db = ZODB.DB(storage)
     payloads = {f"b{i}": os.urandom(15_000 + i) for i in range(16)}
     refs = commit_blobs(db, payloads)
@@ -215,6 +220,7 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
 
 
 def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
+    """min_age 0: the files are all new."""
     earlier = BlobCache(str(tmp_path), 1 << 30)  # e.g. a previous run
     for oid in range(40):
         earlier.fetch(p64(oid), p64(1), writer(b"x" * 2_000))
@@ -223,7 +229,7 @@ def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
     monkeypatch.setattr(
         BlobCache, "_walk", lambda self: walks.append(1) or real_walk(self)
     )
-    cache = BlobCache(str(tmp_path), 100_000)
+    cache = BlobCache(str(tmp_path), 100_000, min_age=0)
     cache.evict()
     assert len(walks) == 1, "the first check builds the index: one walk"
     for oid in range(40, 50):
@@ -237,7 +243,8 @@ def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
 
 
 def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
-    mine = BlobCache(str(tmp_path), 50_000)
+    """min_age 0: the files are all new."""
+    mine = BlobCache(str(tmp_path), 50_000, min_age=0)
     mine.close()  # its index is built, from an empty directory
     other = BlobCache(str(tmp_path), 1 << 30)  # another process, never evicting
     for oid in range(2, 10):
@@ -292,3 +299,21 @@ def test_temp_files_abandoned_by_a_killed_process_are_removed(tmp_path):
     BlobCache(str(tmp_path), 1_000)  # the next process to open the cache
     assert not os.path.exists(old)
     assert os.path.exists(recent), "may belong to a transaction still voting"
+
+
+def test_eviction_leaves_files_used_within_the_minimum_age(tmp_path, monkeypatch):
+    """With the defaults, a file used within MIN_AGE seconds is never evicted
+    (its path may just have been handed out); once a minute has passed, files
+    are evicted least recently used first."""
+    cache = BlobCache(str(tmp_path), 25_000)
+    for oid in range(5):
+        cache.fetch(p64(oid), p64(1), writer(b"x" * 10_000))
+    cache.close()  # let the checks the fetches started finish
+    assert len(list(cache.files())) == 5, "all were used just now"
+    later = time.time() + MIN_AGE + 10
+    monkeypatch.setattr(time, "time", lambda: later)  # a minute passes
+    for oid in (3, 4):
+        cache.lookup(p64(oid), p64(1))  # used again
+    cache.evict(target=0)
+    left = sorted(path for path, _st in cache.files())
+    assert left == sorted(cache.path(p64(oid), p64(1)) for oid in (3, 4))

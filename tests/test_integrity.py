@@ -302,3 +302,36 @@ def test_storage_opens_while_s3_is_unreachable_and_fails_reads_clearly(
         db.close()
     finally:
         storage.close()
+
+
+def test_append_to_a_blob_larger_than_the_cache_keeps_its_bytes(make_storage):
+    """Defect 11. Blob.open('a') downloads the committed file (the lazy-load
+    hook), then ZODB copies it into a working file by path. An eviction in
+    between (the blob is larger than the cache) made the copy fail after ZODB
+    had already set an empty working file; a retried append then committed only
+    the appended bytes, and a read in between returned 0 bytes without error.
+    Eviction now leaves files used within the last minute. The eviction check
+    runs synchronously here so the race is certain."""
+    storage = make_storage(cache_size=1000)
+    db = ZODB.DB(storage)
+    original = os.urandom(50_000)
+    oid, tid = commit_blobs(db, {"b": original})["b"]
+    cache = storage._cache
+    cache.discard(oid, tid)
+    cache._start_check = lambda: cache.evict(wait=True)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    blob = conn.root()["b"]
+    for _attempt in range(2):  # as code that retries a failed open would
+        try:
+            with blob.open("a") as f:
+                f.write(b"appended")
+            break
+        except FileNotFoundError:
+            continue
+    tm.commit()
+    cache.discard(oid, blob._p_serial)
+    with blob.open() as f:
+        assert f.read() == original + b"appended", "the committed bytes were cut"
+    conn.close()
+    db.close()

@@ -61,6 +61,13 @@ _LOCK_POLL = 0.02
 #: A file whose atime is this much newer (seconds) than this process's last
 #: use of it was used by another process since: eviction keeps it.
 _USED_ELSEWHERE = 1.0
+#: Eviction leaves files used within this many seconds. A path handed out
+#: (loadBlob, committed()) is opened right after: Blob.open('r+'/'a') has
+#: ZODB copy the file by path once the storage fetched it, and when that copy
+#: fails ZODB keeps an empty working file, which a retried append would then
+#: commit without the blob's old bytes. Front-end servers handed the path
+#: (X-Sendfile) need it too.
+MIN_AGE = 60.0
 
 
 @contextlib.contextmanager
@@ -201,11 +208,15 @@ def _subdirectories(directory: str) -> list[os.DirEntry]:
 class BlobCache:
     """Committed blob files keyed by (oid, tid), bounded by LRU eviction."""
 
-    def __init__(self, directory: str, size_limit: int) -> None:
+    def __init__(
+        self, directory: str, size_limit: int, min_age: float = MIN_AGE
+    ) -> None:
         if size_limit <= 0:
             raise ValueError(f"cache-size must be positive, not {size_limit}")
         self.directory = os.path.abspath(directory)
         self.size_limit = size_limit
+        #: Files used within this many seconds are never evicted (MIN_AGE).
+        self.min_age = min_age
         self.temp_dir = os.path.join(self.directory, "tmp")
         self._locks_dir = os.path.join(self.directory, "locks")
         try:
@@ -608,7 +619,12 @@ class BlobCache:
                 scanned = True
                 total = self._ledger.read() or 0
                 continue
-            (oid, tid), _size, used = oldest
+            (oid, tid), size, used = oldest
+            if used > time.time() - self.min_age:
+                # Every file left was used within min_age: keep them all.
+                with self._state_lock:
+                    self._index.put_back_oldest((oid, tid), size, used)
+                break
             removed, used_at, total_after = self._evict_one(
                 oid, tid, used if passes > 0 else None
             )
@@ -629,15 +645,18 @@ class BlobCache:
         self, oid: bytes, tid: bytes, used: float | None
     ) -> tuple[int | None, tuple[int, float] | None, int | None]:
         """Remove (oid, tid) under its stripe lock unless its access time says
-        another process used it after *used* (None: remove regardless).
-        Returns (bytes removed or None, (size, atime) if kept, new total)."""
+        another process used it after *used* (None: whenever), or within
+        ``min_age`` seconds. Returns (bytes removed or None, (size, atime) if
+        kept, new total)."""
         path = self.path(oid, tid)
         with _flock(self._lock_path(oid, tid)):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 return None, None, None
-            if used is not None and st.st_atime > used + _USED_ELSEWHERE:
+            if (
+                used is not None and st.st_atime > used + _USED_ELSEWHERE
+            ) or st.st_atime > time.time() - self.min_age:
                 return None, (st.st_size, st.st_atime), None
             try:
                 os.remove(path)

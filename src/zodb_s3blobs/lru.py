@@ -56,6 +56,12 @@ class LRUIndex:
         else:
             self.add(revision, size)
 
+    def put_back_oldest(self, revision: Revision, size: int, used: float) -> None:
+        """Undo :meth:`pop_oldest`: *revision* is again the least recently
+        used."""
+        self.add(revision, size, used)
+        self._entries.move_to_end(revision, last=False)
+
     def pop_oldest(self) -> tuple[Revision, int, float] | None:
         """Remove and return the least recently used entry (revision, size,
         use time); None when the index is empty."""

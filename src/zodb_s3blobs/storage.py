@@ -39,7 +39,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
 from . import gc, unghost
-from .cache import BlobCache
+from .cache import MIN_AGE, BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
 from .objectstore import ObjectStore, file_crc32
@@ -136,7 +136,8 @@ class S3BlobStorage:
 
     *download_on_unghost* makes loading a Blob object download its file at
     once, as ZODB's own storages have it on disk then; by default the download
-    waits until the blob is opened or ``committed()`` is called.
+    waits until the blob is opened or ``committed()`` is called. Eviction
+    leaves files used within *cache_min_age* seconds.
     """
 
     def __init__(
@@ -146,10 +147,11 @@ class S3BlobStorage:
         cache_dir: str,
         cache_size: int = DEFAULT_CACHE_SIZE,
         download_on_unghost: bool = False,
+        cache_min_age: float = MIN_AGE,
     ) -> None:
         _check_base(base)
         layout = KeyLayout(settings.prefix)
-        cache = BlobCache(cache_dir, cache_size)
+        cache = BlobCache(cache_dir, cache_size, cache_min_age)
         store = ObjectStore(settings)
         try:
             store.check_bucket()
@@ -301,7 +303,7 @@ class S3BlobStorage:
             raise POSKeyError(
                 f"No blob file: {exc.key} does not exist", oid, serial
             ) from exc
-        except ObjectStoreError as exc:
+        except S3BlobStorageError as exc:  # S3, or a download that lied
             raise BlobReadError(
                 f"Could not read blob {oid_repr(oid)} revision {tid_repr(serial)}: "
                 f"{exc}"
