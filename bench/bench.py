@@ -473,8 +473,10 @@ def upload_orphan(client, key: str) -> None:
 
 def fill_cache(directory: str, count: int) -> int:
     """Write *count* tiny read-only files where a BlobCache on *directory*
-    keeps them, one oid each; return their total size."""
+    keeps them, one oid each, last used an hour ago (eviction leaves files
+    used within a minute); return their total size."""
     layout = BlobCache(directory, 1 << 30)
+    used = time.time() - 3600
     made: set[str] = set()
     for oid in range(1, count + 1):
         path = layout.path(p64(oid), TINY_TID)
@@ -489,6 +491,7 @@ def fill_cache(directory: str, count: int) -> int:
             os.write(fd, TINY)
         finally:
             os.close(fd)
+        os.utime(path, (used, used))
     return count * len(TINY)
 
 
