@@ -145,10 +145,11 @@ def open_storage(
     base, settings: S3Settings, cache_dir: str, cache_size: int, fast_stream: int
 ) -> ObservedS3BlobStorage:
     """The storage under test, with the two settings the torture test changes:
-    a tiny *cache_size* (eviction all the time) and ``fast_stream`` (how fast a
-    first part must arrive for a download to stream to the end; set to 1 byte
-    a second, every download above the part size is fetched in parallel
-    ranged GETs, the path whose failures are the hardest to get right)."""
+    a tiny *cache_size* (eviction all the time) and the ObjectStore's
+    ``fast_stream`` (how fast a first part must arrive for a download to
+    stream to the end; set higher than any loopback transfer, every download
+    above the part size fetches the rest in parallel ranged GETs, the path
+    whose failures are the hardest to get right)."""
     storage = ObservedS3BlobStorage(base, settings, cache_dir, cache_size=cache_size)
     storage._store.fast_stream = fast_stream
     return storage
