@@ -259,19 +259,21 @@ def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
 
 
 def test_files_installed_while_the_index_is_rebuilt_are_counted(tmp_path, monkeypatch):
-    cache = BlobCache(str(tmp_path), 100_000)
-    cache.fetch(p64(1), p64(1), writer(b"x" * 10_000))
+    """min_age 0: both files are new, and the check must be free to evict."""
+    earlier = BlobCache(str(tmp_path), 1 << 30)  # e.g. a previous run
+    earlier.fetch(p64(1), p64(1), writer(b"x" * 10_000))
+    earlier.close()
     real_walk = BlobCache._walk
 
     def walk_while_another_thread_installs(self):
         yield from real_walk(self)
         # Installed after the walk passed its directory: the walk misses it.
-        cache.fetch(p64(2), p64(1), writer(b"y" * 95_000))
+        self.fetch(p64(2), p64(1), writer(b"y" * 95_000))
 
     monkeypatch.setattr(BlobCache, "_walk", walk_while_another_thread_installs)
-    cache.evict()  # builds the index; the install above lands during it
+    cache = BlobCache(str(tmp_path), 100_000, min_age=0)
+    cache.close()  # the index built at open; the install above lands during it
     monkeypatch.setattr(BlobCache, "_walk", real_walk)
-    cache.close()
     cache.evict()
     assert cached_bytes(cache) <= 90_000, "the file installed mid-walk was counted"
 

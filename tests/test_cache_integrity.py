@@ -306,3 +306,70 @@ def test_the_size_limit_holds_for_a_directory_shared_by_processes(tmp_path):
 
 def name_is_blob(parent, shared) -> bool:
     return os.path.relpath(parent, shared).split(os.sep)[0] not in (".", "tmp", "locks")
+
+
+def test_a_hit_and_an_eviction_of_the_same_file_never_overlap(tmp_path, monkeypatch):
+    """An evictor decides on a file last used ten minutes ago (its stat says
+    old) and is paused before removing it; a hit in another thread meanwhile
+    must not hand out the path that is about to vanish. Fails before the fix:
+    hits took no lock, so the hit returned the path and the eviction removed it
+    (ZODB's open('a') then kept an empty working file)."""
+    import zodb_s3blobs.cache as cache_module
+
+    cache = BlobCache(str(tmp_path), 1 << 30)
+    cache.close()
+    oid, tid = p64(1), p64(1)
+    path = cache.fetch(oid, tid, writer(b"x" * 1000))
+    long_ago = time.time() - 600
+    os.utime(path, (long_ago, long_ago))
+    decided, go = threading.Event(), threading.Event()
+    real_remove = os.remove
+
+    def paused_remove(target):
+        if target == path and threading.current_thread().name == "evictor":
+            decided.set()
+            go.wait(10)
+        real_remove(target)
+
+    monkeypatch.setattr(
+        cache_module,
+        "os",
+        type("OsWithPausedRemove", (), {"__getattr__": lambda _s, n: getattr(os, n)})(),
+    )
+    cache_module.os.remove = paused_remove
+    evictor = threading.Thread(
+        name="evictor", target=cache._evict_one, args=(oid, tid, None)
+    )
+    evictor.start()
+    assert decided.wait(10)
+    handed_out = []
+    reader = threading.Thread(target=lambda: handed_out.append(cache.lookup(oid, tid)))
+    reader.start()
+    reader.join(timeout=0.5)  # a hit that takes no lock is done by now
+    go.set()
+    evictor.join(timeout=10)
+    reader.join(timeout=10)
+    assert handed_out, "the hit finished"
+    (result,) = handed_out
+    assert result is None or os.path.exists(result), "a path handed out vanished"
+
+
+def test_a_check_stopped_by_young_files_runs_again_when_they_age(tmp_path):
+    """Files used within min_age are kept even over the limit; the check then
+    runs again by itself once they may go, without another install. Fails
+    before the fix: nothing re-armed it, so the cache stayed over its limit
+    until the next install. min_age 0.5 s keeps the test short (the default
+    is tested in test_cache.py); close() must not wait for the re-check."""
+    cache = BlobCache(str(tmp_path), 25_000, min_age=0.5)
+    cache.close()
+    for oid in range(5):
+        cache.fetch(p64(oid), p64(1), writer(b"x" * 10_000))
+    assert sum(1 for _ in cache.files()) == 5, "young files are kept"
+    deadline = time.monotonic() + 10
+    while sum(st.st_size for _p, st in cache.files()) > 25_000:
+        assert time.monotonic() < deadline, "the re-armed check evicted"
+        time.sleep(0.1)
+    cache.fetch(p64(9), p64(1), writer(b"y" * 30_000))  # over again, young
+    started = time.monotonic()
+    cache.close()
+    assert time.monotonic() - started < 2, "close() does not wait for min_age"

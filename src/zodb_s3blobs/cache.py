@@ -4,6 +4,7 @@ Layout under the cache directory (mode 0o700)::
 
     tmp/                      staged and downloading files, savepoints
     locks/NN.lock             256 lock files, striped by (oid, tid)
+    locks/NN.use              hits (shared) against removals (exclusive)
     locks/evict.lock          held by whichever process is evicting
     locks/total               the total size of the cached files
     <xx>/<oid_hex>/<tid_hex>.blob
@@ -72,9 +73,13 @@ MIN_AGE = 60.0
 
 @contextlib.contextmanager
 def _flock(
-    path: str, blocking: bool = True, stop: threading.Event | None = None
+    path: str,
+    blocking: bool = True,
+    stop: threading.Event | None = None,
+    shared: bool = False,
 ) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on *path* through a descriptor of its own.
+    """Hold an exclusive (or *shared*) ``flock`` on *path* through a
+    descriptor of its own.
 
     Yields False if non-blocking and busy, or if *stop* is set while waiting
     (a wait with *stop* polls, so a closing cache's thread is not stuck in
@@ -86,7 +91,7 @@ def _flock(
             try:
                 fcntl.flock(
                     fd,
-                    fcntl.LOCK_EX
+                    (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                     | (fcntl.LOCK_NB if stop is not None or not blocking else 0),
                 )
                 break
@@ -240,6 +245,10 @@ class BlobCache:
         # The eviction thread, if one runs; it exits when no check is pending.
         self._evictor: threading.Thread | None = None
         self._check_pending = False
+        # When a check stopped at files used within min_age: when to retry.
+        self._recheck_at: float | None = None
+        self._wakeup = threading.Condition(self._state_lock)
+        self._stop_waiting = False
         self._closing = threading.Event()
         self._remove_abandoned_temp_files()
         self._start_check()  # builds the index in the background
@@ -255,9 +264,13 @@ class BlobCache:
             self.directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
         )
 
-    def _lock_path(self, oid: bytes, tid: bytes) -> str:
+    def _lock_path(self, oid: bytes, tid: bytes, kind: str = "lock") -> str:
+        """The stripe's lock file: ``NN.lock`` serialises downloads, installs
+        and removals; ``NN.use`` (*kind* "use") makes a hit and a removal
+        exclusive without making hits wait for a download. Order: ``.lock``,
+        then ``.use``, then the ledger."""
         stripe = zlib.crc32(oid + tid) % LOCK_STRIPES
-        return os.path.join(self._locks_dir, f"{stripe:02x}.lock")
+        return os.path.join(self._locks_dir, f"{stripe:02x}.{kind}")
 
     def new_temp_file(self, prefix: str) -> str:
         """An empty private file under ``tmp/``, on the cache's file system."""
@@ -271,7 +284,7 @@ class BlobCache:
         """The cached file's path, marked as just used; None when not cached,
         or when its size is no longer the size it was installed with (it is
         then removed, so the caller downloads it again)."""
-        path, damaged = self._hit(oid, tid)
+        path, damaged = self._used_hit(oid, tid)
         if damaged:
             with _flock(self._lock_path(oid, tid)):
                 path, damaged = self._hit(oid, tid)
@@ -304,6 +317,14 @@ class BlobCache:
             self._record(revision, size)
         return path, False
 
+    def _used_hit(self, oid: bytes, tid: bytes) -> tuple[str | None, bool]:
+        """:meth:`_hit` under the stripe's shared use lock: an eviction (which
+        takes it exclusively to check a file's last use and remove it) either
+        sees this use or has removed the file before this looks, so a path
+        handed out is never evicted in the same instant (MIN_AGE holds)."""
+        with _flock(self._lock_path(oid, tid, "use"), shared=True):
+            return self._hit(oid, tid)
+
     def _remove_damaged(self, oid: bytes, tid: bytes) -> None:
         """Remove a file whose size changed since it was installed; the caller
         holds its stripe lock."""
@@ -323,7 +344,7 @@ class BlobCache:
         file and returns the size it wrote; the file is renamed into place
         only when it has that size and is on disk.
         """
-        path, _damaged = self._hit(oid, tid)
+        path, _damaged = self._used_hit(oid, tid)
         if path is not None:
             return path
         with _flock(self._lock_path(oid, tid)):
@@ -432,8 +453,9 @@ class BlobCache:
         self._record((oid, tid), None)
         path = self.path(oid, tid)
         try:
-            size = os.stat(path).st_size
-            os.remove(path)
+            with _flock(self._lock_path(oid, tid, "use")):
+                size = os.stat(path).st_size
+                os.remove(path)
         except FileNotFoundError:
             return None
         self._ledger.add(-size)
@@ -484,6 +506,7 @@ class BlobCache:
         thread loops until none is pending."""
         with self._state_lock:
             self._check_pending = True
+            self._wakeup.notify()
             if self._evictor is not None:
                 return
             self._evictor = threading.Thread(
@@ -494,6 +517,20 @@ class BlobCache:
     def _check_until_done(self) -> None:
         while True:
             with self._state_lock:
+                # A check that stopped at files used within min_age, with the
+                # cache over its limit, is repeated once the oldest may go;
+                # close() stops the wait (it does not wait a minute).
+                while (
+                    self._recheck_at is not None
+                    and not self._check_pending
+                    and not self._stop_waiting
+                ):
+                    delay = self._recheck_at - time.time()
+                    if delay <= 0:
+                        self._check_pending = True
+                    else:
+                        self._wakeup.wait(delay)
+                self._recheck_at = None
                 if not self._check_pending or self._closing.is_set():
                     self._evictor = None
                     return
@@ -621,9 +658,11 @@ class BlobCache:
                 continue
             (oid, tid), size, used = oldest
             if used > time.time() - self.min_age:
-                # Every file left was used within min_age: keep them all.
+                # Every file left was used within min_age: keep them all, and
+                # check again once the oldest may go.
                 with self._state_lock:
                     self._index.put_back_oldest((oid, tid), size, used)
+                    self._recheck_at = used + self.min_age
                 break
             removed, used_at, total_after = self._evict_one(
                 oid, tid, used if passes > 0 else None
@@ -649,7 +688,10 @@ class BlobCache:
         ``min_age`` seconds. Returns (bytes removed or None, (size, atime) if
         kept, new total)."""
         path = self.path(oid, tid)
-        with _flock(self._lock_path(oid, tid)):
+        with (
+            _flock(self._lock_path(oid, tid)),
+            _flock(self._lock_path(oid, tid, "use")),
+        ):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -662,18 +704,22 @@ class BlobCache:
                 os.remove(path)
             except FileNotFoundError:
                 return None, None, None
-            return st.st_size, None, self._ledger.add(-st.st_size)
+        return st.st_size, None, self._ledger.add(-st.st_size)
 
     def close(self) -> None:
         """Let a running eviction check finish (for up to 10 seconds, then ask
         it to stop), so that no thread outlives the storage."""
         with self._state_lock:
             evictor = self._evictor
+            self._stop_waiting = True
+            self._wakeup.notify()
         if evictor is not None:
             evictor.join(timeout=10)
             if evictor.is_alive():
                 self._closing.set()
                 evictor.join(timeout=1)
+        with self._state_lock:
+            self._stop_waiting = False
 
 
 def _revision(oid_hex: str, filename: str) -> tuple[bytes, bytes] | None:
