@@ -360,16 +360,19 @@ class ObjectStore:
                 ) from first
             raise first
 
-    def delete(self, keys: Iterable[str]) -> int:
+    def delete(self, keys: Iterable[str], quick: bool = False) -> int:
         """Delete *keys* with DeleteObjects, 1000 a request; return the count.
 
-        Deleting a key that does not exist succeeds, as in S3 itself.
+        Deleting a key that does not exist succeeds, as in S3 itself. *quick*
+        tries each request once, with the download timeouts (an abort holding
+        a commit lock must not wait for minutes).
         """
         keys = list(keys)
+        client = self._reader if quick else self._client
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
             try:
-                response = self._client.delete_objects(
+                response = client.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
                 )

@@ -28,10 +28,11 @@ class PendingCommit:
     blobs: dict[bytes, StagedBlob] = field(default_factory=dict)
     #: oid -> tid of the revision whose object the new revision copies (undo).
     copies: dict[bytes, bytes] = field(default_factory=dict)
-    #: Every key an upload or copy was attempted for: abort deletes them all.
-    #: A restored revision found in S3 with the same bytes is not among them
-    #: (it is not uploaded again, and this transaction did not create it).
+    #: Every key an upload or copy was attempted for.
     attempted_keys: list[str] = field(default_factory=list)
+    #: Keys of restored revisions that were in S3 before this transaction:
+    #: abort never deletes them (it did not create them).
+    preexisting_keys: set[str] = field(default_factory=set)
     tid: bytes | None = None
 
     def stage(self, blob: StagedBlob) -> None:
@@ -40,6 +41,14 @@ class PendingCommit:
             _remove(replaced.path)
         self.copies.pop(blob.oid, None)
         self.blobs[blob.oid] = blob
+
+    def created_keys(self) -> list[str]:
+        """The keys an abort deletes: attempted, and not there before."""
+        return [k for k in self.attempted_keys if k not in self.preexisting_keys]
+
+    def restores(self) -> bool:
+        """Does this transaction restore revisions (tids chosen elsewhere)?"""
+        return any(blob.tid is not None for blob in self.blobs.values())
 
     def has_transfers(self) -> bool:
         return bool(self.blobs or self.copies)

@@ -46,13 +46,16 @@ from .objectstore import ObjectStore, file_crc32
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
-from .tids import check_supported, tid_at_vote
+from .tids import check_supported, reuses_aborted_tid, tid_at_vote
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 1 << 30
 #: How often openCommittedBlobFile reloads a file evicted before it was opened.
 _OPEN_ATTEMPTS = 5
+
+#: What a restored revision's key holds already (see _existing_restore_target).
+_ABSENT, _SAME_BYTES, _UNCHECKED = object(), object(), object()
 
 #: Base methods bound onto the wrapper so hot paths skip __getattr__.
 _COPIED_METHODS = (
@@ -295,10 +298,9 @@ class S3BlobStorage:
                 # retry the request in a new transaction, which sees the
                 # current revision.
                 raise ReadConflictError(
-                    f"Blob {oid_repr(oid)} revision {tid_repr(serial)} was "
-                    f"removed by a pack after it was loaded ({exc.key})",
+                    f"blob revision {tid_repr(serial)} was removed by a pack "
+                    f"after it was loaded ({exc.key})",
                     oid=oid,
-                    serials=(serial,),
                 ) from exc
             raise POSKeyError(
                 f"No blob file: {exc.key} does not exist", oid, serial
@@ -412,7 +414,14 @@ class S3BlobStorage:
         uploads = []
         for blob in commit.blobs.values():
             target = key(blob.oid, blob.tid or commit.tid)
-            if blob.tid is None or not self._restored_already(target, blob.path):
+            if blob.tid is None:
+                uploads.append((blob.path, target))
+                continue
+            existing = self._existing_restore_target(target, blob.path)
+            if existing is not _ABSENT:
+                # Not this transaction's to delete on abort.
+                commit.preexisting_keys.add(target)
+            if existing is not _SAME_BYTES:
                 uploads.append((blob.path, target))
         copies = [
             (key(oid, source), key(oid, commit.tid))
@@ -421,19 +430,22 @@ class S3BlobStorage:
         commit.attempted_keys = [k for _p, k in uploads] + [k for _s, k in copies]
         self._store.transfer(uploads, copies)
 
-    def _restored_already(self, key: str, path: str) -> bool:
-        """Does *key* hold the restored file's bytes already (a repeated
-        zodbconvert, a rerun after a failure)? Then it is not uploaded again, and
-        an abort leaves it: it is not this transaction's to delete. Other bytes
-        under a committed revision's key fail the vote rather than overwrite
-        them."""
+    def _existing_restore_target(self, key: str, path: str) -> object:
+        """What *key*, the target of a restored revision, holds already (a
+        repeated zodbconvert, a rerun after a failure): _ABSENT; _SAME_BYTES
+        (same size and CRC32: not uploaded again); or _UNCHECKED (same size,
+        written without a CRC32, e.g. by 1.x: uploaded again, which records
+        one). Other bytes under a committed revision's key fail the vote
+        rather than be overwritten."""
         existing = self._store.stat(key)
         if existing is None:
-            return False
+            return _ABSENT
         size = os.path.getsize(path)
         checksum = file_crc32(path)
-        if existing.size == size and existing.checksum in (None, checksum):
-            return True
+        if existing.size == size and existing.checksum == checksum:
+            return _SAME_BYTES
+        if existing.size == size and existing.checksum is None:
+            return _UNCHECKED
         raise S3BlobStorageError(
             f"Restoring {self._store.url(key)} would overwrite an object with other "
             f"bytes ({existing.size} bytes, CRC32 {existing.checksum or 'unknown'}; "
@@ -467,7 +479,7 @@ class S3BlobStorage:
         for blob in commit.blobs.values():
             try:
                 self._cache.install(blob.oid, blob.tid or tid, blob.path)
-            except OSError:
+            except Exception:
                 log.warning(
                     "Could not install blob %s/%s into the cache; it will be "
                     "downloaded when read",
@@ -475,33 +487,50 @@ class S3BlobStorage:
                     tid_repr(blob.tid or tid),
                     exc_info=True,
                 )
-        commit.discard_files()
+        try:
+            commit.discard_files()
+        except OSError:
+            log.warning("Could not remove staged files", exc_info=True)
         return tid
 
     def tpc_abort(self, transaction):
         commit = self._take_commit(transaction)
+        if commit is None:
+            self._base.tpc_abort(transaction)
+            return
+        if not (commit.restores() or reuses_aborted_tid(self._base)):
+            # No later transaction can write these keys: delete patiently,
+            # after the base's commit lock is released.
+            try:
+                self._base.tpc_abort(transaction)
+            finally:
+                self._abort(commit, quick=False)
+            return
+        # Delete before the base's tpc_abort releases its commit lock: this
+        # base may give the next transaction this one's tid (MappingStorage:
+        # last + 1; RelStorage: max(clock, last + 1)), and a DELETE sent later
+        # would remove that commit's objects. Quickly (one try, the download
+        # timeouts), so that S3 trouble does not hold the lock for minutes;
+        # what is left is for pack or gc.
         try:
-            if commit is not None:
-                # Delete before the base's tpc_abort releases its commit lock:
-                # a base may give the next transaction this one's tid
-                # (MappingStorage: last + 1; RelStorage: max(clock, last + 1)),
-                # and a later DELETE would remove that commit's objects.
-                self._abort(commit)
+            self._abort(commit, quick=True)
         finally:
             self._base.tpc_abort(transaction)
 
-    def _abort(self, commit: PendingCommit) -> None:
-        commit.discard_files()
-        if not commit.attempted_keys:
-            return
+    def _abort(self, commit: PendingCommit, quick: bool) -> None:
+        """Remove the staged files and delete the objects this transaction
+        created; log, never raise (tpc_abort must not fail)."""
+        created = commit.created_keys()
         try:
-            self._store.delete(commit.attempted_keys)
+            commit.discard_files()
+            if created:
+                self._store.delete(created, quick=quick)
         except Exception:
             log.error(
                 "Aborted transaction left %d object(s) in S3 that the next pack "
                 "or gc removes: %s",
-                len(commit.attempted_keys),
-                ", ".join(commit.attempted_keys),
+                len(created),
+                ", ".join(created),
                 exc_info=True,
             )
 

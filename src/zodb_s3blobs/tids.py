@@ -81,6 +81,26 @@ def _demo_storage(storage: DemoStorage) -> bytes:
     return tid_at_vote(storage.changes)
 
 
+@functools.singledispatch
+def reuses_aborted_tid(storage: object) -> bool:
+    """May *storage* give the next transaction the tid of an aborted one? Then
+    an abort must delete its objects before the base releases its commit lock.
+    True unless a base's rule says otherwise."""
+    return True
+
+
+@reuses_aborted_tid.register
+def _file_storage_tids(storage: FileStorage) -> bool:
+    # BaseStorage.tpc_begin moves self._ts past the tid it assigns, whether
+    # the transaction commits or aborts, and one FileStorage has one writer.
+    return False
+
+
+@reuses_aborted_tid.register
+def _demo_storage_tids(storage: DemoStorage) -> bool:
+    return reuses_aborted_tid(storage.changes)
+
+
 #: The RelStorage major versions whose commit phases ``_relstorage_tid`` was
 #: written against and is tested with (tests/test_relstorage.py).
 TESTED_RELSTORAGE_MAJORS = (4,)
