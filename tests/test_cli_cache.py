@@ -39,7 +39,16 @@ def test_stats_then_prune(config, tmp_path):
     assert stats["oldest_access"] <= stats["newest_access"]
     assert stats["hits"] is None and stats["misses"] is None
 
+    # With the default --min-age, files used within the last minute stay: a
+    # running Zope may just have handed out their paths.
+    result = run("cache", "prune", config, "--to", "5000")
+    assert result.returncode == 1
+    assert "used within the last 60 seconds are kept (--min-age)" in result.stderr
     code, pruned = run_json("cache", "prune", config, "--to", "5000")
+    assert pruned["removed"] == {"files": 0, "bytes": 0}
+
+    # --min-age 0 (no process uses this cache): least recently used first.
+    code, pruned = run_json("cache", "prune", config, "--to", "5000", "--min-age", "0")
     assert code == 0
     assert pruned["removed"] == {"files": 2, "bytes": 3000}  # least recently used
     assert pruned["remaining"] == {"files": 1, "bytes": 4000}
@@ -49,8 +58,14 @@ def test_stats_then_prune(config, tmp_path):
     assert result.stdout.startswith(
         f"Pruned {tmp_path / 'cache'}: removed 0 files (0 B); 1 files"
     )
-    code, pruned = run_json("cache", "prune", config, "--to", "0")
+    code, pruned = run_json("cache", "prune", config, "--to", "0", "--min-age", "0")
     assert pruned["remaining"] == {"files": 0, "bytes": 0}
+
+
+def test_a_bad_min_age_is_bad_usage(config):
+    result = run("cache", "prune", config, "--min-age", "-1")
+    assert result.returncode == 2
+    assert "--min-age: '-1' is not a number of seconds" in result.stderr
 
 
 def test_a_bad_size_is_bad_usage(config):

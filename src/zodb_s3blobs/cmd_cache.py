@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from ZConfig.datatypes import stock_datatypes
 
-from .cache import BlobCache
+from .cache import MIN_AGE, BlobCache
 from .cli import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
 from .cliconfig import Target, load_target
 from .clioutput import emit, human_size, problem, table, timestamp
@@ -30,7 +30,8 @@ Evict least recently used files from the local blob cache of CONFIG's
 <s3blobstorage> until it holds at most SIZE bytes. Without --to, do what the
 storage's own eviction does: if the cache holds more than cache-size, evict
 down to 90% of it. Safe while Zope uses the cache (it takes the cache's
-locks); exits 1 if another process is evicting at the moment.
+locks, and keeps files used within --min-age seconds); exits 1 if more than
+SIZE remains.
 """
 
 
@@ -62,10 +63,30 @@ def register(
         help="evict until at most SIZE remains, e.g. 500MB or 0 (default: "
         "90%% of cache-size, if it is exceeded)",
     )
+    prune.add_argument(
+        "--min-age",
+        type=_seconds,
+        metavar="SECONDS",
+        default=MIN_AGE,
+        help="keep files used within SECONDS, as the storage's own eviction "
+        "does: a running Zope may just have handed out their paths (default: "
+        "%(default)g; 0 while no process uses the cache)",
+    )
     prune.set_defaults(run=run_prune, command="cache prune")
     for action in (stats, prune):
         add_common_options(action)
     return parser
+
+
+def _seconds(value: str) -> float:
+    """A --min-age value: seconds, 0 or more."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds")
+    return seconds
 
 
 def _size(value: str) -> int:
@@ -96,16 +117,19 @@ def cache_stats(target: Target) -> CacheStats:
         return CacheStats(exists=False)
     cache = BlobCache(target.cache_dir, target.cache_size)
     stats = CacheStats(exists=True)
-    for _path, st in cache.files():
-        stats.files += 1
-        stats.bytes += st.st_size
-        stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
-        stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
-    with os.scandir(cache.temp_dir) as entries:
-        for entry in entries:
-            if entry.is_file(follow_symlinks=False):
-                stats.tmp_files += 1
-                stats.tmp_bytes += entry.stat(follow_symlinks=False).st_size
+    try:
+        for _path, st in cache.files():
+            stats.files += 1
+            stats.bytes += st.st_size
+            stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
+            stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
+        with os.scandir(cache.temp_dir) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    stats.tmp_files += 1
+                    stats.tmp_bytes += entry.stat(follow_symlinks=False).st_size
+    finally:
+        cache.close()  # the check its open started must not be cut off
     return stats
 
 
@@ -151,17 +175,19 @@ def run_prune(args: argparse.Namespace) -> int:
     before = cache_stats(target)
     freed = 0
     if before.exists:
-        cache = BlobCache(target.cache_dir, target.cache_size)
+        cache = BlobCache(target.cache_dir, target.cache_size, args.min_age)
         try:
             freed = cache.evict(args.to)
         finally:
             cache.close()
     after = cache_stats(target)
     goal = args.to if args.to is not None else target.cache_size
-    if not freed and after.bytes > goal:
+    if after.bytes > goal:
         problem(
-            f"cache-dir {target.cache_dir}: another process is evicting "
-            f"(locks/evict.lock is held); nothing was removed, try again"
+            f"cache-dir {target.cache_dir}: {human_size(after.bytes)} remain, "
+            f"more than {human_size(goal)}: files used within the last "
+            f"{args.min_age:g} seconds are kept (--min-age), and another process "
+            "may be evicting (locks/evict.lock)"
         )
     document = {
         "ok": after.bytes <= goal,
