@@ -96,14 +96,17 @@ from torturechild import (  # noqa: E402
     VoteRefused,
     blob_bytes,
     check_read,
+    close_oracle,
     describe,
     fingerprint,
+    held_view,
     on_commit,
+    open_oracle,
     open_storage,
     unprintable,
 )
 from zodb_s3blobs.errors import S3BlobStorageError  # noqa: E402
-from zodb_s3blobs.gc import current_view, revision_exists  # noqa: E402
+from zodb_s3blobs.gc import revision_exists  # noqa: E402
 from zodb_s3blobs.keys import KeyLayout  # noqa: E402
 from zodb_s3blobs.objectstore import FAST_STREAM as DEFAULT_FAST_STREAM  # noqa: E402
 from zodb_s3blobs.settings import MiB  # noqa: E402
@@ -393,7 +396,7 @@ class Model:
 
 def held_revisions(storage, refs) -> set[tuple[bytes, bytes]]:
     """Which of *refs* the base still holds (one current view for all)."""
-    with current_view(storage._base) as view:
+    with held_view(storage) as view:
         return {(o, t) for o, t in refs if revision_exists(view, o, t)}
 
 
@@ -610,6 +613,7 @@ class Torture:
             self.stats.requests.update(self.faults.requests)
             for child in self.children:
                 child.stop()
+            close_oracle()
         return self.stats
 
     def _run(self) -> None:
@@ -623,6 +627,8 @@ class Torture:
             self.relstorage_section = relstorage_section(adapter, plan.keep_history)
         self.actors = [Actor(self, f"t{i}") for i in range(plan.threads)]
         self.open_db()
+        if plan.base == "relstorage":
+            open_oracle(self.relstorage_section)  # after the schema exists
         self.setup_root()
         self.children = [Child(self, i) for i in range(plan.children)]
         for child in self.children:
@@ -1061,9 +1067,12 @@ class Actor:
         if end == "fail_after_vote":
             self.tm.get().join(FailAfterVote())
         blocked = []
-        if end == "fault_vote" and contents:
+        own = [blob for blob, _data in contents if blob not in shared.values()]
+        if end == "fault_vote" and own:
+            # Every PUT of one of this actor's own blobs fails (not a shared
+            # one's: another actor's commit of it would fail too).
             self.tm.savepoint()  # gives new blobs their oids
-            blob, _data = rng.choice(contents)
+            blob = rng.choice(own)
             blocked = [f"/blobs/{blob._p_oid.hex().lstrip('0') or '0'}/"]
             torture.faults.blocked.update(blocked)
         acknowledged = []
