@@ -185,6 +185,20 @@ def test_reads_under_resets_and_cut_bodies_succeed_with_the_defaults(tmp_path):
     assert any(note.startswith("cut") for note in faults.injected)
 
 
+def failed_download(store: ObjectStore, key: str, tmp_path) -> ObjectStoreError:
+    """Download *key* with *store*, expecting it to fail; close the store and
+    return the error."""
+    try:
+        with (
+            open(tmp_path / "out", "wb") as out,
+            pytest.raises(ObjectStoreError) as info,
+        ):
+            store.download(key, out)
+    finally:
+        store.close()
+    return info.value
+
+
 def test_a_stalled_read_fails_within_the_deadline_naming_key_and_cause(tmp_path):
     """With the default timeouts and deadline, a server that never answers
     costs one read timeout, then no attempt starts that could outlast the
@@ -192,20 +206,12 @@ def test_a_stalled_read_fails_within_the_deadline_naming_key_and_cause(tmp_path)
     (key,) = small_blobs(1)
     with faulty_s3(Faults(stall=25, applies=blob_gets)) as server:
         settings = s3env.settings(endpoint_url=server.endpoint_url)
-        store = ObjectStore(settings)
-        try:
-            started = time.monotonic()
-            with (
-                open(tmp_path / "out", "wb") as out,
-                pytest.raises(ObjectStoreError) as info,
-            ):
-                store.download(key, out)
-            elapsed = time.monotonic() - started
-        finally:
-            store.close()
+        started = time.monotonic()
+        error = failed_download(ObjectStore(settings), key, tmp_path)
+        elapsed = time.monotonic() - started
     assert elapsed >= settings.download_read_timeout
     assert elapsed < settings.download_deadline + 1.0, f"gave up after {elapsed:.1f}s"
-    message = str(info.value)
+    message = str(error)
     assert f"s3://{s3env.BUCKET}/{key}" in message
     assert "Timeout" in message
     assert "1 attempt" in message
@@ -222,16 +228,9 @@ def test_download_max_attempts_still_caps_the_attempts(tmp_path):
         store = ObjectStore(
             s3env.settings(endpoint_url=server.endpoint_url, download_max_attempts=3)
         )
-        try:
-            with (
-                open(tmp_path / "out", "wb") as out,
-                pytest.raises(ObjectStoreError) as info,
-            ):
-                store.download(key, out)
-        finally:
-            store.close()
+        error = failed_download(store, key, tmp_path)
     assert len(faults.injected) == 3
-    message = str(info.value)
+    message = str(error)
     assert "SlowDown" in message
     assert "3 attempts" in message
     assert key in message
@@ -253,16 +252,9 @@ def test_a_checksum_mismatch_is_tried_once_more_not_until_the_deadline(tmp_path)
     store.clients[1].meta.events.register(
         "before-send.s3.GetObject", lambda **kw: gets.append(1)
     )
-    try:
-        started = time.monotonic()
-        with (
-            open(tmp_path / "out", "wb") as out,
-            pytest.raises(ObjectStoreError) as info,
-        ):
-            store.download(key, out)
-    finally:
-        store.close()
+    started = time.monotonic()
+    error = failed_download(store, key, tmp_path)
     assert len(gets) == 2
     assert time.monotonic() - started < 5
-    assert "checksum mismatch" in str(info.value)
-    assert "2 attempts" in str(info.value)
+    assert "checksum mismatch" in str(error)
+    assert "2 attempts" in str(error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import pytest
 import transaction
@@ -100,63 +101,61 @@ def test_abort_deletes_before_the_next_transaction_can_reuse_its_tid(
     assert read_cold(storage, tmp_path, oid, reused_tid) == b"acknowledged"
 
 
+@dataclass
+class Restore:
+    """A restore into a second storage (a FileStorage: it restores) of a
+    revision the source storage committed, voting next."""
+
+    source: S3BlobStorage
+    target: S3BlobStorage
+    txn: TransactionMetaData
+    oid: bytes
+    tid: bytes
+
+
+def begin_restore(make_storage, tmp_path, committed: bytes, restored: bytes):
+    source = make_storage(base=MappingStorage())
+    db = ZODB.DB(source)
+    oid, tid = commit_blobs(db, {"b": committed})["b"]
+    target = make_storage(settings=source._store.settings)
+    txn = TransactionMetaData()
+    target.tpc_begin(txn, tid)
+    path = tmp_path / f"restored-{os.urandom(4).hex()}"
+    path.write_bytes(restored)
+    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
+    return Restore(source, target, txn, oid, tid)
+
+
 def test_abort_after_restore_keeps_objects_that_existed_before(make_storage, tmp_path):
     """Defect 5. Restoring a revision whose object is already in S3 (a repeated
     zodbconvert, a rerun after a failure) and then aborting must leave the
     object. Fails before the fix: abort deleted every key it attempted."""
-    source = make_storage(base=MappingStorage())
-    db = ZODB.DB(source)
-    oid, tid = commit_blobs(db, {"b": b"restored twice"})["b"]
-    target = make_storage(settings=source._store.settings)  # FileStorage restores
-    txn = TransactionMetaData()
-    target.tpc_begin(txn, tid)
-    path = tmp_path / "restored"
-    path.write_bytes(b"restored twice")
-    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
-    target.tpc_vote(txn)
-    target.tpc_abort(txn)
-    assert read_cold(source, tmp_path, oid, tid) == b"restored twice"
-    db.close()
+    r = begin_restore(make_storage, tmp_path, b"restored twice", b"restored twice")
+    r.target.tpc_vote(r.txn)
+    r.target.tpc_abort(r.txn)
+    assert read_cold(r.source, tmp_path, r.oid, r.tid) == b"restored twice"
 
 
 def test_restore_refuses_to_overwrite_different_bytes(make_storage, tmp_path):
     """A restored revision whose object exists with other bytes fails the vote
     naming the key, and the object is left as it was."""
-    source = make_storage(base=MappingStorage())
-    db = ZODB.DB(source)
-    oid, tid = commit_blobs(db, {"b": b"the original"})["b"]
-    target = make_storage(settings=source._store.settings)  # FileStorage restores
-    txn = TransactionMetaData()
-    target.tpc_begin(txn, tid)
-    path = tmp_path / "other"
-    path.write_bytes(b"other bytes!")
-    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
-    with pytest.raises(Exception, match=source._layout.key(oid, tid)):
-        target.tpc_vote(txn)
-    target.tpc_abort(txn)
-    assert read_cold(source, tmp_path, oid, tid) == b"the original"
-    db.close()
+    r = begin_restore(make_storage, tmp_path, b"the original", b"other bytes!")
+    with pytest.raises(Exception, match=r.source._layout.key(r.oid, r.tid)):
+        r.target.tpc_vote(r.txn)
+    r.target.tpc_abort(r.txn)
+    assert read_cold(r.source, tmp_path, r.oid, r.tid) == b"the original"
 
 
 def test_restore_uploads_once_when_run_again(make_storage, tmp_path):
     """A rerun of a restore finds the object with the same bytes and sends no
     PUT for it."""
-    source = make_storage(base=MappingStorage())
-    db = ZODB.DB(source)
-    oid, tid = commit_blobs(db, {"b": b"same bytes"})["b"]
-    target = make_storage(settings=source._store.settings)  # FileStorage restores
-    txn = TransactionMetaData()
-    target.tpc_begin(txn, tid)
-    path = tmp_path / "same"
-    path.write_bytes(b"same bytes")
-    target.restoreBlob(oid, tid, b"record", str(path), None, txn)
-    with requests(target._store) as sent:
-        target.tpc_vote(txn)
-    target.tpc_finish(txn)
+    r = begin_restore(make_storage, tmp_path, b"same bytes", b"same bytes")
+    with requests(r.target._store) as sent:
+        r.target.tpc_vote(r.txn)
+    r.target.tpc_finish(r.txn)
     assert [op for op, _url in sent if op == "PutObject"] == []
-    with open(target.loadBlob(oid, tid), "rb") as f:
+    with open(r.target.loadBlob(r.oid, r.tid), "rb") as f:
         assert f.read() == b"same bytes"
-    db.close()
 
 
 @pytest.mark.parametrize("mode", ["r+", "a"])

@@ -40,7 +40,8 @@ again within a few replays.
 
 Run one seed: ``.venv/bin/python tests/torture.py --seed 1234``; a soak:
 ``.venv/bin/python tests/torture.py --soak 30``. The storage runs with its
-default settings except ``cache_size`` (2 MB, so eviction is constant),
+default settings except ``cache_size`` (2 MB) and the cache's minimum age
+(2 s), so eviction is constant,
 ``part_size`` (5 MiB, S3's minimum, so parts are cheap) and the ObjectStore's
 ``fast_stream`` (2**62 bytes/s in most plans, so that every download above
 the part size uses parallel ranged GETs, which a loopback server would

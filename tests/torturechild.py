@@ -141,16 +141,30 @@ class ObservedS3BlobStorage(S3BlobStorage):
         return super().tpc_finish(transaction, observed)
 
 
+#: Seconds within which a used cache file is not evicted: short, so that
+#: files age out within a seed, yet far above the moment between a fetch and
+#: ZODB opening the path, which the minimum age protects.
+CACHE_MIN_AGE = 2.0
+
+
 def open_storage(
     base, settings: S3Settings, cache_dir: str, cache_size: int, fast_stream: int
 ) -> ObservedS3BlobStorage:
-    """The storage under test, with the two settings the torture test changes:
-    a tiny *cache_size* (eviction all the time) and the ObjectStore's
-    ``fast_stream`` (how fast a first part must arrive for a download to
-    stream to the end; set higher than any loopback transfer, every download
-    above the part size fetches the rest in parallel ranged GETs, the path
-    whose failures are the hardest to get right)."""
-    storage = ObservedS3BlobStorage(base, settings, cache_dir, cache_size=cache_size)
+    """The storage under test, with the settings the torture test changes: a
+    tiny *cache_size* and a cache minimum age of :data:`CACHE_MIN_AGE` seconds
+    (so eviction runs all the time within a seed lasting seconds; the default
+    minute is tested in test_cache.py), and the ObjectStore's ``fast_stream``
+    (how fast a first part must arrive for a download to stream to the end;
+    set higher than any loopback transfer, every download above the part size
+    fetches the rest in parallel ranged GETs, the path whose failures are the
+    hardest to get right)."""
+    storage = ObservedS3BlobStorage(
+        base,
+        settings,
+        cache_dir,
+        cache_size=cache_size,
+        cache_min_age=CACHE_MIN_AGE,
+    )
     storage._store.fast_stream = fast_stream
     return storage
 
