@@ -45,7 +45,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64
 
 from zodb_s3blobs.cache import BlobCache
-from zodb_s3blobs.localserver import (
+from zodb_s3blobs.cli.localserver import (
     ACCESS_KEY,
     REGION,
     SECRET_KEY,

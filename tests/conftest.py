@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 import s3env
-from zodb_s3blobs.localserver import local_s3_server
+from zodb_s3blobs.cli.localserver import local_s3_server
 
 #: Fixtures of the deployment tests: PostgreSQL, and RelStorage bases.
 pytest_plugins = ["pgserver", "deploy"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from zodb_s3blobs.localserver import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
+from zodb_s3blobs.cli.localserver import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 from zodb_s3blobs.settings import S3Settings
 
 BUCKET = "zodb-s3blobs-tests"

@@ -17,7 +17,7 @@ from ZODB.FileStorage import FileStorage
 
 import clitools
 from clitools import run, run_json
-from zodb_s3blobs.localserver import REGION
+from zodb_s3blobs.cli.localserver import REGION
 
 #: Runs moto's server in its own process (authentication is process-wide in
 #: moto, and the session's server must keep accepting any credentials).

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from zodb_s3blobs import cli, demo
-from zodb_s3blobs.localserver import MissingServerError
+from zodb_s3blobs import cli
+from zodb_s3blobs.cli import demo
+from zodb_s3blobs.cli.localserver import MissingServerError
 
 SCRIPT = Path(sys.executable).with_name("zodb-s3blobs")
 KEY_LINE = re.compile(r"^\s+blobs/[0-9a-f]+/[0-9a-f]+\.blob\s", re.MULTILINE)

@@ -1666,7 +1666,7 @@ def run_seed(seed: int, directory: Path, verbose: bool = False) -> Stats:
 @contextlib.contextmanager
 def s3_server() -> Iterator[None]:
     """The S3 server a command-line run needs (pytest has its own)."""
-    from zodb_s3blobs.localserver import local_s3_server
+    from zodb_s3blobs.cli.localserver import local_s3_server
 
     with local_s3_server() as server:
         s3env.start(server)

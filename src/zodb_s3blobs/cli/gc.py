@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .cli import EXIT_OK, add_operator_options
-from .cliconfig import Target, load_target
-from .clioutput import emit, human_size, table
-from .gc import CollectionReport, collect_orphans
+from ..gc import CollectionReport, collect_orphans
+from . import EXIT_OK, add_operator_options
+from .output import emit, human_size, table
+from .target import Target, load_target
 
 DESCRIPTION = """\
 Delete the S3 objects that no blob revision of the base storage in CONFIG

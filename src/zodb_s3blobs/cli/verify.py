@@ -17,11 +17,11 @@ from typing import Any
 
 from ZODB.blob import is_blob_record
 
-from .cli import EXIT_FAILED, EXIT_OK, add_operator_options
-from .cliconfig import Target, load_target
-from .clioutput import emit, problem, table
-from .cmd_migrate import add_source_options, open_source
-from .keys import hex_id
+from ..keys import hex_id
+from . import EXIT_FAILED, EXIT_OK, add_operator_options
+from .migrate import add_source_options, open_source
+from .output import emit, problem, table
+from .target import Target, load_target
 
 DESCRIPTION = """\
 Check that every blob revision the base storage in CONFIG holds has its

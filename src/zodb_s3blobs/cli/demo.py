@@ -22,7 +22,7 @@ import ZODB.config
 from ZConfig.datatypes import stock_datatypes
 from ZODB.blob import Blob
 
-from .cli import EXIT_OK, CommandError
+from . import EXIT_OK, CommandError
 from .localserver import (
     LocalS3,
     MissingServerError,

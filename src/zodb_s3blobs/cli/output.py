@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from .cli import PROG
+from . import PROG
 
 
 def emit(args: argparse.Namespace, document: dict, lines: Iterable[str]) -> None:

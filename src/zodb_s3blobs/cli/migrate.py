@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cli import EXIT_OK, CommandError, add_operator_options
-from .cliconfig import Target, load_target
-from .clioutput import emit, human_size, progress, table
-from .errors import ObjectStoreError
+from ..errors import ObjectStoreError
+from . import EXIT_OK, CommandError, add_operator_options
+from .output import emit, human_size, progress, table
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
+from .target import Target, load_target
 
 if TYPE_CHECKING:
-    from .objectstore import ObjectStore
+    from ..objectstore import ObjectStore
 
 #: A batch of uploads holds at most this many bytes (unless one blob is
 #: larger), which bounds the temporary files of a RelStorage source.

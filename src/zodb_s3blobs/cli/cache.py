@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 from ZConfig.datatypes import stock_datatypes
 
-from .cache import MIN_AGE, BlobCache
-from .cli import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
-from .cliconfig import Target, load_target
-from .clioutput import emit, human_size, problem, table, timestamp
+from ..cache import MIN_AGE, BlobCache
+from . import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
+from .output import emit, human_size, problem, table, timestamp
+from .target import Target, load_target
 
 STATS_DESCRIPTION = """\
 Show what the local blob cache of CONFIG's <s3blobstorage> holds: blob files

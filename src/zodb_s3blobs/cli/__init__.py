@@ -1,13 +1,19 @@
-"""The ``zodb-s3blobs`` command line.
+"""The ``zodb-s3blobs`` command line: the operator tools, built on the storage.
 
-Each command lives in its own module of this package, listed in
-``COMMAND_MODULES``; the module's ``register(subparsers)`` adds its parser and
-sets ``run`` (a function taking the parsed arguments and returning an exit
-code) as that parser's default. ``main`` turns failures into one line on
-stderr and an exit code: 0 success, 1 a problem found or a failed run, 2 bad
-usage or configuration (130 when interrupted with Ctrl-C). With ``--json``, a
-failure is also printed as one JSON document on stdout, so a script always
-gets one.
+This subpackage depends on the rest of ``zodb_s3blobs``; nothing outside it
+imports from here. Each command lives in the module of its name, listed in
+``COMMAND_MODULES`` (``gc`` here runs the collector of :mod:`zodb_s3blobs.gc`);
+the module's ``register(subparsers)`` adds its parser and sets ``run`` (a
+function taking the parsed arguments and returning an exit code) as that
+parser's default. Beside them: ``target`` reads CONFIG, ``output`` prints
+tables, JSON and progress, ``sources`` lists the blobs ``migrate`` uploads,
+``localserver`` is the in-process S3 server of ``demo`` and the tests, and
+``reference`` renders docs/cli.md.
+
+``main`` turns failures into one line on stderr and an exit code: 0 success,
+1 a problem found or a failed run, 2 bad usage or configuration (130 when
+interrupted with Ctrl-C). With ``--json``, a failure is also printed as one
+JSON document on stdout, so a script always gets one.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-#: Modules of this package that each define ``register(subparsers)``.
+#: The logger --debug opens up: the whole package, storage and tools alike.
+PACKAGE_LOGGER = __name__.rpartition(".")[0]
+
+#: Modules of this subpackage that each define ``register(subparsers)``.
 COMMAND_MODULES = (
     "demo",
-    "cmd_check",
-    "cmd_migrate",
-    "cmd_verify",
-    "cmd_gc",
-    "cmd_cache",
+    "check",
+    "migrate",
+    "verify",
+    "gc",
+    "cache",
 )
 
 
@@ -103,18 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(debug: bool) -> None:
-    """Show this package's debug messages with --debug, else warnings only."""
+    """Show the package's debug messages with --debug, else warnings only."""
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if debug:
-        logging.getLogger(__package__).setLevel(logging.DEBUG)
+        logging.getLogger(PACKAGE_LOGGER).setLevel(logging.DEBUG)
 
 
 def _report(exc: BaseException, args: argparse.Namespace) -> int:
     """Print *exc* as one line on stderr (after its traceback with --debug),
     and as a JSON document on stdout with --json; return the exit code."""
-    from .errors import S3BlobStorageError
+    from ..errors import S3BlobStorageError
 
     if args.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
@@ -146,11 +155,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:
         return _report(exc, args)
-
-
-if __name__ == "__main__":
-    # Call the package's module, not this __main__ copy of it, so that the
-    # CommandError the commands import is the class main() catches.
-    from zodb_s3blobs.cli import main as package_main
-
-    sys.exit(package_main())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ZODB.blob import BLOB_SUFFIX, LAYOUT_MARKER, LAYOUTS, auto_layout_select
 from ZODB.utils import p64, repr_to_oid, u64
 
-from .cli import UsageError
+from . import UsageError
 
 
 @dataclass(frozen=True)

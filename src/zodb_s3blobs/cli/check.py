@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
 
-from .cache import DIR_MODE
-from .cli import EXIT_FAILED, EXIT_OK, add_operator_options
-from .cliconfig import Target, load_target
-from .clioutput import emit, problem, table
-from .errors import ObjectStoreError
+from ..cache import DIR_MODE
+from ..errors import ObjectStoreError
+from . import EXIT_FAILED, EXIT_OK, add_operator_options
+from .output import emit, problem, table
+from .target import Target, load_target
 
 if TYPE_CHECKING:
-    from .objectstore import ObjectStore
+    from ..objectstore import ObjectStore
 
 DESCRIPTION = """\
 Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the

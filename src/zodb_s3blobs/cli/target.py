@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 import ZConfig
 import ZODB.config
 
-from .cli import UsageError
-from .config import S3BlobStorageFactory
-from .keys import KeyLayout
+from ..config import S3BlobStorageFactory
+from ..keys import KeyLayout
+from . import UsageError
 
 if TYPE_CHECKING:
-    from . import S3BlobStorage, S3Settings
-    from .cache import BlobCache
-    from .objectstore import ObjectStore
+    from .. import S3BlobStorage, S3Settings
+    from ..cache import BlobCache
+    from ..objectstore import ObjectStore
 
 #: A zope.conf names its databases in <zodb_db NAME> sections.
 _ZODB_DB = re.compile(r"^\s*<zodb_db[\s>]", re.IGNORECASE | re.MULTILINE)
@@ -63,7 +63,7 @@ class Target:
     @contextlib.contextmanager
     def store(self) -> Iterator[ObjectStore]:
         """The S3 side alone, closed on exit."""
-        from .objectstore import ObjectStore
+        from ..objectstore import ObjectStore
 
         store = ObjectStore(self.settings)
         try:
@@ -98,7 +98,7 @@ class Target:
 
     def cache(self) -> BlobCache:
         """The local cache (its directory is created if missing)."""
-        from .cache import BlobCache
+        from ..cache import BlobCache
 
         return BlobCache(self.cache_dir, self.cache_size)
 
