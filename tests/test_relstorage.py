@@ -17,6 +17,7 @@ import ZODB
 import ZODB.config
 from ZODB.blob import Blob
 from ZODB.Connection import TransactionMetaData
+from ZODB.serialize import referencesf
 from ZODB.utils import z64
 
 import s3env
@@ -234,3 +235,35 @@ def test_relstorages_zodbpack_packs_and_collects(relstorage_base, tmp_path):
     assert done.returncode == 0, done.stderr
     oid, current, _ = revisions[-1]
     assert bucket_keys(prefix_of(storage)) == [storage._layout.key(oid, current)]
+
+
+def test_the_collector_asks_the_database_not_relstorages_cache(
+    relstorage_base, tmp_path
+):
+    """RelStorage's loadSerial answers from its local cache first, even for a
+    revision another process has since packed away (relstorage/storage/
+    load.py). Fails before the fix: the collector asked loadSerial, so while
+    a connection of this process still viewed the packed revision (keeping it
+    in the cache), its object was kept."""
+    mine = open_storage(relstorage_base.section, tmp_path / "mine")
+    prefix = prefix_of(mine)
+    mine_db = ZODB.DB(mine)
+    with mine_db.transaction() as conn:
+        conn.root()["b"] = Blob(b"first")
+    viewer_tm = transaction.TransactionManager()
+    viewer = mine_db.open(viewer_tm)  # stays on this snapshot
+    blob = viewer.root()["b"]
+    with blob.open() as f:
+        assert f.read() == b"first"
+    oid, first = blob._p_oid, blob._p_serial
+    other = open_storage(relstorage_base.section, tmp_path / "other", prefix)
+    other_db = ZODB.DB(other)
+    with other_db.transaction() as conn, conn.root()["b"].open("w") as f:
+        f.write(b"second")
+    other._base.pack(time.time() + 1, referencesf)  # the base alone
+    other_db.close()
+    assert mine._layout.key(oid, first) in bucket_keys(prefix)
+    report = mine.collect_orphans(dry_run=True)
+    assert report.orphans == [mine._layout.key(oid, first)]
+    viewer.close()
+    mine_db.close()

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ZODB.interfaces import IMVCCStorage
 from ZODB.POSException import POSKeyError
+from ZODB.utils import u64
 
 from .cache import BlobCache
 from .errors import ObjectStoreError, S3BlobStorageError
@@ -74,6 +76,23 @@ def revision_exists(base, oid: bytes, tid: bytes) -> bool:
     return True
 
 
+def revision_held(view, oid: bytes, tid: bytes) -> bool:
+    """:func:`revision_exists`, as the database itself answers it, for the
+    collector's :func:`current_view`. RelStorage 4's ``loadSerial`` answers
+    from its local cache first, even for a revision another process has
+    packed away (relstorage/storage/load.py), so a process whose connections
+    still viewed that revision would keep its object; its database is asked
+    instead, through the view's load connection, which sees the snapshot the
+    view polled (tested in tests/test_relstorage.py)."""
+    relstorage = sys.modules.get("relstorage.storage")
+    if relstorage is None or not isinstance(view, relstorage.RelStorage):
+        return revision_exists(view, oid, tid)
+    state = view._adapter.mover.load_revision(
+        view._load_connection.cursor, u64(oid), u64(tid)
+    )
+    return state is not None
+
+
 @contextlib.contextmanager
 def current_view(base) -> Iterator:
     """*base* as of its latest commit: an IMVCCStorage through a new instance
@@ -111,7 +130,7 @@ def collect_orphans(
             oid, tid = parsed
             if tid > last_committed:
                 report.in_flight += 1
-            elif revision_exists(view, oid, tid):
+            elif revision_held(view, oid, tid):
                 report.kept += 1
             else:
                 report.orphans.append(key)
