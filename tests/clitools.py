@@ -4,10 +4,15 @@ server, and build real databases with blobs to work on."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import ZODB
@@ -35,6 +40,36 @@ def run_json(*args: str | Path) -> tuple[int, dict]:
     """Run with ``--json``; return the exit code and the one JSON document."""
     result = run(*args, "--json")
     return result.returncode, json.loads(result.stdout)
+
+
+def run_on_terminal(*args: str | Path, timeout: float = 120) -> tuple[int, bytes]:
+    """Run ``python -m zodb_s3blobs.cli ARGS`` with stderr on a terminal (a
+    pty of 80 columns), stdout discarded; return the exit code and every byte
+    written to the terminal."""
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "zodb_s3blobs.cli", *map(str, args)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        os.close(stderr)  # the process has its own copy
+        shown = b""
+        while True:  # read as it is written: a closed pty may drop what is left
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # EIO: the process has closed its end
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+    finally:
+        os.close(terminal)
+    return process.wait(timeout=timeout), shown
 
 
 def filestorage(path: Path, blob_dir: Path | None = None) -> str:

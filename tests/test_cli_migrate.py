@@ -4,15 +4,9 @@ blob_chunk table on SQLite, idempotent, and resumed after an interruption."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -25,6 +19,8 @@ from clitools import run, run_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from delayline import DelayLine  # noqa: E402
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 SIZES = [1, 1000, 5000, 20000, 70000]
 
@@ -55,7 +51,7 @@ def test_migrate_a_filestorage_blob_dir(tmp_path, layout):
     lines = dry.stdout.splitlines()
     listed = {line.split()[0] for line in lines if line.startswith(layout_.root)}
     assert listed == keys
-    assert f"({layout} layout)" in dry.stdout
+    assert f"({layout} layout, " in dry.stdout
 
     code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
     assert code == 0
@@ -89,29 +85,10 @@ def test_migrate_again_uploads_nothing(tmp_path):
 def test_a_progress_bar_on_a_terminal(tmp_path):
     _revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
     config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
-    terminal, stderr = pty.openpty()
-    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "zodb_s3blobs.cli", "migrate", str(config)]
-            + ["--from-blob-dir", str(blob_dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        os.close(stderr)  # the process has its own copy
-        shown = b""
-        while True:  # read as it is written: a closed pty may drop what is left
-            if select.select([terminal], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(terminal, 4096)
-                except OSError:  # EIO: the process has closed its end
-                    break
-                shown += chunk
-            elif process.poll() is not None:
-                break
-    finally:
-        os.close(terminal)
-    assert process.wait(timeout=60) == 0
+    code, shown = clitools.run_on_terminal(
+        "migrate", config, "--from-blob-dir", blob_dir
+    )
+    assert code == 0
     assert b"\rupload:   0%|" in shown  # tqdm, redrawn in place
     assert b"B/s]" in shown
 
@@ -250,3 +227,144 @@ def test_from_relstorage_needs_a_relstorage_base(tmp_path):
     result = run("migrate", config, "--from-relstorage")
     assert result.returncode == 2
     assert "the base storage is FileStorage, not RelStorage" in result.stderr
+
+
+def a_blob_file(blob_dir: Path) -> Path:
+    """The first blob file of *blob_dir* (any layout)."""
+    return next(path for path in sorted(blob_dir.rglob("*.blob")))
+
+
+def test_a_symlinked_blob_is_not_uploaded(tmp_path):
+    """A ``*.blob`` symlink to a file outside the blob directory (which the
+    Zope user can write, while migrate runs as root) is skipped and named;
+    the regular blob files are uploaded; the run exits 1.
+
+    Fails before the fix: the symlink's target was read and uploaded, and the
+    run exited 0."""
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:secret-hash:19000::::::\n")
+    secret.chmod(0o600)
+    oid_dir = a_blob_file(blob_dir).parent
+    link = oid_dir / "0x0fffffffffffffff.blob"
+    link.symlink_to(secret)
+
+    result = run("migrate", config, "--from-blob-dir", blob_dir)
+    assert result.returncode == 1
+    assert f"skipped {link}: a symbolic link, not a regular file" in result.stderr
+    uploaded = clitools.s3_objects(config)
+    assert len(uploaded) == len(revisions)  # every regular blob file
+    assert b"secret-hash" not in b"".join(clitools.s3_read(k) for k in uploaded)
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 1
+    assert report["ok"] is False
+    assert report["skipped"] == {
+        "count": 1,
+        "entries": [
+            {"path": str(link), "reason": "a symbolic link, not a regular file"}
+        ],
+    }
+
+
+def test_a_blob_file_swapped_for_a_symlink_after_listing_is_not_read(tmp_path):
+    """A blob file replaced by a symlink between the listing and the upload
+    (the blob directory is writable by the Zope user) is not followed: the
+    file is opened without following links, and skipped.
+
+    Fails before the fix: the upload opened the path, following the link."""
+    from zodb_s3blobs.cli.sources import BlobDirSource
+
+    _revisions, _data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"secret")
+    source = BlobDirSource(str(blob_dir))
+    revisions = list(source.revisions())
+    swapped = a_blob_file(blob_dir)
+    swapped.unlink()
+    swapped.symlink_to(secret)
+    removed = sorted(blob_dir.rglob("*.blob"))[-1]
+    removed.unlink()  # as a pack running meanwhile does
+    with source.files(revisions) as paths:
+        contents = [None if p is None else Path(p).read_bytes() for p in paths]
+    assert b"secret" not in contents
+    assert contents.count(None) == 2
+    assert [entry["path"] for entry in source.skipped] == [str(swapped), str(removed)]
+    reasons = [entry["reason"] for entry in source.skipped]
+    assert reasons[0].startswith("cannot open it without following links")
+    assert reasons[1] == "removed before it was uploaded"
+
+
+def test_a_bushy_dir_without_its_layout_file_is_recognised(tmp_path):
+    """A bushy blob directory copied without its ``.layout`` file (``cp -r
+    dir/*``) is recognised by its structure, not guessed as lawn.
+
+    Fails before the fix: it was taken for a lawn directory, migrate found 0
+    blobs and exited 0."""
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    (blob_dir / ".layout").unlink()
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 0, report
+    assert report["found"]["count"] == len(revisions)
+    assert "bushy layout, recognised by its structure" in report["source"]
+    assert len(clitools.s3_objects(config)) == len(revisions)
+
+
+def test_a_directory_without_blobs_is_an_error(tmp_path):
+    """Pointing --from-blob-dir at a directory that holds files but no blobs
+    is bad usage, not a successful migration of nothing.
+
+    Fails before the fix: "found 0", exit 0."""
+    config = clitools.write_config(tmp_path, clitools.filestorage(tmp_path / "x.fs"))
+    wrong = tmp_path / "var"
+    (wrong / "log").mkdir(parents=True)
+    (wrong / "log" / "instance.log").write_text("started\n")
+    (wrong / "Data.fs").write_bytes(b"FS21")
+    result = run("migrate", config, "--from-blob-dir", wrong)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: error: --from-blob-dir {wrong}: holds no blob files "
+        "(OID directories of *.blob files, bushy or lawn layout): is it a blob "
+        "directory?"
+    ]
+    code, report = run_json("migrate", config, "--from-blob-dir", wrong)
+    assert code == 2
+    assert report["ok"] is False and "holds no blob files" in report["error"]
+    # An empty blob directory (a database without blobs) is fine.
+    (tmp_path / "empty").mkdir()
+    result = run("migrate", config, "--from-blob-dir", tmp_path / "empty")
+    assert result.returncode == 0, result.stderr
+
+
+def test_odd_entries_are_skipped_counted_and_fail_the_run(tmp_path):
+    """A dangling symlink and a malformed name do not abort the run: the
+    other blobs are uploaded, each odd entry is named on stderr, counted in
+    the report, and the run exits 1.
+
+    Fails before the fix: the dangling symlink aborted the whole run with a
+    FileNotFoundError (exit 1, nothing uploaded)."""
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    oid_dir = a_blob_file(blob_dir).parent
+    dangling = oid_dir / "0x0ffffffffffffff0.blob"
+    dangling.symlink_to(tmp_path / "nowhere")
+    malformed = oid_dir / "not-a-tid.blob"
+    malformed.write_bytes(b"x")
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 1
+    assert report["uploaded"]["count"] == len(revisions)
+    assert report["skipped"]["count"] == 2
+    assert {e["path"]: e["reason"] for e in report["skipped"]["entries"]} == {
+        str(dangling): "a symbolic link, not a regular file",
+        str(malformed): "not a blob file name (TID.blob)",
+    }
+    assert len(clitools.s3_objects(config)) == len(revisions)
+    result = run("migrate", config, "--from-blob-dir", blob_dir)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "zodb-s3blobs: 2 entries of the blob directory were skipped (named "
+        "above): the run is not complete"
+    )

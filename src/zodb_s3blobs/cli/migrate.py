@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ObjectStoreError
-from . import EXIT_OK, CommandError, add_operator_options
-from .output import emit, human_size, progress, table
+from . import EXIT_FAILED, EXIT_OK, CommandError, add_operator_options
+from .output import emit, human_size, problem, progress, table
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
 from .target import Target, load_target
 
@@ -151,23 +151,31 @@ def upload(
     source: BlobDirSource | RelStorageSource,
     store: ObjectStore,
     concurrency: int,
-) -> None:
-    """Upload the planned revisions batch by batch, with a progress bar; a
-    failure says how far it got and that running again resumes."""
-    done = 0
+) -> tuple[int, int]:
+    """Upload the planned revisions batch by batch, with a progress bar, and
+    return how many were uploaded and their bytes (a source may skip files it
+    can no longer open safely); a failure says how far it got and that
+    running again resumes."""
+    done = done_bytes = 0
     with progress(todo.upload_bytes, "upload") as bar:
         for batch in batches(todo.uploads, BATCH_PER_SLOT * concurrency):
             try:
                 with source.files([revision for revision, _key in batch]) as paths:
-                    keys = [key for _revision, key in batch]
-                    store.transfer(zip(paths, keys, strict=True), [])
+                    sent = [
+                        (path, revision, key)
+                        for path, (revision, key) in zip(paths, batch, strict=True)
+                        if path is not None
+                    ]
+                    store.transfer([(path, key) for path, _r, key in sent], [])
             except ObjectStoreError as exc:
                 raise CommandError(
                     f"{exc} (before this batch, {done} of {len(todo.uploads)} "
                     "uploads were done; run migrate again to resume)"
                 ) from exc
-            done += len(batch)
+            done += len(sent)
+            done_bytes += sum(revision.size for _path, revision, _key in sent)
             bar.update(sum(revision.size for revision, _key in batch))
+    return done, done_bytes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,31 +184,53 @@ def run(args: argparse.Namespace) -> int:
     with open_source(args, target) as source, target.store() as store:
         existing = dict(store.list(target.layout.root))
         todo = plan(source.revisions(), existing, target)
+        uploaded = (len(todo.uploads), todo.upload_bytes)
         if not args.dry_run:
-            upload(todo, source, store, target.settings.max_concurrency)
+            uploaded = upload(todo, source, store, target.settings.max_concurrency)
+        skipped = source.skipped
+        for entry in skipped:
+            problem(f"skipped {entry['path']}: {entry['reason']}")
         document = {
-            "ok": True,
+            "ok": not skipped,
             "dry_run": args.dry_run,
             "source": source.describe(),
             "destination": target.url(),
             "found": {"count": todo.found, "bytes": todo.found_bytes},
             "present": {"count": todo.present, "bytes": todo.present_bytes},
             "to_upload" if args.dry_run else "uploaded": {
-                "count": len(todo.uploads),
-                "bytes": todo.upload_bytes,
+                "count": uploaded[0],
+                "bytes": uploaded[1],
             },
             "replaced": todo.differing,
+            "skipped": {"count": len(skipped), "entries": skipped},
         }
         if args.dry_run:
             document["uploads"] = [
                 {"key": key, "size": revision.size} for revision, key in todo.uploads
             ]
-        emit(args, document, _lines(args, todo, source.describe(), target))
+        lines = _lines(args, todo, uploaded, source.describe(), target)
+        if skipped:
+            lines += ["", f"{len(skipped)} skipped (named on stderr)"]
+        emit(args, document, lines)
+    if skipped:
+        entries = (
+            "entry of the blob directory was"
+            if len(skipped) == 1
+            else ("entries of the blob directory were")
+        )
+        problem(
+            f"{len(skipped)} {entries} skipped (named above): the run is not complete"
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 
 def _lines(
-    args: argparse.Namespace, todo: Plan, source: str, target: Target
+    args: argparse.Namespace,
+    todo: Plan,
+    uploaded: tuple[int, int],
+    source: str,
+    target: Target,
 ) -> list[str]:
     """The human report: counts and bytes, and with --dry-run the keys."""
     verb = "would upload" if args.dry_run else "uploaded"
@@ -210,7 +240,7 @@ def _lines(
         [
             ["found", todo.found, human_size(todo.found_bytes)],
             ["already in S3", todo.present, human_size(todo.present_bytes)],
-            [verb, len(todo.uploads), human_size(todo.upload_bytes)],
+            [verb, uploaded[0], human_size(uploaded[1])],
         ],
     )
     if todo.differing:

@@ -9,8 +9,12 @@ batch of revisions to upload.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
+import errno
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,11 +34,37 @@ class BlobRevision:
     size: int
 
 
+#: Why an entry of a blob directory was skipped (the ``reason`` reported).
+SYMLINK = "a symbolic link, not a regular file"
+NOT_REGULAR = "not a regular file"
+BAD_NAME = "not a blob file name (TID.blob)"
+VANISHED = "removed before it was read"
+REMOVED = "removed before it was uploaded"
+SWAPPED = (
+    "cannot open it without following links (it, or a directory above it, was "
+    "replaced by a symbolic link)"
+)
+#: Where a process may read an open file again by path (Linux): uploading
+#: through it reads the very file opened, whatever its path points to now.
+_FD_PATHS = "/proc/self/fd"
+
+
 class BlobDirSource:
     """The blob files of a ZODB blob directory, in the bushy or lawn layout.
 
     A ZEO client's blob cache (layout ``zeocache``) is refused: it holds only
-    the blobs that client happened to read.
+    the blobs that client happened to read. Without a ``.layout`` file (a
+    directory copied with ``cp -r dir/*``) the layout is recognised from where
+    the blob files are, not guessed.
+
+    Only regular files are read: ``migrate`` typically runs as root, and the
+    blob directory is writable by the Zope user, so a ``*.blob`` symlink could
+    point at any file of the machine. Entries are checked with ``lstat`` when
+    listed, and opened for the upload one directory at a time without
+    following links (``O_NOFOLLOW``), so one swapped for a symlink meanwhile is
+    not read either. An odd entry (a symlink, a malformed name, a file removed
+    by a pack running meanwhile) does not stop the run: it is recorded in
+    :attr:`skipped` for the caller to report.
     """
 
     def __init__(self, directory: str) -> None:
@@ -42,48 +72,176 @@ class BlobDirSource:
         if not os.path.isdir(self.directory):
             raise UsageError(f"--from-blob-dir {directory}: not a directory")
         marker = os.path.join(self.directory, LAYOUT_MARKER)
-        self.layout_name = auto_layout_select(self.directory)
+        #: The layout, or None until the first blob file shows it.
+        self.layout_name: str | None = None
+        self.layout_source = "from its .layout file"
+        if os.path.exists(marker):
+            self.layout_name = auto_layout_select(self.directory)
         if self.layout_name == "zeocache":
             raise UsageError(
                 f"--from-blob-dir {directory}: {marker} says this is a ZEO client's "
                 "blob cache, which holds only the blobs that client read; use the "
                 "ZEO server's blob directory"
             )
-        if self.layout_name not in LAYOUTS:
+        if self.layout_name is not None and self.layout_name not in LAYOUTS:
             raise UsageError(
                 f"--from-blob-dir {directory}: {marker} names the unknown layout "
                 f"{self.layout_name!r} (expected bushy or lawn)"
             )
-        self._layout = LAYOUTS[self.layout_name]
         self._paths: dict[tuple[bytes, bytes], str] = {}
+        #: The entries left out: ``{"path": ..., "reason": ...}`` each.
+        self.skipped: list[dict[str, str]] = []
 
     def describe(self) -> str:
         """The source in words, for reports."""
-        return f"blob directory {self.directory} ({self.layout_name} layout)"
+        if self.layout_name is None:
+            return f"blob directory {self.directory} (no blob files found)"
+        return (
+            f"blob directory {self.directory} ({self.layout_name} layout, "
+            f"{self.layout_source})"
+        )
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"path": path, "reason": reason})
+
+    def _oid(self, relative: str) -> bytes | None:
+        """The oid a directory (relative to the top) holds blobs of, in the
+        layout of this directory; the first one decoded fixes the layout when
+        no ``.layout`` file named it."""
+        names = [self.layout_name] if self.layout_name else ["bushy", "lawn"]
+        for name in names:
+            try:
+                oid = LAYOUTS[name].path_to_oid(relative)
+            except (ValueError, TypeError, binascii.Error):
+                continue
+            if self.layout_name is None:
+                self.layout_name = name
+                self.layout_source = "recognised by its structure (no .layout file)"
+            return oid
+        return None
 
     def revisions(self) -> Iterator[BlobRevision]:
-        """Every committed blob file's revision and size, in a stable order."""
-        for parent, dirs, names in os.walk(self.directory):
+        """Every committed blob file's revision and size, in a stable order.
+
+        Raises UsageError at the end if a directory with entries held no blob
+        file at all: it is not a blob directory (or a wrong one)."""
+        found = 0
+        entries = [
+            name
+            for name in os.listdir(self.directory)
+            if name not in (LAYOUT_MARKER, "tmp")
+        ]
+
+        def unreadable(exc: OSError) -> None:
+            self._skip(exc.filename, f"cannot be read: {exc.strerror}")
+
+        for parent, dirs, names in os.walk(self.directory, onerror=unreadable):
+            relative = os.path.relpath(parent, self.directory)
+            if relative == ".":
+                dirs[:] = [name for name in dirs if name != "tmp"]  # uncommitted
+            for name in list(dirs):
+                if os.path.islink(os.path.join(parent, name)):
+                    self._skip(os.path.join(parent, name), SYMLINK)
+                    dirs.remove(name)
             dirs.sort()
-            try:
-                oid = self._layout.path_to_oid(os.path.relpath(parent, self.directory))
-            except ValueError:
-                continue  # the top directory, tmp/, or anything not an oid's
-            for name in sorted(names):
-                if not name.endswith(BLOB_SUFFIX):
-                    continue  # e.g. a .tmp file of a transaction never finished
+            blob_names = sorted(name for name in names if name.endswith(BLOB_SUFFIX))
+            if not blob_names:
+                continue  # e.g. the .tmp file of a transaction never finished
+            oid = None if relative == "." else self._oid(relative)
+            for name in blob_names:
+                path = os.path.join(parent, name)
+                if oid is None:
+                    layout = self.layout_name or "bushy or lawn"
+                    self._skip(path, f"not in an OID directory of the {layout} layout")
+                    continue
                 try:
                     tid = repr_to_oid(name[: -len(BLOB_SUFFIX)])
-                except ValueError:
+                except (ValueError, TypeError, binascii.Error):
+                    self._skip(path, BAD_NAME)
                     continue
-                path = self._paths[oid, tid] = os.path.join(parent, name)
-                yield BlobRevision(oid, tid, os.stat(path).st_size)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    self._skip(path, VANISHED)
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    self._skip(path, SYMLINK)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    self._skip(path, NOT_REGULAR)
+                    continue
+                self._paths[oid, tid] = path
+                found += 1
+                yield BlobRevision(oid, tid, st.st_size)
+        if not found and not self.skipped and entries:
+            raise UsageError(
+                f"--from-blob-dir {self.directory}: holds no blob files (OID "
+                "directories of *.blob files, bushy or lawn layout): is it a blob "
+                "directory?"
+            )
+
+    def _open(self, path: str) -> int:
+        """Open *path* (inside the blob directory) for reading without
+        following a symbolic link at any level below the top directory; raise
+        OSError if one is met or the file is not a regular file."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        parts = os.path.relpath(path, self.directory).split(os.sep)
+        fd = os.open(self.directory, flags | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                child = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            file_fd = os.open(
+                parts[-1], flags | getattr(os, "O_NONBLOCK", 0), dir_fd=fd
+            )
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise OSError(errno.EINVAL, NOT_REGULAR)
+        return file_fd
 
     @contextlib.contextmanager
-    def files(self, revisions: Sequence[BlobRevision]) -> Iterator[list[str]]:
-        """The files of *revisions* (listed by :meth:`revisions`): here, the
-        blob files themselves."""
-        yield [self._paths[r.oid, r.tid] for r in revisions]
+    def files(self, revisions: Sequence[BlobRevision]) -> Iterator[list[str | None]]:
+        """The files of *revisions* (listed by :meth:`revisions`), each opened
+        without following links and handed out by a path to the open file
+        (``/proc/self/fd/N``, or a copy where there is none); None for one
+        that could not be opened so, which is recorded in :attr:`skipped`."""
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            if not os.path.isdir(_FD_PATHS):
+                tmp = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="zodb-s3blobs-migrate-")
+                )
+            paths: list[str | None] = []
+            for revision in revisions:
+                path = self._paths[revision.oid, revision.tid]
+                try:
+                    fd = self._open(path)
+                except FileNotFoundError:
+                    self._skip(path, REMOVED)
+                    paths.append(None)
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        reason = SWAPPED
+                    elif exc.errno == errno.EINVAL:
+                        reason = NOT_REGULAR
+                    else:
+                        reason = f"cannot be read: {exc.strerror}"
+                    self._skip(path, reason)
+                    paths.append(None)
+                    continue
+                file = stack.enter_context(os.fdopen(fd, "rb"))
+                if tmp is None:
+                    paths.append(f"{_FD_PATHS}/{fd}")
+                    continue
+                copy = os.path.join(tmp, f"{len(paths)}.blob")
+                with open(copy, "wb") as out:
+                    shutil.copyfileobj(file, out)
+                paths.append(copy)
+            yield paths
 
 
 #: SQL for a blob's size in blob_chunk, by RelStorage adapter package. In
@@ -99,6 +257,9 @@ _CHUNK_SIZE_SQL = {
 class RelStorageSource:
     """The blob revisions RelStorage keeps in its ``blob_chunk`` table (with
     ``shared-blob-dir false``), read over one loading connection."""
+
+    #: Nothing is ever skipped here: a row that cannot be read fails the run.
+    skipped: list[dict[str, str]] = []
 
     def __init__(self, storage: object) -> None:
         adapter = getattr(storage, "_adapter", None)
@@ -132,7 +293,7 @@ class RelStorageSource:
             yield BlobRevision(p64(zoid), p64(tid), int(size))
 
     @contextlib.contextmanager
-    def files(self, revisions: Sequence[BlobRevision]) -> Iterator[list[str]]:
+    def files(self, revisions: Sequence[BlobRevision]) -> Iterator[list[str | None]]:
         """Download *revisions* from the database into temporary files, removed
         on exit."""
         with tempfile.TemporaryDirectory(prefix="zodb-s3blobs-migrate-") as tmp:
