@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ZODB.FileStorage import FileStorage
 import clitools
 from clitools import run, run_json
 from zodb_s3blobs.cli.localserver import REGION
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 #: Runs moto's server in its own process (authentication is process-wide in
 #: moto, and the session's server must keep accepting any credentials).
@@ -224,3 +227,98 @@ def test_a_bad_key_is_a_configuration_error(tmp_path):
         f"zodb-s3blobs: error: {config}: 's3-regoin' is not a known key name"
     ]
     assert result.stdout == ""
+
+
+@pytest.mark.s3_servers("moto")
+def test_a_stalled_endpoint_fails_check_within_seconds(tmp_path):
+    """An endpoint that accepts connections but never answers: check gives up
+    after the short download timeouts (one or two attempts each), not after
+    s3-read-timeout x s3-max-attempts; on a terminal it says what it waits for.
+
+    Fails before the fix: the LIST (and then the probe's PUT, GET and
+    DELETE) waited s3-read-timeout, 300 s, times 5 attempts each."""
+    from faultserver import Faults, faulty_s3
+
+    faults = Faults(stall=30)
+    with faulty_s3(faults) as server:
+        config = clitools.write_config(
+            tmp_path,
+            existing_filestorage(tmp_path / "x.fs"),
+            extra="s3-download-read-timeout 1\ns3-download-deadline 3",
+        )
+        endpoint = clitools.s3env.server().endpoint_url
+        config.write_text(config.read_text().replace(endpoint, server.endpoint_url))
+        started = time.monotonic()
+        code, report = run_json("check", config)
+        assert time.monotonic() - started < 25
+        assert code == 1
+        assert statuses(report)["bucket"] == "failed"
+        assert statuses(report)["round trip"] == "skipped"
+        [bucket] = [c for c in report["checks"] if c["name"] == "bucket"]
+        assert "timeout" in bucket["detail"].lower()
+        code, shown = clitools.run_on_terminal("check", config)
+        assert code == 1
+        assert f"waiting for {server.endpoint_url}: LIST".encode() in shown
+
+
+def test_a_missing_data_fs_is_reported_not_created(tmp_path):
+    """check opens the base storage read-only: a mistyped Data.fs path is a
+    failed check, and no file (nor cache-dir) is created.
+
+    Fails before the fix: opening the whole storage created an empty
+    Data.fs at the mistyped path (and the cache-dir), and check passed."""
+    mistyped = tmp_path / "Dta.fs"
+    config = clitools.write_config(tmp_path, clitools.filestorage(mistyped))
+    code, report = run_json("check", config)
+    assert code == 1
+    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
+    assert storage["status"] == "failed"
+    assert f"{mistyped} does not exist" in storage["detail"]
+    assert not mistyped.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_check_of_dev_null_is_bad_usage(tmp_path):
+    """A CONFIG without a storage section is bad usage, named.
+
+    Fails before the fix: AttributeError, exit 1."""
+    result = run("check", "/dev/null")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "zodb-s3blobs: error: /dev/null holds no storage section (an "
+        "<s3blobstorage> section, with %import zodb_s3blobs)"
+    ]
+    code, report = run_json("check", "/dev/null")
+    assert code == 2
+    assert report["ok"] is False
+
+
+def test_a_binary_config_is_bad_usage(tmp_path):
+    """Fails before the fix: UnicodeDecodeError, exit 1."""
+    config = tmp_path / "Data.fs"
+    config.write_bytes(b"FS21\xff\xfe\x00")
+    result = run("check", config)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"zodb-s3blobs: error: cannot read {config}: ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check"], "the following arguments are required: CONFIG"),
+        (["chekc", "x.conf"], "invalid choice: 'chekc'"),
+        (["migrate", "x.conf"], "one of the arguments --from-blob-dir"),
+        (["cache", "prune", "x.conf", "--to", "lots"], "'lots' is not a size"),
+    ],
+)
+def test_usage_errors_print_json_under_json(args, message):
+    """Every bad invocation exits 2; with --json a JSON document says why.
+
+    Fails before the fix: argparse printed its usage on stderr and nothing
+    on stdout."""
+    result = run(*args, "--json")
+    assert result.returncode == 2
+    assert message in result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert message in report["error"]

@@ -25,6 +25,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 PROG = "zodb-s3blobs"
 EXIT_OK = 0
@@ -44,6 +45,24 @@ COMMAND_MODULES = (
     "gc",
     "cache",
 )
+
+
+class _BadUsage(Exception):
+    """Raised instead of argparse's exit on a usage error, so that ``main``
+    can also print it as JSON under ``--json``."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors reach ``main`` as exceptions
+    (its subparsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _BadUsage(self, message)
 
 
 class CommandError(Exception):
@@ -96,7 +115,7 @@ def add_operator_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per command module."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Tools for ZODB databases whose blobs are stored in S3.",
     )
@@ -139,13 +158,38 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     return code
 
 
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The command *argv* names (``cache prune`` for a cache action), if any,
+    for the JSON document of a usage error."""
+    words = [word for word in argv if not word.startswith("-")]
+    if not words or words[0] not in COMMAND_MODULES:
+        return None
+    if words[0] == "cache" and len(words) > 1 and words[1] in ("stats", "prune"):
+        return f"cache {words[1]}"
+    return words[0]
+
+
+def _usage_error(exc: _BadUsage, argv: Sequence[str]) -> int:
+    """Print a usage error as argparse does (usage, then the message) and,
+    when ``--json`` was given, as a JSON document on stdout; return 2."""
+    exc.parser.print_usage(sys.stderr)
+    print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+    if "--json" in argv:
+        document = {"command": _command_named(argv), "ok": False, "error": exc.message}
+        print(json.dumps(document, indent=2))
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse *argv* (default: ``sys.argv[1:]``), run the command, return its
     exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse printed
+    except _BadUsage as exc:
+        return _usage_error(exc, argv)
+    except SystemExit as exc:  # --help or --version printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.debug)
     try:

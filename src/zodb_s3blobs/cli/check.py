@@ -19,8 +19,8 @@ from ZODB.utils import z64
 
 from ..cache import DIR_MODE
 from ..errors import ObjectStoreError
-from . import EXIT_FAILED, EXIT_OK, add_operator_options
-from .output import emit, problem, table
+from . import EXIT_FAILED, EXIT_OK, UsageError, add_operator_options
+from .output import emit, problem, table, waiting
 from .target import Target, load_target
 
 if TYPE_CHECKING:
@@ -30,10 +30,16 @@ DESCRIPTION = """\
 Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
 credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
-cache directory is writable and private, and the whole storage opens (its
-base storage included). Every check runs; exits 1 if any failed. The probe
-key is [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc
-leave alone should its deletion fail.
+cache directory is writable and private, and the storage would open: its
+base storage opens read-only (a missing Data.fs is reported, never created),
+is one S3BlobStorage can serve, and the bucket answers the startup probe.
+Nothing is created: not cache-dir, not the base. Every request is bounded by
+the download timeouts (s3-download-connect-timeout and
+s3-download-read-timeout, two attempts), so an endpoint that never answers
+fails the check within seconds; on a terminal, a request slower than a second
+is named on stderr. Every check runs; exits 1 if any failed. The probe key is
+[prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc leave
+alone should its deletion fail.
 """
 PROBE_SIZE = 4096
 #: What S3 answers, for a request it refused, when the credentials are wrong.
@@ -79,7 +85,8 @@ def check_bucket(target: Target, store: ObjectStore) -> list[Check]:
     bucket = target.settings.bucket
     where = target.settings.endpoint_url or "AWS S3"
     try:
-        next(iter(store.list(target.layout.root)), None)
+        with waiting(f"{where}: LIST {target.url()}", target.probe_limit()):
+            next(iter(store.list(target.layout.root)), None)
     except ObjectStoreError as exc:
         code = _code(exc)
         if code in _CREDENTIAL_CODES:
@@ -125,6 +132,9 @@ def check_bucket(target: Target, store: ObjectStore) -> list[Check]:
 def check_round_trip(target: Target, store: ObjectStore) -> Check:
     """PUT, GET and DELETE a probe object, as the storage's own requests do."""
     key = f"{target.layout.root}zodb-s3blobs-check-{uuid.uuid4().hex}.probe"
+    where = target.settings.endpoint_url or "AWS S3"
+    limit = target.probe_limit()
+    url = store.url(key)
     data = os.urandom(PROBE_SIZE)
     sse = " with SSE-C" if target.settings.sse_customer_key else ""
     with tempfile.TemporaryDirectory(prefix="zodb-s3blobs-check-") as tmp:
@@ -133,13 +143,16 @@ def check_round_trip(target: Target, store: ObjectStore) -> Check:
         with open(sent, "wb") as file:
             file.write(data)
         try:
-            store.transfer([(sent, key)], [])
-            with open(received, "wb") as out:
+            with waiting(f"{where}: PUT {url}", limit):
+                store.transfer([(sent, key)], [])
+            deadline = target.settings.download_deadline
+            with open(received, "wb") as out, waiting(f"{where}: GET {url}", deadline):
                 store.download(key, out)
             with open(received, "rb") as file:
                 intact = file.read() == data
-            store.delete([key])
-            gone = store.stat(key) is None
+            with waiting(f"{where}: DELETE {url}", 2 * limit):
+                store.delete([key])
+                gone = store.stat(key) is None
         except ObjectStoreError as exc:
             return Check("round trip", "failed", str(exc))
     if not intact:
@@ -201,36 +214,56 @@ def check_cache_dir(path: str) -> Check:
     return Check("cache-dir", "ok", f"{path} is private (mode {mode:#o}) and writable")
 
 
-def check_storage(target: Target) -> Check:
-    """Open the whole storage as Zope would (base storage included), then
-    close it."""
+def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
+    """What opening the storage checks, without opening it as Zope would:
+    the base storage opens (read-only: a mistyped path is reported, not
+    created as an empty database) and is a base S3BlobStorage can serve, and
+    the bucket answers the startup probe (HeadBucket, bounded as the storage
+    bounds it). The cache is not opened, so cache-dir is never created here."""
+    from ..storage import _check_base  # what S3BlobStorage refuses at open
+
+    around = f"<s3blobstorage> around <{target.base_type}> in {target.path}"
     try:
-        with target.storage() as storage:
-            last = storage.lastTransaction()
+        with target.base() as base:
+            _check_base(base)
+            last = base.lastTransaction()
+    except UsageError as exc:  # a missing file, named by Target.base
+        return Check("storage", "failed", str(exc))
     except Exception as exc:  # a preflight reports every failure, then goes on
         return Check(
             "storage",
             "failed",
-            f"<s3blobstorage> around <{target.base_type}> in {target.path} does "
-            f"not open: {type(exc).__name__}: {exc}",
+            f"{around} does not open: {type(exc).__name__}: {exc}",
         )
+    if bucket_ok:
+        where = target.settings.endpoint_url or "AWS S3"
+        limit = target.settings.download_deadline
+        try:
+            with waiting(f"{where}: HEAD s3://{target.settings.bucket}", limit):
+                store.check_bucket()
+        except ObjectStoreError as exc:
+            return Check("storage", "failed", f"{around}: {exc}")
     when = "no transaction yet" if last == z64 else f"last commit {TimeStamp(last)}"
     return Check(
-        "storage", "ok", f"<s3blobstorage> around <{target.base_type}> opened ({when})"
+        "storage",
+        "ok",
+        f"<s3blobstorage> around <{target.base_type}> would open (its base "
+        f"read-only: {when})",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run every check, print them, and name each failure on stderr."""
     target = load_target(args.config, args.db)
-    with target.store() as store:
+    with target.store(probe=True) as store:
         checks = check_bucket(target, store)
-        if all(check.status == "ok" for check in checks):
+        bucket_ok = all(check.status == "ok" for check in checks)
+        if bucket_ok:
             checks.append(check_round_trip(target, store))
         else:
             checks.append(Check("round trip", "skipped", "the bucket is not usable"))
-    checks.append(check_cache_dir(target.cache_dir))
-    checks.append(check_storage(target))
+        checks.append(check_cache_dir(target.cache_dir))
+        checks.append(check_storage(target, store, bucket_ok))
     failed = [check for check in checks if check.status == "failed"]
     for check in failed:
         problem(f"check failed: {check.name}: {check.detail}")

@@ -5,9 +5,11 @@ only when it is a terminal, so piped and scripted runs stay clean."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 
 from tqdm import tqdm
@@ -79,3 +81,29 @@ def progress(total: int, description: str) -> tqdm:
         disable=not sys.stderr.isatty(),
         leave=False,
     )
+
+
+#: A request that has not answered after this many seconds is named on a
+#: terminal, so that an operator sees what a silent command waits for.
+WAITING_AFTER = 1.0
+
+
+@contextlib.contextmanager
+def waiting(what: str, limit: float) -> Iterator[None]:
+    """Name *what* the command waits for, and for how long at most (*limit*
+    seconds), on stderr if it takes longer than :data:`WAITING_AFTER` and
+    stderr is a terminal; nothing is printed otherwise."""
+    if not sys.stderr.isatty():
+        yield
+        return
+
+    def say() -> None:
+        print(f"{PROG}: waiting for {what} (up to {limit:g} s) ...", file=sys.stderr)
+
+    timer = threading.Timer(WAITING_AFTER, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -10,7 +10,9 @@ just the cache directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pwd
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from ..cache import BlobCache
     from ..objectstore import ObjectStore
 
+#: Attempts of each request of a probe (check), at the short timeouts.
+PROBE_ATTEMPTS = 2
 #: A zope.conf names its databases in <zodb_db NAME> sections.
 _ZODB_DB = re.compile(r"^\s*<zodb_db[\s>]", re.IGNORECASE | re.MULTILINE)
 
@@ -60,12 +64,33 @@ class Target:
         """Where the blobs are: ``s3://bucket/[prefix/]blobs/``."""
         return f"s3://{self.settings.bucket}/{self.layout.root}"
 
+    def probe_settings(self) -> S3Settings:
+        """The settings with every request bounded as a startup probe's: the
+        download client's short connect and read timeouts and at most
+        PROBE_ATTEMPTS attempts, instead of the patient s3-read-timeout x
+        s3-max-attempts of uploads (minutes against an endpoint that accepts
+        connections but never answers)."""
+        settings = self.settings
+        return dataclasses.replace(
+            settings,
+            connect_timeout=settings.download_connect_timeout,
+            read_timeout=settings.download_read_timeout,
+            max_attempts=min(settings.max_attempts, PROBE_ATTEMPTS),
+        )
+
+    def probe_limit(self) -> float:
+        """The longest one request of :meth:`probe_settings` waits, in seconds."""
+        settings = self.probe_settings()
+        each = settings.connect_timeout + settings.read_timeout
+        return each * settings.max_attempts
+
     @contextlib.contextmanager
-    def store(self) -> Iterator[ObjectStore]:
-        """The S3 side alone, closed on exit."""
+    def store(self, probe: bool = False) -> Iterator[ObjectStore]:
+        """The S3 side alone, closed on exit; with *probe*, every request is
+        bounded as :meth:`probe_settings` says."""
         from ..objectstore import ObjectStore
 
-        store = ObjectStore(self.settings)
+        store = ObjectStore(self.probe_settings() if probe else self.settings)
         try:
             yield store
         finally:
@@ -81,7 +106,14 @@ class Target:
         factory = self.section.config.base
         if read_only and hasattr(factory.config, "read_only"):
             factory.config.read_only = True
-        storage = factory.open()
+        try:
+            storage = factory.open()
+        except FileNotFoundError as exc:  # read-only: a missing file stays so
+            raise UsageError(
+                f"the base storage <{self.base_type}> in {self.path} does not "
+                f"open: {exc.filename} does not exist (it is opened read-only, "
+                "never created: check its path)"
+            ) from None
         try:
             yield storage
         finally:
@@ -96,11 +128,42 @@ class Target:
         finally:
             storage.close()
 
-    def cache(self) -> BlobCache:
-        """The local cache (its directory is created if missing)."""
-        from ..cache import BlobCache
+    def existing_cache(self, min_age: float | None = None) -> BlobCache | None:
+        """The local cache, for a command whose job is to change it; None when
+        cache-dir does not exist (it is never created here: created by root,
+        it would keep Zope from starting)."""
+        from ..cache import MIN_AGE, BlobCache
 
-        return BlobCache(self.cache_dir, self.cache_size)
+        if not os.path.isdir(self.cache_dir):
+            return None
+        return BlobCache(
+            self.cache_dir, self.cache_size, MIN_AGE if min_age is None else min_age
+        )
+
+    def cache_owner_warning(self) -> str | None:
+        """A warning when cache-dir exists and belongs to another user than the
+        effective one: files and locks this command creates there would belong
+        to this user (root, typically), and the Zope user could not use them."""
+        try:
+            owner = os.stat(self.cache_dir).st_uid
+        except OSError:
+            return None
+        if owner == os.geteuid():
+            return None
+        return (
+            f"warning: cache-dir {self.cache_dir} belongs to {_user(owner)}, "
+            f"not to {_user(os.geteuid())} running this command: run it as "
+            f"{_user(owner)} (e.g. sudo -u {_user(owner)}) if it must change "
+            "the cache"
+        )
+
+
+def _user(uid: int) -> str:
+    """The name of user *uid*, or the number when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def load_target(path: str, db: str | None = None) -> Target:
@@ -111,6 +174,10 @@ def load_target(path: str, db: str | None = None) -> Target:
             text = file.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"cannot read {path}: not a text file (a ZConfig file or a zope.conf)"
+        ) from None
     url = "file://" + os.path.abspath(path)
     try:
         if _ZODB_DB.search(text):
@@ -124,6 +191,11 @@ def load_target(path: str, db: str | None = None) -> Target:
             section, where = config.storage, path
     except ZConfig.ConfigurationError as exc:
         raise UsageError(f"{path}: {exc}") from None
+    if section is None:
+        raise UsageError(
+            f"{where} holds no storage section (an <s3blobstorage> section, with "
+            "%import zodb_s3blobs)"
+        )
     if not isinstance(section, S3BlobStorageFactory):
         section_type = section.config.getSectionType()
         raise UsageError(
