@@ -7,8 +7,9 @@ stay inside ``open()``, as in ``ZODB.config``.
 
 from __future__ import annotations
 
+import math
+import os
 import re
-from urllib.parse import urlsplit
 
 from ZConfig.datatypes import stock_datatypes
 from ZODB.config import BaseConfig
@@ -44,10 +45,31 @@ def _bucket_name(value: str) -> str:
 
 
 def _endpoint_url(value: str) -> str:
+    from .settings import check_endpoint_url
+
+    return check_endpoint_url(value)
+
+
+def _region(value: str) -> str:
+    from .settings import check_region
+
+    return check_region(value)
+
+
+def _ca_bundle(value: str) -> str:
+    from .settings import check_ca_bundle
+
+    return check_ca_bundle(stock_datatypes["existing-file"](value))
+
+
+def _cache_dir(value: str) -> str:
+    """An absolute path that is a directory or does not exist yet: a relative
+    one would depend on the directory Zope happens to start in."""
     value = value.strip()
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{value!r} must be an http:// or https:// URL")
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    if os.path.lexists(value) and not os.path.isdir(value):
+        raise ValueError(f"{value!r} exists and is not a directory")
     return value
 
 
@@ -59,10 +81,15 @@ def _addressing_style(value: str) -> str:
 
 
 def _sse_customer_key(value: str) -> str:
-    from .settings import decode_sse_customer_key
 
-    decode_sse_customer_key(value)  # its messages never repeat the key
-    return value.strip()
+    from .redact import protect
+    from .settings import canonical_sse_customer_key
+
+    # Its messages never repeat the key. The canonical form is the one botocore
+    # sends; the form written in the file is masked too.
+    canonical = canonical_sse_customer_key(value)
+    protect(value.strip(), canonical)
+    return canonical
 
 
 def _sse(value: str) -> str | None:
@@ -78,8 +105,8 @@ def _sse(value: str) -> str | None:
 
 def _positive_float(value: str) -> float:
     number = float(value)
-    if number <= 0:
-        raise ValueError(f"must be positive, not {value!r}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"must be a positive, finite number, not {value!r}")
     return number
 
 
@@ -98,11 +125,13 @@ def _positive_byte_size(value: str) -> int:
 
 
 def _part_size(value: str) -> int:
-    from .settings import MIN_PART_SIZE
+    from .settings import MAX_PART_SIZE, MIN_PART_SIZE
 
     size = _positive_byte_size(value)
     if size < MIN_PART_SIZE:
         raise ValueError(f"must be at least 5MB (S3's smallest part), not {value!r}")
+    if size > MAX_PART_SIZE:
+        raise ValueError(f"must be at most 5GB (S3's largest part), not {value!r}")
     return size
 
 
@@ -113,7 +142,8 @@ use_ssl = _keyed("s3-use-ssl", stock_datatypes["boolean"])
 addressing_style = _keyed("s3-addressing-style", _addressing_style)
 sse_customer_key = _keyed("s3-sse-customer-key", _sse_customer_key)
 max_concurrency = _keyed("s3-max-concurrency", _positive_int)
-ca_bundle = _keyed("s3-ca-bundle", stock_datatypes["existing-file"])
+region = _keyed("s3-region", _region)
+ca_bundle = _keyed("s3-ca-bundle", _ca_bundle)
 sse = _keyed("s3-sse", _sse)
 connect_timeout = _keyed("s3-connect-timeout", _positive_float)
 read_timeout = _keyed("s3-read-timeout", _positive_float)
@@ -125,6 +155,7 @@ download_max_attempts = _keyed("s3-download-max-attempts", _positive_int)
 multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
 part_size = _keyed("s3-part-size", _part_size)
+cache_dir = _keyed("cache-dir", _cache_dir)
 cache_size = _keyed("cache-size", _positive_byte_size)
 download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
 

@@ -31,6 +31,7 @@ from typing import BinaryIO, NamedTuple
 from urllib.parse import quote
 
 import boto3
+import botocore.session
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
@@ -46,7 +47,14 @@ from botocore.handlers import add_expect_header
 
 from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .redact import PresignedURL, protect
-from .settings import MAX_PUT_SIZE, MiB, S3Settings, decode_sse_customer_key
+from .settings import (
+    MAX_PUT_SIZE,
+    MiB,
+    S3Settings,
+    canonical_sse_customer_key,
+    decode_sse_customer_key,
+    is_plain_http,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,7 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
 }
 
-__all__ = ["ObjectStore", "S3Settings"]
+__all__ = ["ListedObject", "ObjectStore", "S3Settings"]
 
 
 class _ChecksumMismatch(ObjectStoreError):
@@ -115,6 +123,15 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
+class ListedObject(NamedTuple):
+    """One object of a listing: its key, size and LastModified (seconds since
+    the epoch, by the S3 server's clock)."""
+
+    key: str
+    size: int
+    last_modified: float
+
+
 class ObjectInfo(NamedTuple):
     """What a HEAD tells of an object: its size, and the CRC32 (8 hex digits)
     recorded at upload, None for objects written without one (1.x)."""
@@ -134,10 +151,14 @@ class ObjectStore:
             if settings.sse_customer_key
             else None
         )
+        # botocore sends (and logs at DEBUG) the canonical base64 of the key,
+        # whatever form it was configured in: mask that form too.
         protect(
             settings.access_key,
             settings.secret_key,
             settings.sse_customer_key,
+            settings.sse_customer_key
+            and canonical_sse_customer_key(settings.sse_customer_key),
             customer_key,
         )
         self._client = self._make_client(
@@ -148,6 +169,7 @@ class ObjectStore:
         self._reader = self._make_client(
             settings.download_connect_timeout, settings.download_read_timeout, 1
         )
+        self._check_transport()
         self._transfers = create_transfer_manager(
             self._client,
             TransferConfig(
@@ -180,7 +202,41 @@ class ObjectStore:
                 self._put_args["SSEKMSKeyId"] = settings.sse_kms_key_id
             self._copy_args = self._put_args
 
+    def _check_transport(self) -> None:
+        """Refuse an endpoint in plain HTTP when TLS is required, judged by the
+        URL the clients actually use: botocore may take it from
+        AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS config file rather
+        than ``s3-endpoint-url``, and follows its scheme whatever ``use_ssl``
+        says. Runs before any request, so an SSE-C key never leaves in clear."""
+        settings = self.settings
+        for client in (self._client, self._reader):
+            endpoint = client.meta.endpoint_url
+            if not is_plain_http(endpoint):
+                continue
+            if settings.sse_customer_key:
+                raise S3BlobStorageError(
+                    f"s3-sse-customer-key requires TLS, but the S3 endpoint in use "
+                    f"is {endpoint} (plain HTTP; from s3-endpoint-url, "
+                    "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the AWS config): "
+                    "S3 refuses SSE-C keys sent over plain HTTP"
+                )
+            if settings.use_ssl:
+                raise S3BlobStorageError(
+                    f"s3-use-ssl is true, but the S3 endpoint in use is {endpoint} "
+                    "(plain HTTP; from AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or "
+                    "the AWS config): give an https:// endpoint, or set "
+                    "s3-use-ssl false to talk plain HTTP"
+                )
+
     def _make_client(self, connect_timeout: float, read_timeout: float, attempts: int):
+        """A boto3 S3 client with these timeouts and attempts.
+
+        TLS is always verified: against ``s3-ca-bundle`` if set, else against
+        what botocore itself would use (``AWS_CA_BUNDLE``, ``ca_bundle`` in the
+        AWS config), else certifi's CAs. botocore ignores those sources when
+        given ``verify=True`` explicitly, and an empty one would turn
+        verification off, hence the resolution here.
+        """
         settings = self.settings
         config = Config(
             connect_timeout=connect_timeout,
@@ -195,14 +251,16 @@ class ObjectStore:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        client = boto3.session.Session().client(
+        core = botocore.session.get_session()
+        verify = settings.ca_bundle or core.get_config_variable("ca_bundle") or True
+        client = boto3.session.Session(botocore_session=core).client(
             "s3",
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
             aws_access_key_id=settings.access_key,
             aws_secret_access_key=settings.secret_key,
             use_ssl=settings.use_ssl,
-            verify=settings.ca_bundle or True,
+            verify=verify,
             config=config,
         )
         # botocore sends "Expect: 100-continue" with every file-like body and
@@ -604,11 +662,21 @@ class ObjectStore:
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""
+        for item in self.list_objects(prefix):
+            yield item.key, item.size
+
+    def list_objects(self, prefix: str) -> Iterator[ListedObject]:
+        """Yield key, size and LastModified of every object under *prefix*
+        (one ListObjectsV2 page of up to 1000 at a time)."""
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", ()):
-                    yield item["Key"], int(item["Size"])
+                    yield ListedObject(
+                        item["Key"],
+                        int(item["Size"]),
+                        item["LastModified"].timestamp(),
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise self._error("LIST", prefix, exc) from exc
 
