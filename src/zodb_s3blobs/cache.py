@@ -21,6 +21,15 @@ thread takes a lock it holds. ``locks/total`` counts every process's files,
 so ``cache-size`` bounds the directory: an install over it starts a check in
 a daemon thread, which evicts least-recently-used files down to 90% of the
 size limit; only one process evicts at a time.
+
+The directory is trusted only if this user alone can write it: at open, the
+cache directory, ``tmp/`` and ``locks/`` must be real directories (no
+symlinks) owned by the effective user and not writable by group or others,
+or the cache refuses to open; the ``<xx>/`` and oid directories are checked
+when a file is installed into them, and skipped by the scan otherwise. Lock,
+ledger and temp files are opened with ``O_NOFOLLOW``, and a hit serves only a
+regular file of this user (the ``lstat`` it costs replaces the ``stat`` it
+made anyway), so another local user cannot substitute a cached blob.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -69,6 +79,43 @@ _USED_ELSEWHERE = 1.0
 #: commit without the blob's old bytes. Front-end servers handed the path
 #: (X-Sendfile) need it too.
 MIN_AGE = 60.0
+#: Lock and ledger files: never through a symlink.
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UntrustedCacheDirectory(S3BlobStorageError):
+    """A directory of the cache could be written by another user (or is a
+    symlink): files in it could be replaced, so it is not used."""
+
+
+def _distrust(st: os.stat_result) -> str | None:
+    """Why a directory with this ``lstat`` is not safe to keep blobs in, or
+    None if it is: a symlink, not a directory, owned by another user, or
+    writable by group or others."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"has mode {stat.S_IMODE(st.st_mode):#o}: group or others may write "
+            "it (chmod 700 it)"
+        )
+    return None
+
+
+def check_trusted_directory(path: str) -> None:
+    """Raise :class:`UntrustedCacheDirectory` naming *path* and what is wrong
+    unless it is a real directory only this user can write (OSError if it
+    cannot be examined)."""
+    problem = _distrust(os.lstat(path))  # FileNotFoundError: the caller's
+    if problem is not None:
+        raise UntrustedCacheDirectory(
+            f"cache-dir: {path} {problem}; another user could replace cached "
+            "blobs, so it is not used"
+        )
 
 
 @contextlib.contextmanager
@@ -85,7 +132,7 @@ def _flock(
     (a wait with *stop* polls, so a closing cache's thread is not stuck in
     ``flock`` behind another process).
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, _LOCK_FLAGS, 0o600)
     try:
         while True:
             try:
@@ -127,7 +174,7 @@ class _Ledger:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
         with contextlib.ExitStack() as stack:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.path, _LOCK_FLAGS, 0o600)
             stack.callback(os.close, fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
@@ -210,6 +257,23 @@ def _subdirectories(directory: str) -> list[os.DirEntry]:
     return [e for e in _entries(directory) if e.is_dir(follow_symlinks=False)]
 
 
+def _trusted_entry(entry: os.DirEntry) -> bool:
+    """Whether a directory met by the scan is only this user's to write; one
+    that is not is skipped, with a warning (its files are not indexed, and
+    installs into it are refused)."""
+    try:
+        problem = _distrust(entry.stat(follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+    if problem is not None:
+        log.warning(
+            "Blob cache directory %s %s; another user could replace its files: skipped",
+            entry.path,
+            problem,
+        )
+    return problem is None
+
+
 class BlobCache:
     """Committed blob files keyed by (oid, tid), bounded by LRU eviction."""
 
@@ -232,6 +296,9 @@ class BlobCache:
             raise S3BlobStorageError(
                 f"cache-dir {self.directory!r} cannot be used: {exc.strerror}"
             ) from exc
+        # Once at open: the hot path then trusts these three.
+        for directory in (self.directory, self.temp_dir, self._locks_dir):
+            check_trusted_directory(directory)
         self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
         self._state_lock = threading.Lock()
         # Built by the check started at open (in the daemon thread, so opening
@@ -273,7 +340,8 @@ class BlobCache:
         return os.path.join(self._locks_dir, f"{stripe:02x}.{kind}")
 
     def new_temp_file(self, prefix: str) -> str:
-        """An empty private file under ``tmp/``, on the cache's file system."""
+        """An empty private file under ``tmp/``, on the cache's file system
+        (``mkstemp``: created with ``O_EXCL | O_NOFOLLOW``, mode 0600)."""
         fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix=prefix)
         os.close(fd)
         return name
@@ -301,7 +369,12 @@ class BlobCache:
         revision = (oid, tid)
         path = self.path(oid, tid)
         try:
-            size = os.stat(path).st_size
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                # A symlink or another user's file where a blob belongs: never
+                # served; removed (the link, not its target) and downloaded.
+                return None, True
+            size = st.st_size
             recorded = _recorded_size(path)
             os.utime(path)  # other processes sharing the cache see the use
         except FileNotFoundError:
@@ -330,8 +403,9 @@ class BlobCache:
         holds its stripe lock."""
         path = self.path(oid, tid)
         log.warning(
-            "Cached blob %s no longer has the size it was installed with: "
-            "removed, to be downloaded again",
+            "Cached blob %s is not the file installed (its size changed, or it "
+            "is a symlink or another user's file): removed, to be downloaded "
+            "again",
             path,
         )
         self._remove_locked(oid, tid)
@@ -356,7 +430,8 @@ class BlobCache:
             path = self.path(oid, tid)
             temp = self.new_temp_file("download-")
             try:
-                with open(temp, "wb") as out:
+                fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with open(fd, "wb") as out:
                     size = download(out)
                     out.flush()
                     written = os.fstat(out.fileno()).st_size
@@ -419,7 +494,7 @@ class BlobCache:
         return the ledger's new total."""
         os.chmod(source, FILE_MODE)
         try:
-            replaced = os.stat(path).st_size
+            replaced = os.lstat(path).st_size
         except FileNotFoundError:
             replaced = 0
         self._rename_into_place(source, path)
@@ -427,18 +502,25 @@ class BlobCache:
 
     @staticmethod
     def _rename_into_place(source: str, path: str) -> None:
+        """Rename *source* to *path*, creating its ``<xx>/`` and oid
+        directories if needed, and refusing them (UntrustedCacheDirectory)
+        when another user could write them, before a file goes in: the two
+        lstats an install costs, beside its fsync, cover the directories a
+        hit later trusts without looking."""
         oid_dir = os.path.dirname(path)
+        bucket_dir = os.path.dirname(oid_dir)
         for _attempt in range(_INSTALL_ATTEMPTS):
             try:
+                # Missing when new, or removed as empty by an eviction (in any
+                # process), which may happen again between these steps.
+                _mkdir(bucket_dir)
+                _mkdir(oid_dir)
+                check_trusted_directory(bucket_dir)
+                check_trusted_directory(oid_dir)
                 os.replace(source, path)
                 return
             except FileNotFoundError:
-                # The directories are missing: new, or removed as empty by an
-                # eviction (in any process) since we last created them, which
-                # may happen again between the two mkdirs.
-                with contextlib.suppress(FileNotFoundError):
-                    _mkdir(os.path.dirname(oid_dir))
-                    _mkdir(oid_dir)
+                continue
         os.replace(source, path)
 
     def discard(self, oid: bytes, tid: bytes) -> None:
@@ -454,7 +536,7 @@ class BlobCache:
         path = self.path(oid, tid)
         try:
             with _flock(self._lock_path(oid, tid, "use")):
-                size = os.stat(path).st_size
+                size = os.lstat(path).st_size
                 os.remove(path)
         except FileNotFoundError:
             return None
@@ -566,16 +648,22 @@ class BlobCache:
             yield path, st
 
     def _walk(self) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
+        """Every cached file, skipping (with a warning) directories another
+        user could write and anything but this user's regular files."""
         for bucket in _subdirectories(self.directory):
-            if bucket.name in _RESERVED:
+            if bucket.name in _RESERVED or not _trusted_entry(bucket):
                 continue
             for oid_dir in _subdirectories(bucket.path):
+                if not _trusted_entry(oid_dir):
+                    continue
                 for entry in _entries(oid_dir.path):
                     revision = _revision(oid_dir.name, entry.name)
-                    if revision is None or not entry.is_file():
+                    if revision is None or not entry.is_file(follow_symlinks=False):
                         continue
                     with contextlib.suppress(FileNotFoundError):
-                        yield revision, entry.path, entry.stat()
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_uid == os.geteuid():
+                            yield revision, entry.path, st
 
     def _scan(self) -> None:
         """Rebuild the index from the directory, in access-time order, and
@@ -693,7 +781,7 @@ class BlobCache:
             _flock(self._lock_path(oid, tid, "use")),
         ):
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except FileNotFoundError:
                 return None, None, None
             if (
