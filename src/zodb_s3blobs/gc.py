@@ -6,8 +6,17 @@ while the base can still load it (``loadSerial``). That one rule keeps what a
 history-preserving base keeps for undo and drops all but the current revision
 on a history-free base. Safety rules:
 
-- keys newer than the base's last committed transaction are never touched:
-  they belong to transactions still voting (uploads happen before finish);
+- keys newer than the base's last committed transaction are "in flight":
+  they may belong to transactions still voting (uploads happen before
+  finish), and are never touched while young. But in flight is bounded by
+  time: such a key whose object S3 last modified more than
+  :data:`IN_FLIGHT_GRACE` (a day) ago is an orphan -- no vote lasts a day,
+  and without the bound a key with a tid from the far future (a stray
+  ``ffffffffffffffff.blob``, a clock that was wrong once) would be above
+  every commit for ever. A key whose tid's timestamp lies more than the
+  grace period in the future is counted as ``future`` in the report (it is
+  an orphan by the same age rule: a young one is still left alone, since a
+  process whose clock is ahead may be voting it);
 - keys that do not match the layout exactly are never touched;
 - an MVCC base (RelStorage) is read through a new instance synced to its
   latest commit: the main instance, which ``pack()`` runs on, keeps the
@@ -22,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from persistent.TimeStamp import TimeStamp
 from ZODB.interfaces import IMVCCStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import u64
@@ -38,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: How many orphan keys an error message names.
 _KEYS_SHOWN = 5
+#: Seconds after which a key above the last commit (its LastModified older)
+#: is no longer taken for a transaction still voting: a day.
+IN_FLIGHT_GRACE = 24 * 3600.0
 
 
 @dataclass
@@ -47,6 +61,10 @@ class CollectionReport:
     scanned: int = 0
     kept: int = 0
     in_flight: int = 0
+    #: Keys above the last commit, older than the grace period: orphans.
+    stale_in_flight: int = 0
+    #: Keys whose tid's timestamp is more than the grace period ahead of now.
+    future: int = 0
     foreign: int = 0
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
@@ -109,19 +127,30 @@ def current_view(base) -> Iterator:
         view.release()
 
 
+def tid_time(tid: bytes) -> float:
+    """The time (seconds since the epoch) ZODB's TimeStamp encodes in *tid*."""
+    return TimeStamp(tid).timeTime()
+
+
 def collect_orphans(
     base,
     store: ObjectStore,
     layout: KeyLayout,
     cache: BlobCache,
     dry_run: bool = False,
+    grace: float = IN_FLIGHT_GRACE,
 ) -> CollectionReport:
-    """Find, and unless *dry_run* delete, objects no revision of *base* needs."""
+    """Find, and unless *dry_run* delete, objects no revision of *base* needs.
+
+    A key above the last commit is in flight while S3 modified it within
+    *grace* seconds, and an orphan after that (see the module's rules).
+    """
     report = CollectionReport()
     with current_view(base) as view:
         # Read before listing: anything committed later has a larger tid.
         last_committed = view.lastTransaction()
-        for key, size in store.list(layout.root):
+        now = time.time()
+        for key, size, last_modified in store.list_objects(layout.root):
             report.scanned += 1
             parsed = layout.parse(key)
             if parsed is None:
@@ -129,7 +158,14 @@ def collect_orphans(
                 continue
             oid, tid = parsed
             if tid > last_committed:
-                report.in_flight += 1
+                if tid_time(tid) > now + grace:
+                    report.future += 1
+                if last_modified > now - grace:
+                    report.in_flight += 1  # may be voting: never touched
+                    continue
+                report.stale_in_flight += 1
+                report.orphans.append(key)
+                report.orphan_bytes += size
             elif revision_held(view, oid, tid):
                 report.kept += 1
             else:
@@ -144,7 +180,8 @@ def collect_orphans(
             cache.discard(*layout.parse(key))
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
-        "%d foreign, %d orphans (%d bytes) %s",
+        "%d foreign, %d orphans (%d bytes, %d of them above the last commit "
+        "for more than %g s) %s",
         store.url(layout.root),
         report.scanned,
         report.kept,
@@ -152,6 +189,8 @@ def collect_orphans(
         report.foreign,
         len(report.orphans),
         report.orphan_bytes,
+        report.stale_in_flight,
+        grace,
         "listed" if dry_run else "deleted",
     )
     return report
