@@ -99,10 +99,18 @@ def test_sse_c_without_tls_fails_at_open_naming_the_key(tmp_path):
     assert KEY_FOR_TEST not in str(info.value)
 
 
-def test_unusable_cache_dir_fails_at_open_naming_the_key(tmp_path):
+def test_unusable_cache_dir_fails_naming_the_key(tmp_path):
+    """A file where the directory belongs is refused when the configuration
+    is read; a directory that cannot be created, when the storage opens."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     text = section(f"bucket-name b-1\ncache-dir {blocker}")
+    with pytest.raises(ZConfig.ConfigurationError) as info:
+        ZODB.config.storageFromString(text)
+    assert "cache-dir" in str(info.value)
+    text = s3env.zconfig(
+        "<mappingstorage>\n</mappingstorage>", cache_dir=str(blocker / "cache")
+    )
     with pytest.raises(S3BlobStorageError) as info:
         ZODB.config.storageFromString(text)
     assert "cache-dir" in str(info.value)
