@@ -3,6 +3,10 @@ a cache filled by real commits."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
 import pytest
 
 import clitools
@@ -72,3 +76,42 @@ def test_a_bad_size_is_bad_usage(config):
     result = run("cache", "prune", config, "--to", "lots")
     assert result.returncode == 2
     assert "--to: 'lots' is not a size" in result.stderr
+
+
+def test_stats_is_a_read_only_walk(config, tmp_path):
+    """cache stats changes nothing: an abandoned download in tmp/ stays (for
+    the storage's own clean-up), no locks/ is created, no file touched.
+
+    Fails before the fix: stats opened a BlobCache, which removed the old
+    temporary file, created locks/ and started an eviction check."""
+    clitools.commit_blobs(clitools.open_storage(config), SIZES)
+    cache = tmp_path / "cache"
+    shutil.rmtree(cache / "locks")
+    old = cache / "tmp" / "download-abandoned"
+    old.write_bytes(b"x" * 10)
+    os.utime(old, (time.time() - 3 * 86400,) * 2)
+    before = {p: p.stat().st_mtime for p in cache.rglob("*")}
+    code, stats = run_json("cache", "stats", config)
+    assert code == 0
+    assert (stats["files"], stats["bytes"]) == (len(SIZES), sum(SIZES))
+    assert (stats["tmp_files"], stats["tmp_bytes"]) == (1, 10)
+    assert {p: p.stat().st_mtime for p in cache.rglob("*")} == before
+
+
+def test_prune_reports_the_bytes_it_removed(config, tmp_path):
+    """prune --to SIZE on a cache over cache-size removes least recently used
+    files down to SIZE, not further, and reports the files and bytes that
+    went.
+
+    Fails before the fix: the eviction check the cache starts when opened
+    also evicted, down to 90% of cache-size, and its bytes were not counted:
+    the report said 0 or 3000 bytes for the 3 files removed."""
+    text = config.read_text()
+    config.write_text(
+        text.replace("</s3blobstorage>", "  cache-size 3000\n</s3blobstorage>")
+    )
+    clitools.commit_blobs(clitools.open_storage(config), SIZES)
+    code, pruned = run_json("cache", "prune", config, "--to", "5000", "--min-age", "0")
+    assert code == 0
+    assert pruned["removed"] == {"files": 2, "bytes": 3000}
+    assert pruned["remaining"] == {"files": 1, "bytes": 4000}

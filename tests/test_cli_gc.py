@@ -4,12 +4,18 @@ than the last commit are left alone."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+
 import pytest
 from ZODB.utils import p64, u64
 
 import clitools
 import s3env
 from clitools import run, run_json
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 
 @pytest.fixture
@@ -66,3 +72,49 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     code, again = run_json("gc", config)
     assert code == 0
     assert again["orphans"] == []
+
+
+def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
+    """gc run as root must not create a missing cache-dir (owned by root,
+    Zope could not start); without one there are no cached copies to drop.
+
+    Fails before the fix: both runs created cache-dir."""
+    config, keys = bucket
+    shutil.rmtree(tmp_path / "cache")
+    result = run("gc", config, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "cache").exists()
+    code, report = run_json("gc", config)
+    assert code == 0
+    assert report["deleted"] == 1
+    assert not (tmp_path / "cache").exists()
+
+
+def test_gc_warns_when_the_cache_belongs_to_another_user(bucket, tmp_path):
+    """Fails before the fix: no warning; the cache's lock files were
+    created by the user running gc."""
+    config, _keys = bucket
+    cache = tmp_path / "cache"
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the cache to another user")
+    nobody = pwd.getpwnam("nobody")
+    for path in [cache, *cache.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+    result = run("gc", config, "--dry-run")
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: warning: cache-dir {cache} belongs to nobody, not to "
+        "root running this command: run it as nobody (e.g. sudo -u nobody) if "
+        "it must change the cache"
+    ]
+    owners = {path.stat().st_uid for path in [cache, *cache.rglob("*")]}
+    assert owners == {nobody.pw_uid}
+
+
+def test_gc_shows_progress_on_a_terminal(bucket):
+    """Fails before the fix: gc was silent until it had checked every key."""
+    config, _keys = bucket
+    code, shown = clitools.run_on_terminal("gc", config, "--dry-run")
+    assert code == 0
+    assert b"\rcheck keys: " in shown
+    assert b"keys/s]" in shown or b"s/keys]" in shown

@@ -4,12 +4,17 @@ RelStorage (SQLite), and the same through a zope.conf with --db."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 import clitools
 import s3env
 from clitools import run, run_json
 from zodb_s3blobs.keys import hex_id
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 SIZES = [10, 2000, 30000]
 
@@ -164,3 +169,28 @@ def test_a_relstorage_base_after_migrating_its_blob_chunks(tmp_path):
     assert [(m["oid"], m["tid"]) for m in report["missing"]] == [
         (hex_id(oid), hex_id(tid))
     ]
+
+
+def test_verify_sizes_leaves_the_cache_alone(database, tmp_path):
+    """verify --sizes only reads cache-dir: no BlobCache is opened, so an
+    abandoned download stays for the storage's own clean-up.
+
+    Fails before the fix: the BlobCache opened removed the old file (and
+    started an eviction check)."""
+    config, revisions = database
+    old = tmp_path / "cache" / "tmp" / "download-abandoned"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3 * 86400,) * 2)
+    code, report = run_json("verify", config, "--sizes")
+    assert code == 0, report
+    assert report["sizes"]["compared"] == len(clitools.current(revisions))
+    assert old.exists()
+
+
+def test_verify_shows_progress_on_a_terminal(database):
+    """Fails before the fix: verify was silent until it had read everything."""
+    config, _revisions = database
+    code, shown = clitools.run_on_terminal("verify", config, "--sizes")
+    assert code == 0
+    assert b"\rread base: " in shown
+    assert b"\rcompare sizes: " in shown

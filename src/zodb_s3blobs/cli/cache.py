@@ -2,18 +2,25 @@
 
 Both work on ``cache-dir`` alone (no S3 request, no base storage), and are
 safe while Zope processes use the cache: pruning is the cache's own eviction,
-which takes the same locks.
+which takes the same locks. ``stats`` only reads: it walks the directory
+itself (:func:`walk_cache`) instead of opening a BlobCache, which would
+remove old temporary files, create ``locks/`` and start an eviction check.
+Neither creates a missing cache-dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass
+import stat
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 
 from ZConfig.datatypes import stock_datatypes
 
-from ..cache import MIN_AGE, BlobCache
+from ..cache import MIN_AGE
+from ..keys import hex_id
 from . import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
 from .output import emit, human_size, problem, table, timestamp
 from .target import Target, load_target
@@ -98,6 +105,62 @@ def _size(value: str) -> int:
         ) from None
 
 
+#: Directories of cache-dir that hold no cached blobs.
+_RESERVED = ("tmp", "locks")
+
+
+def cached_path(directory: str, oid: bytes, tid: bytes) -> str:
+    """Where the cache in *directory* keeps revision *tid* of *oid*:
+    ``NN/OID/TID.blob``, NN the oid's last two hex digits (as
+    :meth:`zodb_s3blobs.cache.BlobCache.path` has it)."""
+    oid_hex = hex_id(oid)
+    return os.path.join(
+        directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
+    )
+
+
+def _is_cached_blob(oid_hex: str, name: str) -> bool:
+    """Whether *name* in the directory of *oid_hex* is a cached blob file."""
+    tid_hex, dot, extension = name.partition(".")
+    if extension != "blob" or not dot:
+        return False
+    try:
+        numbers = int(oid_hex, 16), int(tid_hex, 16)
+    except ValueError:
+        return False
+    return all(0 <= number < 1 << 64 for number in numbers)
+
+
+def _scan(path: str) -> list[os.DirEntry]:
+    """The entries of directory *path*; none if it is gone or not one."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def walk_cache(directory: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every cached blob file of the cache in *directory*, with its stat
+    (``lstat``: links are not followed), reading only: nothing is created,
+    removed, locked or touched (the stat does not change access times)."""
+    for bucket in _scan(directory):
+        if bucket.name in _RESERVED or not bucket.is_dir(follow_symlinks=False):
+            continue
+        for oid_dir in _scan(bucket.path):
+            if not oid_dir.is_dir(follow_symlinks=False):
+                continue
+            for entry in _scan(oid_dir.path):
+                if not _is_cached_blob(oid_dir.name, entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # evicted meanwhile
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield entry.path, st
+
+
 @dataclass
 class CacheStats:
     """What the cache directory holds now."""
@@ -109,33 +172,37 @@ class CacheStats:
     newest_access: float | None = None
     tmp_files: int = 0
     tmp_bytes: int = 0
+    #: path -> size of each blob file, to tell what a prune removed.
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 def cache_stats(target: Target) -> CacheStats:
-    """Walk cache-dir (without creating it) and sum up its blob files."""
+    """Walk cache-dir (without creating or changing anything) and sum up its
+    blob files and its tmp/ files."""
     if not os.path.isdir(target.cache_dir):
         return CacheStats(exists=False)
-    cache = BlobCache(target.cache_dir, target.cache_size)
     stats = CacheStats(exists=True)
-    try:
-        for _path, st in cache.files():
-            stats.files += 1
-            stats.bytes += st.st_size
-            stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
-            stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
-        with os.scandir(cache.temp_dir) as entries:
-            for entry in entries:
-                if entry.is_file(follow_symlinks=False):
-                    stats.tmp_files += 1
-                    stats.tmp_bytes += entry.stat(follow_symlinks=False).st_size
-    finally:
-        cache.close()  # the check its open started must not be cut off
+    for path, st in walk_cache(target.cache_dir):
+        stats.sizes[path] = st.st_size
+        stats.files += 1
+        stats.bytes += st.st_size
+        stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
+        stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
+    for entry in _scan(os.path.join(target.cache_dir, "tmp")):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            stats.tmp_files += 1
+            stats.tmp_bytes += st.st_size
     return stats
 
 
 def _document(target: Target, stats: CacheStats) -> dict:
     """The JSON fields of *stats*, with times as ISO 8601 strings."""
     document = asdict(stats)
+    del document["sizes"]
     document.update(
         cache_dir=target.cache_dir,
         cache_size=target.cache_size,
@@ -152,6 +219,7 @@ def run_stats(args: argparse.Namespace) -> int:
     target = load_target(args.config, args.db)
     stats = cache_stats(target)
     document = {"ok": True, **_document(target, stats)}
+    _warn_owner(target)
     share = f" ({stats.bytes / target.cache_size:.0%} of cache-size)"
     lines = table(
         ["cache-dir", target.cache_dir + ("" if stats.exists else " (not created)")],
@@ -169,18 +237,32 @@ def run_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _warn_owner(target: Target) -> None:
+    """Warn on stderr when cache-dir is another user's."""
+    warning = target.cache_owner_warning()
+    if warning:
+        problem(warning)
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    """Evict down to --to (or the storage's own target) and report what went."""
+    """Evict down to --to (or the storage's own target) and report what went:
+    the files present before and gone after, and their bytes."""
     target = load_target(args.config, args.db)
+    _warn_owner(target)
     before = cache_stats(target)
-    freed = 0
     if before.exists:
-        cache = BlobCache(target.cache_dir, target.cache_size, args.min_age)
-        try:
-            freed = cache.evict(args.to)
-        finally:
-            cache.close()
+        # With --to, evict down to it and no further: the eviction check a
+        # cache starts when opened must not go on to 90% of cache-size.
+        limit = target.cache_size if args.to is None else sys.maxsize
+        cache = target.existing_cache(args.min_age, size_limit=limit)
+        if cache is not None:
+            try:
+                cache.evict(args.to)
+            finally:
+                cache.close()
     after = cache_stats(target)
+    gone = [path for path in before.sizes if path not in after.sizes]
+    removed = {"files": len(gone), "bytes": sum(before.sizes[p] for p in gone)}
     goal = args.to if args.to is not None else target.cache_size
     if after.bytes > goal:
         problem(
@@ -193,13 +275,13 @@ def run_prune(args: argparse.Namespace) -> int:
         "ok": after.bytes <= goal,
         "cache_dir": target.cache_dir,
         "target": args.to,
-        "removed": {"files": before.files - after.files, "bytes": freed},
+        "removed": removed,
         "remaining": {"files": after.files, "bytes": after.bytes},
     }
     lines = [
-        f"Pruned {target.cache_dir}: removed {before.files - after.files} files "
-        f"({human_size(freed)}); {after.files} files ({human_size(after.bytes)}) "
-        "remain"
+        f"Pruned {target.cache_dir}: removed {removed['files']} files "
+        f"({human_size(removed['bytes'])}); {after.files} files "
+        f"({human_size(after.bytes)}) remain"
     ]
     emit(args, document, lines)
     return EXIT_OK if document["ok"] else EXIT_FAILED

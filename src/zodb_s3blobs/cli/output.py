@@ -83,6 +83,20 @@ def progress(total: int, description: str) -> tqdm:
     )
 
 
+def counter(description: str, unit: str, total: int | None = None) -> tqdm:
+    """A progress bar counting *unit* (keys, transactions) on stderr, shown
+    only when stderr is a terminal: for work whose length is known only at
+    its end, it shows the count and the rate."""
+    return tqdm(
+        total=total,
+        desc=description,
+        unit=unit,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        leave=False,
+    )
+
+
 #: A request that has not answered after this many seconds is named on a
 #: terminal, so that an operator sees what a silent command waits for.
 WAITING_AFTER = 1.0

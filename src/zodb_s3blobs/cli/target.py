@@ -128,16 +128,21 @@ class Target:
         finally:
             storage.close()
 
-    def existing_cache(self, min_age: float | None = None) -> BlobCache | None:
-        """The local cache, for a command whose job is to change it; None when
-        cache-dir does not exist (it is never created here: created by root,
-        it would keep Zope from starting)."""
+    def existing_cache(
+        self, min_age: float | None = None, size_limit: int | None = None
+    ) -> BlobCache | None:
+        """The local cache (with *size_limit* instead of cache-size, if given),
+        for a command whose job is to change it; None when cache-dir does not
+        exist (it is never created here: created by root, it would keep Zope
+        from starting)."""
         from ..cache import MIN_AGE, BlobCache
 
         if not os.path.isdir(self.cache_dir):
             return None
         return BlobCache(
-            self.cache_dir, self.cache_size, MIN_AGE if min_age is None else min_age
+            self.cache_dir,
+            self.cache_size if size_limit is None else size_limit,
+            MIN_AGE if min_age is None else min_age,
         )
 
     def cache_owner_warning(self) -> str | None:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ZODB.blob import is_blob_record
 
 from ..keys import hex_id
 from . import EXIT_FAILED, EXIT_OK, add_operator_options
+from .cache import cached_path
 from .migrate import add_source_options, open_source
-from .output import emit, problem, table
+from .output import counter, emit, problem, table
 from .target import Target, load_target
+
+T = TypeVar("T")
 
 DESCRIPTION = """\
 Check that every blob revision the base storage in CONFIG holds has its
@@ -30,7 +33,8 @@ the base keeps with --all-revisions. Lists the missing ones (oid, tid, key)
 and exits 1 if there are any. --sizes also compares each object's size with
 the blob's local copy: the file in cache-dir, or with --from-blob-dir or
 --from-relstorage the source a migration read (either implies --sizes); a
-size that differs also makes it exit 1. The base storage is opened read-only.
+size that differs also makes it exit 1. The base storage is opened read-only;
+cache-dir is only read. On a terminal, progress bars count what was read.
 """
 
 
@@ -63,12 +67,13 @@ def blob_revisions(
     base: Any, until: bytes, all_revisions: bool
 ) -> list[tuple[bytes, bytes]]:
     """``(oid, tid)`` of the blob revisions *base* holds up to tid *until*:
-    all of them, or only each object's current one."""
+    all of them, or only each object's current one (a progress bar counts
+    the transactions read, on a terminal)."""
     current: dict[bytes, bytes] = {}
     every: list[tuple[bytes, bytes]] = []
     transactions = base.iterator(None, until)
     try:
-        for transaction in transactions:
+        for transaction in _counted(transactions, "read base", "txn"):
             for record in transaction:
                 if is_blob_record(record.data):
                     current[record.oid] = record.tid
@@ -79,6 +84,15 @@ def blob_revisions(
         if hasattr(transactions, "close"):  # FileStorage's iterator holds a file
             transactions.close()
     return every if all_revisions else sorted(current.items())
+
+
+def _counted(items: Iterable[T], description: str, unit: str) -> Iterator[T]:
+    """*items*, each counted on a progress bar while it is worked on (shown
+    only on a terminal)."""
+    with counter(description, unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 @dataclass
@@ -110,16 +124,16 @@ def _local_sizes(
     if args.from_blob_dir is not None or args.from_relstorage:
         with open_source(args, target, base) as source:
             sizes = {(r.oid, r.tid): r.size for r in source.revisions()}
+            for entry in source.skipped:  # not compared: say so
+                problem(f"skipped {entry['path']}: {entry['reason']}")
             yield source.describe(), lambda oid, tid: sizes.get((oid, tid))
         return
-    cache = target.cache() if os.path.isdir(target.cache_dir) else None
+    directory = target.cache_dir  # only read: no BlobCache is opened
 
     def cached_size(oid: bytes, tid: bytes) -> int | None:
-        if cache is None:
-            return None
         try:
-            return os.stat(cache.path(oid, tid)).st_size
-        except FileNotFoundError:
+            return os.lstat(cached_path(directory, oid, tid)).st_size
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     yield f"cache-dir {target.cache_dir}", cached_size
@@ -130,7 +144,7 @@ def verify(args: argparse.Namespace, target: Target) -> Report:
     report = Report()
     with target.base() as base, target.store() as store:
         until = base.lastTransaction()
-        existing = dict(store.list(target.layout.root))
+        existing = dict(_counted(store.list(target.layout.root), "list S3", "keys"))
         revisions = blob_revisions(base, until, args.all_revisions)
         report.revisions = len(revisions)
         present = []
@@ -143,7 +157,7 @@ def verify(args: argparse.Namespace, target: Target) -> Report:
         if args.sizes or args.from_blob_dir is not None or args.from_relstorage:
             with _local_sizes(args, target, base) as (where, local_size):
                 report.compared_with = where
-                for oid, tid in present:
+                for oid, tid in _counted(present, "compare sizes", "blobs"):
                     size = local_size(oid, tid)
                     if size is None:
                         continue
