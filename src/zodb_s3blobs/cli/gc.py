@@ -24,8 +24,9 @@ needs (what pack does after packing the base, without packing), or with
 base can load its revision; objects of transactions newer than the base's
 last commit (still being committed) and keys that are not of the
 [prefix/]blobs/OID/TID.blob layout are left alone; deleted objects' cached
-copies are removed from cache-dir if it exists (it is never created, and
-only the files of deleted orphans are removed). The base storage is opened
+copies are removed from cache-dir if it exists and belongs to the user
+running gc (it is never created, and only the files of deleted orphans are
+removed; another user's cache is left to its own eviction). The base storage is opened
 read-only. A warning says when cache-dir belongs to another user than the
 one running gc; on a terminal, a progress bar counts the keys checked.
 """
@@ -91,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         problem(warning)
     with target.base() as base, target.store() as store:
-        # A dry run deletes nothing, so has no cached copy to drop.
-        cache = None if args.dry_run else target.existing_cache()
+        # A dry run deletes nothing, so has no cached copy to drop; nor is
+        # another user's cache opened (its locks would become this user's):
+        # a deleted orphan's cached copy is never read again, and is evicted
+        # as the least recently used in time.
+        mine = warning is None
+        cache = target.existing_cache() if mine and not args.dry_run else None
         try:
             with counter("check keys", "keys") as bar:
                 report = collect_orphans(
