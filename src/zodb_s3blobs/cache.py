@@ -448,8 +448,10 @@ class BlobCache:
             path = self.path(oid, tid)
             temp = self.new_temp_file("download-")
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                with open(fd, "wb") as out:
+                # Read and write: the download reads its bytes back to check
+                # them, through this descriptor (the file object has no name).
+                fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with open(fd, "w+b") as out:
                     size = download(out)
                     out.flush()
                     written = os.fstat(out.fileno()).st_size

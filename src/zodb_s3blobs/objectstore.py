@@ -104,6 +104,21 @@ def file_crc32(path: str) -> str:
     return f"{crc:08x}"
 
 
+def _written_crc32(out: BinaryIO) -> int:
+    """The CRC32 of what *out* holds: read again by its name, or, for a file
+    opened from a descriptor (no name), through that descriptor with
+    ``pread``, which changes neither its position nor its life (it must be
+    open for reading too)."""
+    out.flush()
+    if isinstance(out.name, str):
+        return int(file_crc32(out.name), 16)
+    crc, offset = 0, 0
+    while chunk := os.pread(out.fileno(), _DOWNLOAD_CHUNK, offset):
+        crc = zlib.crc32(chunk, crc)
+        offset += len(chunk)
+    return crc
+
+
 def _http_status(exc: Exception) -> int:
     """The HTTP status of a botocore ClientError; 0 for any other failure."""
     if isinstance(exc, ClientError):
@@ -542,8 +557,7 @@ class ObjectStore:
             )
         if expected is not None:
             if crc is None:
-                out.flush()
-                crc = int(file_crc32(out.name), 16)
+                crc = _written_crc32(out)
             if f"{crc:08x}" != expected.lower():
                 raise _ChecksumMismatch(
                     "GET",
