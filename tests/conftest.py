@@ -1,4 +1,8 @@
-"""Fixtures: one real S3 server (moto's, over HTTP on loopback) per session."""
+"""Fixtures: real S3 servers over HTTP on loopback, one of each kind per
+session: moto's (always), and Ceph's RADOS Gateway for the tests marked
+``s3_servers("moto", "rgw")``, which run once on each (``test_x[moto]``,
+``test_x[rgw]``). The mark on a test function overrides its module's, so a
+test that only moto can serve says so where it is defined."""
 
 from __future__ import annotations
 
@@ -10,19 +14,46 @@ import pytest
 import s3env
 from zodb_s3blobs.cli.localserver import local_s3_server
 
-#: Fixtures of the deployment tests: PostgreSQL, and RelStorage bases.
-pytest_plugins = ["pgserver", "deploy"]
+#: Fixtures of the deployment tests: PostgreSQL, and RelStorage bases; and
+#: the Ceph cluster behind the RGW runs.
+pytest_plugins = ["pgserver", "deploy", "rgwserver"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "s3_servers(*kinds): run the test once on each kind of S3 server "
+        f"named ({', '.join(s3env.KINDS)}); unmarked tests run on moto only",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("s3_servers")
+    if marker is not None:
+        unknown = set(marker.args) - set(s3env.KINDS)
+        assert marker.args and not unknown, f"s3_servers{marker.args}"
+        metafunc.parametrize("s3_kind", marker.args, indirect=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def s3_server():
     with local_s3_server() as server:
-        s3env.start(server)
+        s3env.start(server, "moto")
         yield server
 
 
+@pytest.fixture(autouse=True)
+def s3_kind(request):
+    """The kind of S3 server this test runs on, active in s3env for its
+    duration (``moto`` unless parametrised by the ``s3_servers`` mark)."""
+    kind = getattr(request, "param", "moto")
+    s3env.require(request, kind)
+    with s3env.active(kind):
+        yield kind
+
+
 @pytest.fixture
-def s3_settings():
+def s3_settings(s3_kind):
     """Settings for the session's bucket under a prefix no other test uses."""
     return s3env.settings()
 

@@ -81,6 +81,34 @@ def auth_server():
         process.wait(timeout=30)
 
 
+@pytest.fixture
+def checking_server(request, s3_kind):
+    """``(endpoint, bucket, key id, secret)`` of a server that checks
+    credentials: moto's own process (auth_server), or the session's RGW,
+    which always does."""
+    if s3_kind == "rgw":
+        rgw = clitools.s3env.server()
+        return rgw.endpoint_url, clitools.s3env.BUCKET, rgw.access_key, rgw.secret_key
+    endpoint, key_id, secret = request.getfixturevalue("auth_server")
+    return endpoint, AUTH_BUCKET, key_id, secret
+
+
+def with_credentials(config: Path, endpoint: str, bucket: str, key_id, secret):
+    """Point CONFIG (written for the session's server) at *endpoint* and
+    *bucket* with these credentials."""
+    server = clitools.s3env.server()
+    text = config.read_text()
+    for old, new in [
+        (server.endpoint_url, endpoint),
+        (f"bucket-name {clitools.s3env.BUCKET}", f"bucket-name {bucket}"),
+        (f"s3-access-key {server.access_key}", f"s3-access-key {key_id}"),
+        (f"s3-secret-key {server.secret_key}", f"s3-secret-key {secret}"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
+
+
 def existing_filestorage(path: Path) -> str:
     """A <filestorage> section for a new database (with its root object)."""
     ZODB.DB(FileStorage(str(path))).close()
@@ -147,42 +175,27 @@ def test_a_missing_bucket_is_named(tmp_path):
         ("key id", "InvalidAccessKeyId", "the access key id is not known"),
     ],
 )
-def test_refused_credentials_are_named(tmp_path, auth_server, wrong, code, cause):
-    endpoint, key_id, secret = auth_server
+def test_refused_credentials_are_named(tmp_path, checking_server, wrong, code, cause):
+    endpoint, bucket, key_id, secret = checking_server
     if wrong == "secret":
         secret = "not-" + secret
     else:
         key_id = "AKIAUNKNOWNUNKNOWN00"
     config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
-    text = config.read_text()
-    server = clitools.s3env.server()
-    for old, new in [
-        (server.endpoint_url, endpoint),
-        ("zodb-s3blobs-tests", AUTH_BUCKET),
-        ("s3-access-key local-access-key", f"s3-access-key {key_id}"),
-        ("s3-secret-key local-secret-key", f"s3-secret-key {secret}"),
-    ]:
-        assert old in text
-        text = text.replace(old, new)
-    config.write_text(text)
+    with_credentials(config, endpoint, bucket, key_id, secret)
 
     result = run("check", config)
     assert result.returncode == 1
     first = result.stderr.splitlines()[0]
     assert first.startswith(f"zodb-s3blobs: check failed: credentials: {cause}")
-    assert f"for bucket '{AUTH_BUCKET}'" in first
+    assert f"for bucket '{bucket}'" in first
     assert code in first
     assert secret not in result.stdout + result.stderr
 
 
-def test_the_right_credentials_pass_the_checking_server(tmp_path, auth_server):
-    endpoint, key_id, secret = auth_server
+def test_the_right_credentials_pass_the_checking_server(tmp_path, checking_server):
     config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
-    server = clitools.s3env.server()
-    text = config.read_text().replace(server.endpoint_url, endpoint)
-    text = text.replace("zodb-s3blobs-tests", AUTH_BUCKET)
-    text = text.replace("local-access-key", key_id).replace("local-secret-key", secret)
-    config.write_text(text)
+    with_credentials(config, *checking_server)
     code, report = run_json("check", config)
     assert code == 0, report
     assert statuses(report)["round trip"] == "ok"

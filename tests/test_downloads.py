@@ -236,6 +236,7 @@ def test_download_max_attempts_still_caps_the_attempts(tmp_path):
     assert key in message
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 def test_a_checksum_mismatch_is_tried_once_more_not_until_the_deadline(tmp_path):
     """Bytes that differ from the recorded CRC32 may have been damaged in
     transit, so they are fetched once more; a second mismatch means the

@@ -120,6 +120,7 @@ def test_a_stalled_read_fails_within_its_budget(make_storage, tmp_path):
     assert not os.listdir(reader.temporaryDirectory()), "no partial file"
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 def test_a_corrupted_object_is_detected_retried_and_reported(make_storage):
     storage = make_storage()
     db = ZODB.DB(storage)
@@ -144,6 +145,7 @@ def test_a_corrupted_object_is_detected_retried_and_reported(make_storage):
     db.close()
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 def test_a_missing_bucket_stops_the_storage_at_open(tmp_path):
     with pytest.raises(ObjectStoreError) as info:
         S3BlobStorage(
@@ -190,6 +192,7 @@ CRASH_AFTER_VOTE = textwrap.dedent(
 )
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 def test_a_process_killed_between_vote_and_finish_leaves_only_an_orphan(
     make_storage, tmp_path
 ):
@@ -316,6 +319,7 @@ def test_secrets_never_reach_logs_reprs_or_errors(make_storage, tmp_path, caplog
             assert secret not in text
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 def test_presigned_url_round_trip(make_storage):
     storage = make_storage()
     db = ZODB.DB(storage)
@@ -336,7 +340,15 @@ def test_presigned_url_round_trip(make_storage):
     db.close()
 
 
-def test_sse_s3_applies_to_uploads_and_undo_copies(make_storage):
+@pytest.mark.s3_servers("moto", "rgw")
+def test_sse_s3_applies_to_uploads_and_undo_copies(make_storage, s3_kind):
+    if s3_kind == "rgw":
+        pytest.skip(
+            "Ceph Pacific's RGW has no SSE-S3: it refuses x-amz-server-side-"
+            "encryption over plain HTTP (InvalidRequest, rgw crypt require ssl), "
+            "and with that check off stores the object unencrypted, answering "
+            "no x-amz-server-side-encryption header"
+        )
     storage = make_storage(settings=s3env.settings(sse="AES256"))
     db = ZODB.DB(storage)
     tm = transaction.TransactionManager()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import transaction
 import ZODB
 from ZODB.blob import Blob
@@ -15,6 +16,8 @@ from ZODB.utils import p64
 
 from s3hooks import requests
 from test_storage import keys, stage_one_blob
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 
 def blob_revisions(db, contents: list[bytes]) -> list[tuple[bytes, bytes, float]]:

@@ -27,6 +27,8 @@ from test_storage import commit_blobs, keys
 from zodb_s3blobs import BlobReadError, ObjectStoreError, S3BlobStorage
 from zodb_s3blobs.tids import UnsupportedBaseStorage
 
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
+
 #: A tid far in the future: a base whose last tid is this has a clock behind
 #: it, and gives every new transaction last + 1 (ZODB.utils.newTid).
 FUTURE_TID = p64(u64(b"\x7f" + b"\x00" * 7))

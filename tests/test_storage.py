@@ -22,6 +22,8 @@ import s3env
 from s3hooks import failing, requests
 from zodb_s3blobs import BlobReadError, ObjectStoreError
 
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
+
 
 def keys(storage) -> list[str]:
     return sorted(k for k, _size in storage._store.list(storage._layout.root))

@@ -3,7 +3,9 @@
 ``ZODB.tests.testblob.storage_reusable_suite`` is what ZODB runs against its
 own blob storages: doctests for connections, import/export, transactions,
 packing, savepoints, permissions, plus the undo and recovery test classes.
-Each storage is built from zope.conf text, through ``%import zodb_s3blobs``.
+Each storage is built from zope.conf text, through ``%import zodb_s3blobs``,
+on moto's server and on Ceph's RADOS Gateway (the factory serves the server
+the ``s3_kind`` fixture makes active).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ CASES = [
 ]
 
 
+@pytest.mark.s3_servers("moto", "rgw")
 @pytest.mark.parametrize("case", CASES, ids=[case_id(t) for t, _ in CASES])
 def test_zodb_blob_suite(case, tmp_path):
     test, layer = case

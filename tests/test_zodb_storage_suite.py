@@ -4,12 +4,16 @@ The same classes ZODB runs against FileStorage (``testFileStorage``) and
 MappingStorage (``testMappingStorage``), with each storage opened from
 zope.conf text through ``%import zodb_s3blobs``. ZODB names its tests
 ``check*``; :func:`collect_checks` exposes them to pytest as ``test_check*``.
+Each class runs on moto's server and, as its ``...OnRGW`` subclass, on Ceph's
+RADOS Gateway (pytest cannot parametrise unittest classes; the class names
+its server instead).
 """
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import ZODB.config
 from ZODB.tests import (
     BasicStorage,
@@ -37,6 +41,13 @@ def collect_checks(cls):
 
 class S3BlobStorageTestBase(StorageTestBase.StorageTestBase):
     base_section = ""
+    #: The kind of S3 server (s3env.KINDS) the class runs on.
+    s3_kind = "moto"
+
+    @pytest.fixture(autouse=True)
+    def _s3_server(self, request):
+        """Start the class's server the first time it is needed."""
+        s3env.require(request, self.s3_kind)
 
     def open(self, **kwargs):
         self._storage = ZODB.config.storageFromString(
@@ -44,6 +55,7 @@ class S3BlobStorageTestBase(StorageTestBase.StorageTestBase):
                 self.base_section,
                 cache_dir=os.path.abspath("blob-cache"),
                 prefix=self.prefix,
+                server=self.s3_kind,
             )
         )
 
@@ -92,3 +104,11 @@ class MappingStorageBaseTests(
     # testMappingStorage collects check* methods only): it cannot undo.
     testUndoZombie = None
     testLoadBeforeUndo = None
+
+
+class FileStorageBaseTestsOnRGW(FileStorageBaseTests):
+    s3_kind = "rgw"
+
+
+class MappingStorageBaseTestsOnRGW(MappingStorageBaseTests):
+    s3_kind = "rgw"
