@@ -80,7 +80,7 @@ _USED_ELSEWHERE = 1.0
 #: (X-Sendfile) need it too.
 MIN_AGE = 60.0
 #: A hit on a file used within this fraction of the minimum age takes no lock
-#: and leaves its access time (see BlobCache._used_hit).
+#: (see BlobCache._used_hit).
 _FRESH = 0.25
 #: Lock and ledger files: never through a symlink.
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -329,10 +329,7 @@ class BlobCache:
     # -- paths -------------------------------------------------------------
 
     def path(self, oid: bytes, tid: bytes) -> str:
-        oid_hex = hex_id(oid)
-        return os.path.join(
-            self.directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
-        )
+        return revision_path(self.directory, oid, tid)
 
     def _lock_path(self, oid: bytes, tid: bytes, kind: str = "lock") -> str:
         """The stripe's lock file: ``NN.lock`` serialises downloads, installs
@@ -371,7 +368,7 @@ class BlobCache:
         for a file whose size differs from the one recorded at install (by
         the file itself, or this process's index); (None, False) if absent.
         Takes no lock, so callers may hold the stripe lock or not. *fresh* is
-        the file's lstat when it was used moments ago: not marked again."""
+        the file's lstat, if the caller has it."""
         revision = (oid, tid)
         path = self.path(oid, tid)
         try:
@@ -382,8 +379,7 @@ class BlobCache:
                 return None, True
             size = st.st_size
             recorded = _recorded_size(path)
-            if fresh is None:
-                os.utime(path)  # other processes sharing the cache see the use
+            os.utime(path)  # other processes sharing the cache see the use
         except FileNotFoundError:
             return None, False
         with self._state_lock:
@@ -403,10 +399,9 @@ class BlobCache:
         sees this use or has removed the file before this looks, so a path
         handed out is never evicted in the same instant (MIN_AGE holds).
 
-        A file used within the last quarter of ``min_age`` needs neither the
-        lock nor a new timestamp: an eviction deciding on it, now or before
-        this looked, sees that recent use and keeps it (the hot path of a warm
-        read)."""
+        A file used within the last quarter of ``min_age`` needs no lock: an
+        eviction deciding on it, now or before this looked, sees that recent
+        use and keeps it (the hot path of a warm read)."""
         try:
             st = os.lstat(self.path(oid, tid))
         except FileNotFoundError:
@@ -670,20 +665,9 @@ class BlobCache:
     def _walk(self) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
         """Every cached file, skipping (with a warning) directories another
         user could write and anything but this user's regular files."""
-        for bucket in _subdirectories(self.directory):
-            if bucket.name in _RESERVED or not _trusted_entry(bucket):
-                continue
-            for oid_dir in _subdirectories(bucket.path):
-                if not _trusted_entry(oid_dir):
-                    continue
-                for entry in _entries(oid_dir.path):
-                    revision = _revision(oid_dir.name, entry.name)
-                    if revision is None or not entry.is_file(follow_symlinks=False):
-                        continue
-                    with contextlib.suppress(FileNotFoundError):
-                        st = entry.stat(follow_symlinks=False)
-                        if st.st_uid == os.geteuid():
-                            yield revision, entry.path, st
+        for revision, path, st in walk(self.directory, _trusted_entry):
+            if st.st_uid == os.geteuid():
+                yield revision, path, st
 
     def _scan(self) -> None:
         """Rebuild the index from the directory, in access-time order, and
@@ -828,6 +812,40 @@ class BlobCache:
                 evictor.join(timeout=1)
         with self._state_lock:
             self._stop_waiting = False
+
+
+def revision_path(directory: str, oid: bytes, tid: bytes) -> str:
+    """Where the cache in *directory* keeps revision *tid* of *oid*:
+    ``xx/OID/TID.blob``, xx the oid's last two hex digits."""
+    oid_hex = hex_id(oid)
+    return os.path.join(
+        directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
+    )
+
+
+def walk(
+    directory: str, trusted: Callable[[os.DirEntry], bool] = lambda entry: True
+) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
+    """Every cached blob file of the cache in *directory*: its revision, path
+    and ``lstat``; regular files only, in directories *trusted* accepts.
+    Reads only: nothing is created, removed, locked or touched (operator
+    tools walk a cache this way without opening it)."""
+    for bucket in _subdirectories(directory):
+        if bucket.name in _RESERVED or not trusted(bucket):
+            continue
+        for oid_dir in _subdirectories(bucket.path):
+            if not trusted(oid_dir):
+                continue
+            for entry in _entries(oid_dir.path):
+                revision = _revision(oid_dir.name, entry.name)
+                if revision is None:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # evicted meanwhile
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield revision, entry.path, st
 
 
 def _revision(oid_hex: str, filename: str) -> tuple[bytes, bytes] | None:

@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from ZConfig.datatypes import stock_datatypes
 
-from ..cache import MIN_AGE
-from ..keys import hex_id
+from ..cache import MIN_AGE, walk
 from . import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
 from .output import emit, human_size, problem, table, timestamp
 from .target import Target, load_target
@@ -106,29 +105,6 @@ def _size(value: str) -> int:
 
 
 #: Directories of cache-dir that hold no cached blobs.
-_RESERVED = ("tmp", "locks")
-
-
-def cached_path(directory: str, oid: bytes, tid: bytes) -> str:
-    """Where the cache in *directory* keeps revision *tid* of *oid*:
-    ``NN/OID/TID.blob``, NN the oid's last two hex digits (as
-    :meth:`zodb_s3blobs.cache.BlobCache.path` has it)."""
-    oid_hex = hex_id(oid)
-    return os.path.join(
-        directory, oid_hex[-2:].rjust(2, "0"), oid_hex, hex_id(tid) + ".blob"
-    )
-
-
-def _is_cached_blob(oid_hex: str, name: str) -> bool:
-    """Whether *name* in the directory of *oid_hex* is a cached blob file."""
-    tid_hex, dot, extension = name.partition(".")
-    if extension != "blob" or not dot:
-        return False
-    try:
-        numbers = int(oid_hex, 16), int(tid_hex, 16)
-    except ValueError:
-        return False
-    return all(0 <= number < 1 << 64 for number in numbers)
 
 
 def _scan(path: str) -> list[os.DirEntry]:
@@ -141,24 +117,10 @@ def _scan(path: str) -> list[os.DirEntry]:
 
 
 def walk_cache(directory: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Every cached blob file of the cache in *directory*, with its stat
-    (``lstat``: links are not followed), reading only: nothing is created,
-    removed, locked or touched (the stat does not change access times)."""
-    for bucket in _scan(directory):
-        if bucket.name in _RESERVED or not bucket.is_dir(follow_symlinks=False):
-            continue
-        for oid_dir in _scan(bucket.path):
-            if not oid_dir.is_dir(follow_symlinks=False):
-                continue
-            for entry in _scan(oid_dir.path):
-                if not _is_cached_blob(oid_dir.name, entry.name):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:  # evicted meanwhile
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    yield entry.path, st
+    """Every cached blob file of the cache in *directory*, with its ``lstat``,
+    reading only (see :func:`zodb_s3blobs.cache.walk`)."""
+    for _revision, path, st in walk(directory):
+        yield path, st
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from ZODB.blob import is_blob_record
 
+from ..cache import revision_path
 from ..keys import hex_id
 from . import EXIT_FAILED, EXIT_OK, add_operator_options
-from .cache import cached_path
 from .migrate import add_source_options, open_source
 from .output import counter, emit, problem, table
 from .target import Target, load_target
@@ -132,7 +132,7 @@ def _local_sizes(
 
     def cached_size(oid: bytes, tid: bytes) -> int | None:
         try:
-            return os.lstat(cached_path(directory, oid, tid)).st_size
+            return os.lstat(revision_path(directory, oid, tid)).st_size
         except (FileNotFoundError, NotADirectoryError):
             return None
 
