@@ -110,7 +110,7 @@ class _FilesystemView:
         self.getBlobFilename = cache.path
 
 
-def _check_base(base) -> None:
+def check_base(base) -> None:
     """Refuse, when opening, a base whose blobs would silently go elsewhere."""
     check_supported(base)
     if isinstance(base, FileStorage) and base.blob_dir:
@@ -152,7 +152,7 @@ class S3BlobStorage:
         download_on_unghost: bool = False,
         cache_min_age: float = MIN_AGE,
     ) -> None:
-        _check_base(base)
+        check_base(base)
         layout = KeyLayout(settings.prefix)
         cache = BlobCache(cache_dir, cache_size, cache_min_age)
         store = ObjectStore(settings)

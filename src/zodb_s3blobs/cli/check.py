@@ -220,12 +220,12 @@ def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
     created as an empty database) and is a base S3BlobStorage can serve, and
     the bucket answers the startup probe (HeadBucket, bounded as the storage
     bounds it). The cache is not opened, so cache-dir is never created here."""
-    from ..storage import _check_base  # what S3BlobStorage refuses at open
+    from ..storage import check_base  # what S3BlobStorage refuses at open
 
     around = f"<s3blobstorage> around <{target.base_type}> in {target.path}"
     try:
         with target.base() as base:
-            _check_base(base)
+            check_base(base)
             last = base.lastTransaction()
     except UsageError as exc:  # a missing file, named by Target.base
         return Check("storage", "failed", str(exc))

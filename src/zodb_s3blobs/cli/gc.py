@@ -133,6 +133,10 @@ def _lines(
             ["scanned", report.scanned],
             ["kept (a revision needs them)", report.kept],
             ["in flight (newer than the last commit)", report.in_flight],
+            [
+                "orphans above the last commit for over a day",
+                report.stale_in_flight,
+            ],
             ["foreign (not of the layout, left alone)", report.foreign],
             [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
             ["deleted", report.deleted],
