@@ -62,6 +62,7 @@ import queue
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -420,7 +421,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """What an operation may fail with and still be correct: ZODB's own errors
     (conflicts, POSKeyError -- checked separately where it matters --, undo
     errors), transient transaction errors, this package's errors, RelStorage's
-    lock timeouts. Anything else (OSError, TypeError, ...) is a defect."""
+    lock timeouts and SQLite's busy database. Anything else (OSError,
+    TypeError, ...) is a defect."""
     from transaction.interfaces import TransientError
 
     errors: list[type[BaseException]] = [POSError, TransientError, S3BlobStorageError]
@@ -428,6 +430,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         from relstorage.adapters.interfaces import UnableToAcquireLockError
 
         errors.append(UnableToAcquireLockError)
+    # RelStorage on SQLite: "database is locked" while another process holds
+    # SQLite's write lock (a soak saw it in undo while children packed).
+    errors.append(sqlite3.OperationalError)
     return tuple(errors)
 
 
