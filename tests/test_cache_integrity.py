@@ -373,3 +373,52 @@ def test_a_check_stopped_by_young_files_runs_again_when_they_age(tmp_path):
     started = time.monotonic()
     cache.close()
     assert time.monotonic() - started < 2, "close() does not wait for min_age"
+
+
+def test_a_plain_read_during_an_eviction_does_not_open_the_lock_free_path(
+    tmp_path, monkeypatch
+):
+    """An evictor decides on an old file and is paused before removing it; a
+    plain read of the file (a front-end server, a backup) moves its access
+    time to now on a relatime mount; a hit must still wait for the eviction.
+    Fails before the fix: the lock-free path of a hit trusted the access time,
+    handed out the path, and the eviction removed it."""
+    import zodb_s3blobs.cache as cache_module
+
+    cache = BlobCache(str(tmp_path), 1 << 30)
+    cache.close()
+    oid, tid = p64(1), p64(1)
+    path = cache.fetch(oid, tid, writer(b"x" * 1000))
+    long_ago = time.time() - 600
+    os.utime(path, (long_ago, long_ago))
+    decided, go = threading.Event(), threading.Event()
+    real_remove = os.remove
+
+    def paused_remove(target):
+        if target == path and threading.current_thread().name == "evictor":
+            decided.set()
+            go.wait(10)
+        real_remove(target)
+
+    monkeypatch.setattr(
+        cache_module,
+        "os",
+        type("OsWithPausedRemove", (), {"__getattr__": lambda _s, n: getattr(os, n)})(),
+    )
+    cache_module.os.remove = paused_remove
+    evictor = threading.Thread(
+        name="evictor", target=cache._evict_one, args=(oid, tid, None)
+    )
+    evictor.start()
+    assert decided.wait(10)
+    now = time.time()
+    os.utime(path, (now, long_ago))  # what a plain read does to the atime
+    handed_out = []
+    reader = threading.Thread(target=lambda: handed_out.append(cache.lookup(oid, tid)))
+    reader.start()
+    reader.join(timeout=0.5)
+    go.set()
+    evictor.join(timeout=10)
+    reader.join(timeout=10)
+    (result,) = handed_out
+    assert result is None or os.path.exists(result), "a path handed out vanished"

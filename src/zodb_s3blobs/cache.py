@@ -399,14 +399,17 @@ class BlobCache:
         sees this use or has removed the file before this looks, so a path
         handed out is never evicted in the same instant (MIN_AGE holds).
 
-        A file used within the last quarter of ``min_age`` needs no lock: an
-        eviction deciding on it, now or before this looked, sees that recent
-        use and keeps it (the hot path of a warm read)."""
+        A file marked used (by this cache's ``utime``) within the last quarter
+        of ``min_age`` needs no lock: an eviction deciding on it, now or
+        before this looked, sees that recent use and keeps it (the hot path of
+        a warm read). Freshness is judged by the modification time, which only
+        the cache sets (the files are read-only), never by the access time,
+        which any plain read of the file may move without the lock."""
         try:
             st = os.lstat(self.path(oid, tid))
         except FileNotFoundError:
             return None, False
-        if time.time() - st.st_atime < self.min_age * _FRESH:
+        if time.time() - st.st_mtime < self.min_age * _FRESH:
             return self._hit(oid, tid, st)
         with _flock(self._lock_path(oid, tid, "use"), shared=True):
             return self._hit(oid, tid)
