@@ -61,8 +61,10 @@ class CollectionReport:
     scanned: int = 0
     kept: int = 0
     in_flight: int = 0
-    #: Keys above the last commit, older than the grace period: orphans.
+    #: Keys above the last commit, older than the grace period: orphans only
+    #: when the collection is asked to delete them.
     stale_in_flight: int = 0
+    stale: list[str] = field(default_factory=list)
     #: Keys whose tid's timestamp is more than the grace period ahead of now.
     future: int = 0
     foreign: int = 0
@@ -139,11 +141,16 @@ def collect_orphans(
     cache: BlobCache,
     dry_run: bool = False,
     grace: float = IN_FLIGHT_GRACE,
+    stale_in_flight: bool = False,
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs.
 
     A key above the last commit is in flight while S3 modified it within
-    *grace* seconds, and an orphan after that (see the module's rules).
+    *grace* seconds. After that it is stale: listed in the report, and an
+    orphan only with *stale_in_flight* (the operator's explicit choice): run
+    from an older copy of the database (a restored backup, a staging clone
+    on the live prefix), the collector would otherwise delete every blob the
+    live database committed since that copy was made.
     """
     report = CollectionReport()
     with current_view(base) as view:
@@ -164,8 +171,10 @@ def collect_orphans(
                     report.in_flight += 1  # may be voting: never touched
                     continue
                 report.stale_in_flight += 1
-                report.orphans.append(key)
-                report.orphan_bytes += size
+                report.stale.append(key)
+                if stale_in_flight:
+                    report.orphans.append(key)
+                    report.orphan_bytes += size
             elif revision_held(view, oid, tid):
                 report.kept += 1
             else:

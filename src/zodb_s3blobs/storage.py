@@ -561,10 +561,20 @@ class S3BlobStorage:
         finally:
             lock.release()
 
-    def collect_orphans(self, dry_run: bool = False) -> gc.CollectionReport:
-        """Delete (or with *dry_run* only list) objects no revision needs."""
+    def collect_orphans(
+        self, dry_run: bool = False, stale_in_flight: bool = False
+    ) -> gc.CollectionReport:
+        """Delete (or with *dry_run* only list) objects no revision needs;
+        with *stale_in_flight* also keys above the last commit that are more
+        than a day old (see :func:`zodb_s3blobs.gc.collect_orphans`; pack
+        never deletes those)."""
         return gc.collect_orphans(
-            self._base, self._store, self._layout, self._cache, dry_run=dry_run
+            self._base,
+            self._store,
+            self._layout,
+            self._cache,
+            dry_run=dry_run,
+            stale_in_flight=stale_in_flight,
         )
 
     # -- lifecycle -------------------------------------------------------------

@@ -47,6 +47,14 @@ def register(
         action="store_true",
         help="list the orphans, delete nothing",
     )
+    parser.add_argument(
+        "--stale-in-flight",
+        action="store_true",
+        help="also delete keys newer than the base's last commit whose objects "
+        "are more than a day old (left by a writer that never finished, or a "
+        "far-future tid). Only from the live database: run from an older copy "
+        "(a restored backup), this deletes the blobs committed since",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -106,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                     target.layout,
                     cache or _NoCache(),
                     dry_run=args.dry_run,
+                    stale_in_flight=args.stale_in_flight,
                 )
         finally:
             if cache is not None:
@@ -134,7 +143,8 @@ def _lines(
             ["kept (a revision needs them)", report.kept],
             ["in flight (newer than the last commit)", report.in_flight],
             [
-                "orphans above the last commit for over a day",
+                "stale: above the last commit for over a day"
+                + ("" if args.stale_in_flight else " (kept; --stale-in-flight)"),
                 report.stale_in_flight,
             ],
             ["foreign (not of the layout, left alone)", report.foreign],
