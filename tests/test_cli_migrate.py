@@ -4,6 +4,7 @@ blob_chunk table on SQLite, idempotent, and resumed after an interruption."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ZODB
 from ZODB.FileStorage import FileStorage
 
 import clitools
@@ -368,3 +370,117 @@ def test_odd_entries_are_skipped_counted_and_fail_the_run(tmp_path):
         "zodb-s3blobs: 2 entries of the blob directory were skipped (named "
         "above): the run is not complete"
     )
+
+
+def test_a_hard_linked_file_is_not_uploaded(tmp_path):
+    """A ``*.blob`` hard link to a file outside the blob directory (the Zope
+    user can make one where the kernel allows it, and migrate runs as root) is
+    skipped and named, whether it is there when listed or put there after;
+    the regular blob files are uploaded; the run exits 1.
+
+    Fails before the fix: only the file type was checked, so the linked file
+    was read and uploaded, and the run exited 0."""
+    from zodb_s3blobs.cli.sources import HARD_LINKED, BlobDirSource
+
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:secret-hash:19000::::::\n")
+    secret.chmod(0o600)
+    link = a_blob_file(blob_dir).parent / "0x0fffffffffffffff.blob"
+    os.link(secret, link)
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 1
+    assert report["skipped"] == {
+        "count": 1,
+        "entries": [{"path": str(link), "reason": HARD_LINKED}],
+    }
+    uploaded = clitools.s3_objects(config)
+    assert len(uploaded) == len(revisions)
+    assert b"secret-hash" not in b"".join(clitools.s3_read(k) for k in uploaded)
+
+    # A blob file replaced by a hard link between the listing and the upload.
+    link.unlink()
+    source = BlobDirSource(str(blob_dir))
+    listed = list(source.revisions())
+    swapped = a_blob_file(blob_dir)
+    swapped.unlink()
+    os.link(secret, swapped)
+    with source.files(listed) as paths:
+        contents = [None if p is None else Path(p).read_bytes() for p in paths]
+    assert secret.read_bytes() not in contents
+    assert contents.count(None) == 1
+    assert source.skipped == [{"path": str(swapped), "reason": HARD_LINKED}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_file_of_another_owner_is_not_uploaded(tmp_path):
+    """A blob file owned by another user than the blob directory (a hard link
+    keeps the owner of the file linked) is skipped and named, when listed and
+    when it changes owner after the listing; the run exits 1.
+
+    Fails before the fix: the owner was never looked at, the file was
+    uploaded and the run exited 0."""
+    from zodb_s3blobs.cli.sources import BlobDirSource
+
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    owner = blob_dir.stat().st_uid
+    foreign = a_blob_file(blob_dir)
+    os.chown(foreign, owner + 4242, -1)
+    reason = f"owned by uid {owner + 4242}, not by the blob directory's owner"
+
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 1
+    [entry] = report["skipped"]["entries"]
+    assert entry["path"] == str(foreign)
+    assert entry["reason"] == f"{reason} (uid {owner})"
+    assert len(clitools.s3_objects(config)) == len(revisions) - 1
+
+    os.chown(foreign, owner, -1)
+    source = BlobDirSource(str(blob_dir))
+    listed = list(source.revisions())
+    assert source.skipped == []
+    os.chown(foreign, owner + 4242, -1)  # after the listing
+    with source.files(listed) as paths:
+        assert paths.count(None) == 1
+    assert source.skipped == [{"path": str(foreign), "reason": entry["reason"]}]
+
+
+def test_blob_files_a_pack_kept_in_blob_dir_old_are_uploaded(tmp_path):
+    """A FileStorage pack with pack-keep-old (the default) hard-links every
+    remaining blob file into ``<blob-dir>.old``: that one second link is not
+    a reason to skip the file (guards the hard link rule above)."""
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    storage = FileStorage(str(data_fs), blob_dir=str(blob_dir))
+    db = ZODB.DB(storage)
+    try:
+        db.pack(time.time() + 1)
+    finally:
+        db.close()
+    kept = sorted(blob_dir.rglob("*.blob"))
+    assert len(kept) == len(SIZES)  # the two older revisions are gone
+    assert {path.stat().st_nlink for path in kept} == {2}
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
+    assert code == 0, report
+    assert report["uploaded"]["count"] == len(SIZES)
+
+
+def test_a_blob_dir_named_through_a_symlink(tmp_path):
+    """``--from-blob-dir`` may itself be a symbolic link to the blob
+    directory (``/var/lib/zope/blobstorage`` -> ``/srv/blobs``): it is
+    resolved once, and every blob file is uploaded.
+
+    Fails before the fix: the top directory was opened without following
+    links too, so every file was skipped ("cannot open it without following
+    links") and the run exited 1."""
+    revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    named = tmp_path / "blobstorage"
+    named.symlink_to(blob_dir)
+    code, report = run_json("migrate", config, "--from-blob-dir", named)
+    assert code == 0, report
+    assert report["uploaded"]["count"] == len(revisions)
+    assert str(blob_dir) in report["source"]

@@ -44,9 +44,21 @@ SWAPPED = (
     "cannot open it without following links (it, or a directory above it, was "
     "replaced by a symbolic link)"
 )
+HARD_LINKED = (
+    "has other hard links (a link count above 1, beyond a pack's link from "
+    "<blob-dir>.old): it may be a link to a file outside the blob directory"
+)
 #: Where a process may read an open file again by path (Linux): uploading
 #: through it reads the very file opened, whatever its path points to now.
 _FD_PATHS = "/proc/self/fd"
+
+
+class _Refused(Exception):
+    """A blob file opened is not one to read (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class BlobDirSource:
@@ -65,12 +77,21 @@ class BlobDirSource:
     not read either. An odd entry (a symlink, a malformed name, a file removed
     by a pack running meanwhile) does not stop the run: it is recorded in
     :attr:`skipped` for the caller to report.
+
+    A hard link is a regular file too: the Zope user can link a file it may
+    not read (on the same file system, where the kernel allows it) into the
+    blob directory under a blob file's name. So a file with more than one link
+    or owned by another user than the blob directory is skipped as well, both
+    when listed and once opened. The top directory itself may be a symbolic
+    link (the operator names it): it is resolved once, here.
     """
 
     def __init__(self, directory: str) -> None:
-        self.directory = os.path.abspath(directory)
+        self.directory = os.path.realpath(directory)
         if not os.path.isdir(self.directory):
             raise UsageError(f"--from-blob-dir {directory}: not a directory")
+        #: The user owning the blob directory, who must own every blob file.
+        self.owner = os.stat(self.directory).st_uid
         marker = os.path.join(self.directory, LAYOUT_MARKER)
         #: The layout, or None until the first blob file shows it.
         self.layout_name: str | None = None
@@ -103,6 +124,31 @@ class BlobDirSource:
 
     def _skip(self, path: str, reason: str) -> None:
         self.skipped.append({"path": path, "reason": reason})
+
+    def _refusal(self, path: str, st: os.stat_result) -> str | None:
+        """Why the regular file *path* with status *st* is not read, or None.
+
+        The one second link accepted is the one a FileStorage pack with
+        ``pack-keep-old`` (the default) makes: the same file at the same place
+        in ``<blob-dir>.old``, the copy of the blob directory before the pack.
+        """
+        if st.st_nlink > 1 and not (st.st_nlink == 2 and self._kept_by_pack(path, st)):
+            return HARD_LINKED
+        if st.st_uid != self.owner:
+            return (
+                f"owned by uid {st.st_uid}, not by the blob directory's owner "
+                f"(uid {self.owner})"
+            )
+        return None
+
+    def _kept_by_pack(self, path: str, st: os.stat_result) -> bool:
+        """Whether *path* is also linked from ``<blob-dir>.old`` by a pack."""
+        relative = os.path.relpath(path, self.directory)
+        try:
+            kept = os.lstat(os.path.join(self.directory + ".old", relative))
+        except OSError:
+            return False
+        return (kept.st_dev, kept.st_ino) == (st.st_dev, st.st_ino)
 
     def _oid(self, relative: str) -> bytes | None:
         """The oid a directory (relative to the top) holds blobs of, in the
@@ -170,6 +216,10 @@ class BlobDirSource:
                 if not stat.S_ISREG(st.st_mode):
                     self._skip(path, NOT_REGULAR)
                     continue
+                refusal = self._refusal(path, st)
+                if refusal is not None:
+                    self._skip(path, refusal)
+                    continue
                 self._paths[oid, tid] = path
                 found += 1
                 yield BlobRevision(oid, tid, st.st_size)
@@ -182,11 +232,13 @@ class BlobDirSource:
 
     def _open(self, path: str) -> int:
         """Open *path* (inside the blob directory) for reading without
-        following a symbolic link at any level below the top directory; raise
-        OSError if one is met or the file is not a regular file."""
+        following a symbolic link at any level below the top directory (itself
+        resolved when the source was made); raise OSError if one is met or the
+        file is not a regular file, _Refused if it is one not to read."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         parts = os.path.relpath(path, self.directory).split(os.sep)
-        fd = os.open(self.directory, flags | os.O_DIRECTORY)
+        top_flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.directory, top_flags)
         try:
             for part in parts[:-1]:
                 child = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
@@ -197,9 +249,14 @@ class BlobDirSource:
             )
         finally:
             os.close(fd)
-        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        st = os.fstat(file_fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(file_fd)
             raise OSError(errno.EINVAL, NOT_REGULAR)
+        refusal = self._refusal(path, st)
+        if refusal is not None:
+            os.close(file_fd)
+            raise _Refused(refusal)
         return file_fd
 
     @contextlib.contextmanager
@@ -221,6 +278,10 @@ class BlobDirSource:
                     fd = self._open(path)
                 except FileNotFoundError:
                     self._skip(path, REMOVED)
+                    paths.append(None)
+                    continue
+                except _Refused as exc:
+                    self._skip(path, exc.reason)
                     paths.append(None)
                     continue
                 except OSError as exc:
