@@ -424,3 +424,46 @@ def _file(data: bytes) -> str:
     os.write(fd, data)
     os.close(fd)
     return path
+
+
+def test_a_vote_fails_only_after_every_upload_has_ended(make_storage, tmp_path):
+    """One upload failing with an unexpected exception must not end the vote
+    while others still run: the abort would delete their keys and the late
+    uploads write them again, orphans no log names. Fails before the fix:
+    transfer() waited only on failures it knew (ClientError, BotoCoreError,
+    OSError) and raised at the first other one."""
+    from concurrent.futures import Future
+
+    storage = make_storage()
+    store = storage._store
+    real_upload = store._transfers.upload
+    slow_done = threading.Event()
+
+    def upload(path, bucket, key, extra_args=None):
+        if key.endswith("/1.blob"):
+            broken: Future = Future()
+            broken.set_exception(ValueError("unexpected"))
+            return broken
+        return _Waited(real_upload(path, bucket, key, extra_args=extra_args))
+
+    class _Waited:
+        """A transfer future that notes when the vote waited for its end."""
+
+        def __init__(self, future) -> None:
+            self.future = future
+
+        def result(self):
+            try:
+                return self.future.result()
+            finally:
+                slow_done.set()
+
+    store._transfers.upload = upload
+    files = []
+    for n in (1, 2):
+        f = tmp_path / f"f{n}"
+        f.write_bytes(os.urandom(200_000))
+        files.append((str(f), f"{storage._layout.root}x/{n}.blob"))
+    with pytest.raises(ObjectStoreError, match="unexpected"):
+        store.transfer(files, [])
+    assert slow_done.is_set(), "the other upload had ended when the vote failed"

@@ -402,7 +402,9 @@ class ObjectStore:
         failure and how many failed; nothing is left running on return.
         """
         uploads = list(uploads)
-        checksums = self._pool.map(file_crc32, [path for path, _key in uploads])
+        # Every checksum before the first upload: a file that cannot be read
+        # fails the vote before anything is sent, not with uploads running.
+        checksums = list(self._pool.map(file_crc32, [path for path, _key in uploads]))
         futures: list[tuple[str, str, Future]] = []
         for (path, key), crc in zip(uploads, checksums, strict=True):
             args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
@@ -420,7 +422,10 @@ class ObjectStore:
         for operation, key, future in futures:
             try:
                 future.result()
-            except (ClientError, BotoCoreError, OSError) as exc:
+            except Exception as exc:
+                # Whatever a transfer raised, the others are waited for: a
+                # vote that failed while uploads still ran would have its
+                # abort delete keys that those uploads then write again.
                 failures.append(self._error(operation, key, exc))
         if failures:
             first = failures[0]
