@@ -335,3 +335,34 @@ def test_usage_errors_print_json_under_json(args, message):
     report = json.loads(result.stdout)
     assert report["ok"] is False
     assert message in report["error"]
+
+
+@pytest.mark.parametrize("base", ["filestorage", "relstorage"])
+def test_a_base_with_a_blob_dir_is_reported_without_creating_it(tmp_path, base):
+    """A base section with a blob-dir of its own (the misconfiguration check
+    is there to report) fails the storage check, and the blob directory is
+    not created (as root, it would belong to root).
+
+    Fails before the fix: the base was opened first, and opening it created
+    the blob directory before it was refused."""
+    blob_dir = tmp_path / "blobs"
+    if base == "filestorage":
+        section = clitools.filestorage(tmp_path / "x.fs", blob_dir=blob_dir)
+        ZODB.DB(FileStorage(str(tmp_path / "x.fs"))).close()
+        said = f"has blob-dir '{blob_dir}': remove blob-dir from its section"
+    else:
+        data_dir = tmp_path / "sqlite"
+        data_dir.mkdir()
+        adapter = clitools.sqlite3(data_dir)
+        section = clitools.relstorage(adapter, blob_dir=blob_dir)
+        said = "has a blob-dir: remove blob-dir (and shared-blob-dir)"
+    config = clitools.write_config(tmp_path, section)
+    code, report = run_json("check", config)
+    assert code == 1
+    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
+    assert storage["status"] == "failed"
+    assert storage["detail"].startswith(
+        f"<s3blobstorage> around <{base}> in {config} does not open: "
+    )
+    assert said in storage["detail"]
+    assert not blob_dir.exists()

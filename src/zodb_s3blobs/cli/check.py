@@ -224,6 +224,7 @@ def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
 
     around = f"<s3blobstorage> around <{target.base_type}> in {target.path}"
     try:
+        target.check_base_section()  # before opening creates its blob-dir
         with target.base() as base:
             check_base(base)
             last = base.lastTransaction()

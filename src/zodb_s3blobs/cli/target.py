@@ -119,6 +119,32 @@ class Target:
         finally:
             storage.close()
 
+    def check_base_section(self) -> None:
+        """Raise what :func:`~zodb_s3blobs.storage.check_base` raises at open
+        for a base with a blob directory of its own, from its section alone:
+        opening that base would create the directory (owned by root, when
+        run as root) before the check could refuse it."""
+        from ..errors import S3BlobStorageError
+        from ..tids import UnsupportedBaseStorage
+
+        config = self.section.config.base.config
+        blob_dir = getattr(config, "blob_dir", None)
+        if not blob_dir:
+            return
+        if self.base_type == "filestorage":
+            raise S3BlobStorageError(
+                f"The wrapped filestorage {config.path!r} has blob-dir "
+                f"{blob_dir!r}: remove blob-dir from its section; its blobs are "
+                "stored in S3 (upload existing blob files there before switching)"
+            )
+        if self.base_type == "relstorage":
+            name = f" {config.name!r}" if getattr(config, "name", None) else ""
+            raise UnsupportedBaseStorage(
+                f"The wrapped RelStorage{name} has a blob-dir: remove blob-dir "
+                "(and shared-blob-dir) from its <relstorage> section; its blobs "
+                "are stored in S3"
+            )
+
     @contextlib.contextmanager
     def storage(self) -> Iterator[S3BlobStorage]:
         """The whole S3BlobStorage, opened as a Zope process would, closed on exit."""
