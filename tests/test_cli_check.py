@@ -366,3 +366,60 @@ def test_a_base_with_a_blob_dir_is_reported_without_creating_it(tmp_path, base):
     )
     assert said in storage["detail"]
     assert not blob_dir.exists()
+
+
+def test_a_dollar_in_a_secret_is_reported_without_the_secret(tmp_path):
+    """A ``$`` in a value that ZConfig cannot substitute (``$(`` unclosed, a
+    ``$name`` never defined) is reported with the file, the line and the fix
+    (``$$``), without any part of the value, on stderr and in --json.
+
+    Fails before the fix: ZConfig's message was printed as it is, quoting the
+    secret from the ``$`` on ("'$(xyzVALUE' not followed by ')'")."""
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    lines = config.read_text().splitlines()
+    [number] = [n for n, line in enumerate(lines, 1) if "s3-secret-key" in line]
+    for value in ["Sup3rS3cret$(xyzVALUE", "Sup3rS3cret$xyzVALUE"]:
+        lines[number - 1] = f"  s3-secret-key {value}"
+        config.write_text("\n".join(lines) + "\n")
+        result = run("check", config)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"zodb-s3blobs: error: {config}, line {number}: a '$' in a value "
+            "starts a substitution ($name or ${name} of a %define): a '$' in a "
+            "value must be written '$$' (the value is not shown, it may be a "
+            "secret)"
+        ]
+        code, report = run_json("check", config)
+        assert code == 2
+        assert f"{config}, line {number}: a '$' in a value" in report["error"]
+        for output in (result.stdout, result.stderr, json.dumps(report)):
+            assert "xyz" not in output.lower() and "Sup3r" not in output
+
+
+def test_error_messages_are_redacted(monkeypatch, capsys):
+    """An error that quotes a registered secret or a request signature is
+    printed masked, on stderr and in the --json document.
+
+    Fails before the fix: the message was printed as it was."""
+    from zodb_s3blobs import cli, redact
+    from zodb_s3blobs.cli import check
+
+    secret = "Sup3rS3cretVALUE-of-this-test"
+    redact.protect(secret)
+
+    def fail(args):
+        raise RuntimeError(
+            f"GET https://s3.example/b/k?X-Amz-Signature=0123abcdef failed: {secret}"
+        )
+
+    monkeypatch.setattr(check, "run", fail)
+    assert cli.main(["check", "x.conf", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert err == (
+        "zodb-s3blobs: error: RuntimeError: GET "
+        "https://s3.example/b/k?X-Amz-Signature=*** failed: ***\n"
+    )
+    assert json.loads(out)["error"] == err.removeprefix("zodb-s3blobs: error: ")[:-1]
+    assert cli.main(["check", "x.conf", "--debug"]) == 1
+    _out, err = capsys.readouterr()
+    assert secret not in err and "0123abcdef" not in err

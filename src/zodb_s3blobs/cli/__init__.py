@@ -143,13 +143,16 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     """Print *exc* as one line on stderr (after its traceback with --debug),
     and as a JSON document on stdout with --json; return the exit code."""
     from ..errors import S3BlobStorageError
+    from ..redact import redact
 
     if args.debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        print(redact("".join(lines)), end="", file=sys.stderr)
     if isinstance(exc, (CommandError, S3BlobStorageError)):
         message = str(exc)  # these messages name what failed and why
     else:
         message = f"{type(exc).__name__}: {exc}"
+    message = redact(message)  # credentials the storage registered, signatures
     code = getattr(exc, "exit_code", EXIT_FAILED)
     print(f"{PROG}: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):

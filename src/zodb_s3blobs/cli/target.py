@@ -220,6 +220,11 @@ def load_target(path: str, db: str | None = None) -> Target:
         else:
             config, _handler = ZConfig.loadConfig(ZODB.config.getStorageSchema(), url)
             section, where = config.storage, path
+    except (
+        ZConfig.SubstitutionSyntaxError,
+        ZConfig.SubstitutionReplacementError,
+    ) as exc:
+        raise UsageError(_substitution_error(path, url, text, exc)) from None
     except ZConfig.ConfigurationError as exc:
         raise UsageError(f"{path}: {exc}") from None
     if section is None:
@@ -239,6 +244,40 @@ def load_target(path: str, db: str | None = None) -> Target:
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
     return Target(path, section, settings, layout)
+
+
+def _substitution_error(
+    path: str, url: str, text: str, exc: ZConfig.ConfigurationError
+) -> str:
+    """A message for a ``$`` ZConfig could not substitute, naming the file and
+    the line but never the value: ZConfig's own message quotes part of it,
+    and it may be a secret (a ``$`` in a secret key is not rare)."""
+    where, lineno = path, getattr(exc, "lineno", None)
+    exc_url = getattr(exc, "url", None)
+    if exc_url and exc_url != url:  # in a file CONFIG %includes
+        where = exc_url.removeprefix("file://")
+    elif lineno is None:
+        lineno = _substitution_line(text)
+    at = f", line {lineno}" if lineno else ""
+    return (
+        f"{where}{at}: a '$' in a value starts a substitution ($name or "
+        "${name} of a %define): a '$' in a value must be written '$$' (the "
+        "value is not shown, it may be a secret)"
+    )
+
+
+def _substitution_line(text: str) -> int | None:
+    """The number of the first line of *text* with a malformed ``$``."""
+    from ZConfig.substitution import substitute
+
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            substitute(line, {})
+        except ZConfig.SubstitutionSyntaxError:
+            return number
+        except ZConfig.SubstitutionReplacementError:
+            continue
+    return None
 
 
 def _zope_conf_storage(path: str, url: str, db: str | None) -> tuple[object, str]:
