@@ -18,7 +18,8 @@ that cluster's ``ceph.conf``) and removes its directory.
 Start-up is retried once in a new directory: ports can be taken between
 choosing and binding them, and the monitor and OSD can race (see
 ``_Cluster.write_conf``). Without the Ceph binaries the RGW tests are skipped
-with what to install, except under CI (``CI`` set), where that is a failure.
+with what to install, except under CI (``CI`` set, and not to ``0`` or
+``false``), where that is a failure.
 """
 
 from __future__ import annotations
@@ -74,11 +75,36 @@ def find_programs() -> None:
         raise CephMissing(f"no {', '.join(missing)}: {INSTALL_HINT}")
 
 
+def under_ci() -> bool:
+    """Whether the tests run under CI: ``CI`` set to anything but empty,
+    ``0``, ``false`` or ``no`` (``CI=false`` turns it off)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+#: util-linux's setpriv, which sets the parent-death signal and execs the
+#: daemon: nothing runs in the forked child before exec.
+_SETPRIV = shutil.which("setpriv")
+#: Otherwise prctl, resolved here, before any fork: the fixture starts in a
+#: process with threads (moto's server, boto3's), where a child may only call
+#: what needs no lock (ctypes.CDLL in the child could deadlock in dlopen).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
+
+
 def _end_with_the_tests() -> None:
     """In a daemon's process: receive SIGTERM when the test process dies, so
     that a killed test session leaves no daemon behind (Linux prctl)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM)
+
+
+def popen_daemon(command: list[str], **kwargs) -> subprocess.Popen:
+    """Start *command* as a child that gets SIGTERM when the thread that
+    started it (the test session's) ends, as it does when the session is
+    killed."""
+    if _SETPRIV is not None:
+        return subprocess.Popen([_SETPRIV, "--pdeathsig", "TERM", *command], **kwargs)
+    return subprocess.Popen(command, preexec_fn=_end_with_the_tests, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -221,13 +247,12 @@ rgw enable usage log = false
     def spawn(self, program: str, *args: str) -> subprocess.Popen:
         """Start a daemon in the foreground as our child; record its pid."""
         with open(self.path("log", f"{program}.out"), "ab") as log:
-            process = subprocess.Popen(
+            process = popen_daemon(
                 [program, "-f", "-c", self.conf, *args],
                 cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_end_with_the_tests,
             )
         self.processes.append(process)
         with open(self.path(_PIDS), "a") as f:
@@ -342,9 +367,14 @@ rgw enable usage log = false
 
 
 def _terminate(pid: int, process: subprocess.Popen | None = None) -> None:
-    """SIGTERM, up to 10 s to exit, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
+    """SIGTERM, up to 10 s to exit, then SIGKILL. A process of another user
+    (a pid reused since it was recorded) is left alone."""
+    try:
         os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process is not None:
@@ -353,7 +383,7 @@ def _terminate(pid: int, process: subprocess.Popen | None = None) -> None:
         elif not _running(pid):
             return
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
     if process is not None:
         process.wait(timeout=10)
@@ -380,9 +410,15 @@ def _alive(pid: int) -> bool:
 
 def stop_abandoned_clusters() -> None:
     """Stop the daemons and remove the directories of clusters whose test
-    session no longer runs (killed before its teardown)."""
+    session no longer runs (killed before its teardown). Those of another
+    user (the temporary directory is shared) are not ours to stop."""
     pattern = os.path.join(tempfile.gettempdir(), _PREFIX + "*", _OWNER)
     for owner in glob.glob(pattern):
+        try:
+            if os.lstat(os.path.dirname(owner)).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
         try:
             with open(owner) as f:
                 pid = int(f.read())
@@ -420,7 +456,7 @@ def require_ceph() -> None:
     try:
         find_programs()
     except CephMissing as exc:
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"CI must run the Ceph RGW tests: {exc}")
         pytest.skip(str(exc))
 
