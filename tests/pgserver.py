@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from ci import under_ci
 from ports import HOST, free_port
 
 INSTALL_HINT = "install Debian's postgresql package (apt-get install postgresql)"
@@ -193,7 +194,7 @@ def postgresql() -> Iterator[PostgreSQL]:
     try:
         bindir = find_bindir()
     except PostgreSQLMissing as exc:
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"CI must run the PostgreSQL tests: {exc}")
         pytest.skip(str(exc))
     with postgresql_server(bindir) as server:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from ci import under_ci
 from ports import HOST, free_port, wait_for_port
 
 INSTALL_HINT = (
@@ -73,12 +74,6 @@ def find_programs() -> None:
     missing = [name for name in PROGRAMS if shutil.which(name) is None]
     if missing:
         raise CephMissing(f"no {', '.join(missing)}: {INSTALL_HINT}")
-
-
-def under_ci() -> bool:
-    """Whether the tests run under CI: ``CI`` set to anything but empty,
-    ``0``, ``false`` or ``no`` (``CI=false`` turns it off)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 #: util-linux's setpriv, which sets the parent-death signal and execs the
