@@ -609,12 +609,18 @@ class Torture:
         self._demo_base = None
         package_log = logging.getLogger("zodb_s3blobs")
         package_log.addHandler(self.critical)
+        # The command line sets the root logger to CRITICAL (quiet output):
+        # the package's ERROR records (an abort's failed DELETE names its keys)
+        # must still reach the handler.
+        level = package_log.level
+        package_log.setLevel(logging.ERROR)
         try:
             with faulty_s3(self.faults) as server:
                 self.endpoint_url = server.endpoint_url
                 self._run()
         finally:
             package_log.removeHandler(self.critical)
+            package_log.setLevel(level)
             self.stats.faults.update(self.faults.counts())
             self.stats.requests.update(self.faults.requests)
             for child in self.children:
