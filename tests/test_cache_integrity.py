@@ -308,12 +308,11 @@ def name_is_blob(parent, shared) -> bool:
     return os.path.relpath(parent, shared).split(os.sep)[0] not in (".", "tmp", "locks")
 
 
-def test_a_hit_and_an_eviction_of_the_same_file_never_overlap(tmp_path, monkeypatch):
-    """An evictor decides on a file last used ten minutes ago (its stat says
-    old) and is paused before removing it; a hit in another thread meanwhile
-    must not hand out the path that is about to vanish. Fails before the fix:
-    hits took no lock, so the hit returned the path and the eviction removed it
-    (ZODB's open('a') then kept an empty working file)."""
+def hit_during_a_paused_eviction(tmp_path, monkeypatch, meanwhile=None):
+    """Cache one file last used ten minutes ago; have an evictor decide on it
+    and pause before removing it; run *meanwhile*(path), then a hit in another
+    thread; let the eviction finish. Returns the path the hit handed out (None
+    when it found nothing) and whether that path still exists."""
     import zodb_s3blobs.cache as cache_module
 
     cache = BlobCache(str(tmp_path), 1 << 30)
@@ -342,6 +341,8 @@ def test_a_hit_and_an_eviction_of_the_same_file_never_overlap(tmp_path, monkeypa
     )
     evictor.start()
     assert decided.wait(10)
+    if meanwhile is not None:
+        meanwhile(path)
     handed_out = []
     reader = threading.Thread(target=lambda: handed_out.append(cache.lookup(oid, tid)))
     reader.start()
@@ -349,9 +350,18 @@ def test_a_hit_and_an_eviction_of_the_same_file_never_overlap(tmp_path, monkeypa
     go.set()
     evictor.join(timeout=10)
     reader.join(timeout=10)
-    assert handed_out, "the hit finished"
     (result,) = handed_out
-    assert result is None or os.path.exists(result), "a path handed out vanished"
+    return result, result is not None and os.path.exists(result)
+
+
+def test_a_hit_and_an_eviction_of_the_same_file_never_overlap(tmp_path, monkeypatch):
+    """An evictor decides on a file last used ten minutes ago (its stat says
+    old) and is paused before removing it; a hit in another thread meanwhile
+    must not hand out the path that is about to vanish. Fails before the fix:
+    hits took no lock, so the hit returned the path and the eviction removed it
+    (ZODB's open('a') then kept an empty working file)."""
+    result, exists = hit_during_a_paused_eviction(tmp_path, monkeypatch)
+    assert result is None or exists, "a path handed out vanished"
 
 
 def test_a_check_stopped_by_young_files_runs_again_when_they_age(tmp_path):
@@ -383,42 +393,9 @@ def test_a_plain_read_during_an_eviction_does_not_open_the_lock_free_path(
     time to now on a relatime mount; a hit must still wait for the eviction.
     Fails before the fix: the lock-free path of a hit trusted the access time,
     handed out the path, and the eviction removed it."""
-    import zodb_s3blobs.cache as cache_module
 
-    cache = BlobCache(str(tmp_path), 1 << 30)
-    cache.close()
-    oid, tid = p64(1), p64(1)
-    path = cache.fetch(oid, tid, writer(b"x" * 1000))
-    long_ago = time.time() - 600
-    os.utime(path, (long_ago, long_ago))
-    decided, go = threading.Event(), threading.Event()
-    real_remove = os.remove
+    def plain_read(path):  # what a plain read does to the access time
+        os.utime(path, (time.time(), os.stat(path).st_mtime))
 
-    def paused_remove(target):
-        if target == path and threading.current_thread().name == "evictor":
-            decided.set()
-            go.wait(10)
-        real_remove(target)
-
-    monkeypatch.setattr(
-        cache_module,
-        "os",
-        type("OsWithPausedRemove", (), {"__getattr__": lambda _s, n: getattr(os, n)})(),
-    )
-    cache_module.os.remove = paused_remove
-    evictor = threading.Thread(
-        name="evictor", target=cache._evict_one, args=(oid, tid, None)
-    )
-    evictor.start()
-    assert decided.wait(10)
-    now = time.time()
-    os.utime(path, (now, long_ago))  # what a plain read does to the atime
-    handed_out = []
-    reader = threading.Thread(target=lambda: handed_out.append(cache.lookup(oid, tid)))
-    reader.start()
-    reader.join(timeout=0.5)
-    go.set()
-    evictor.join(timeout=10)
-    reader.join(timeout=10)
-    (result,) = handed_out
-    assert result is None or os.path.exists(result), "a path handed out vanished"
+    result, exists = hit_during_a_paused_eviction(tmp_path, monkeypatch, plain_read)
+    assert result is None or exists, "a path handed out vanished"
