@@ -114,17 +114,12 @@ class RGW:
 
     def client(self):
         """A boto3 S3 client for this gateway (path-style addressing)."""
-        import boto3
-        from botocore.config import Config
+        from s3env import Server
 
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"}),
+        server = Server(
+            "rgw", self.endpoint_url, self.access_key, self.secret_key, self.region
         )
+        return server.client()
 
     def create_bucket(self, name: str) -> str:
         """Create bucket *name* (RGW answers 200 if we own it already)."""
