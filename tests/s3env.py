@@ -16,7 +16,12 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from zodb_s3blobs.cli.localserver import ACCESS_KEY, REGION, SECRET_KEY
+from zodb_s3blobs.cli.localserver import (
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    s3blobstorage_section,
+)
 from zodb_s3blobs.settings import S3Settings
 
 BUCKET = "zodb-s3blobs-tests"
@@ -140,21 +145,14 @@ def zconfig(
     """zope.conf text for <s3blobstorage> around *base_section*, on the
     session's bucket on the *server* kind (default: the active one)."""
     s3 = _lookup(server)
-    prefix = new_prefix() if prefix is None else prefix
-    prefix_line = f"s3-prefix {prefix}" if prefix else ""
-    return f"""
-%import zodb_s3blobs
-<s3blobstorage>
-  bucket-name {BUCKET}
-  {prefix_line}
-  s3-endpoint-url {s3.endpoint_url}
-  s3-region {s3.region}
-  s3-access-key {s3.access_key}
-  s3-secret-key {s3.secret_key}
-  s3-use-ssl false
-  s3-addressing-style path
-  cache-dir {cache_dir}
-  {extra}
-  {base_section}
-</s3blobstorage>
-"""
+    return s3blobstorage_section(
+        s3.endpoint_url,
+        BUCKET,
+        cache_dir,
+        base_section,
+        new_prefix() if prefix is None else prefix,
+        extra,
+        s3.region,
+        s3.access_key,
+        s3.secret_key,
+    )

@@ -45,16 +45,38 @@ class LocalS3:
     ) -> str:
         """ZConfig text (as in a zope.conf) for ``<s3blobstorage>`` around
         *base_section*, pointed at this server."""
-        prefix_line = f"s3-prefix {prefix}" if prefix else ""
-        return f"""
+        return s3blobstorage_section(
+            self.endpoint_url, bucket, cache_dir, base_section, prefix, extra
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def s3blobstorage_section(
+    endpoint_url: str,
+    bucket: str,
+    cache_dir: str,
+    base_section: str,
+    prefix: str = "",
+    extra: str = "",
+    region: str = REGION,
+    access_key: str = ACCESS_KEY,
+    secret_key: str = SECRET_KEY,
+) -> str:
+    """ZConfig text for ``<s3blobstorage>`` around *base_section*, on a local
+    server over plain HTTP with path-style addressing (demo, tests, bench)."""
+    prefix_line = f"s3-prefix {prefix}" if prefix else ""
+    return f"""
 %import zodb_s3blobs
 <s3blobstorage>
   bucket-name {bucket}
   {prefix_line}
-  s3-endpoint-url {self.endpoint_url}
-  s3-region {REGION}
-  s3-access-key {ACCESS_KEY}
-  s3-secret-key {SECRET_KEY}
+  s3-endpoint-url {endpoint_url}
+  s3-region {region}
+  s3-access-key {access_key}
+  s3-secret-key {secret_key}
   s3-use-ssl false
   s3-addressing-style path
   cache-dir {cache_dir}
@@ -62,10 +84,6 @@ class LocalS3:
   {base_section}
 </s3blobstorage>
 """
-
-    def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return name
 
 
 @contextlib.contextmanager
