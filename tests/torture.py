@@ -908,7 +908,24 @@ class Torture:
 _NO_LOCK = contextlib.nullcontext()
 
 
-class Actor:
+class _Scheduled:
+    """A thread's or a child's share of a round: the operations of its
+    ``_run_round``, run by :meth:`run_round` in a thread of
+    :meth:`Torture.round`."""
+
+    torture: Torture
+    name: str
+
+    def run_round(self) -> None:
+        """The next operations; a failure of the test itself is reported too."""
+        try:
+            self._run_round()
+        except BaseException as exc:
+            self.torture.fail(f"{self.name}: the test itself failed: {describe(exc)}")
+            raise
+
+
+class Actor(_Scheduled):
     """One thread's connection, transaction manager and schedule."""
 
     def __init__(self, torture: Torture, name: str) -> None:
@@ -943,14 +960,6 @@ class Actor:
             "gc": 4,
             "evict": 4,
         }
-
-    def run_round(self) -> None:
-        """This actor's next operations (a thread of :meth:`Torture.round`)."""
-        try:
-            self._run_round()
-        except BaseException as exc:  # a defect of the test: report it too
-            self.torture.fail(f"{self.name}: the test itself failed: {describe(exc)}")
-            raise
 
     def _run_round(self) -> None:
         weights = self.weights()
@@ -1306,7 +1315,7 @@ class ChildDied(Exception):
     """The child process exited (it was killed, or it crashed)."""
 
 
-class Child:
+class Child(_Scheduled):
     """A child process (tests/torturechild.py) on the same RelStorage base and
     cache directory, and the thread of the parent that drives it."""
 
@@ -1433,14 +1442,6 @@ class Child:
         self.start()
 
     # -- the schedule -----------------------------------------------------
-
-    def run_round(self) -> None:
-        """This child's next operations (a thread of :meth:`Torture.round`)."""
-        try:
-            self._run_round()
-        except BaseException as exc:  # a defect of the test: report it too
-            self.torture.fail(f"{self.name}: the test itself failed: {describe(exc)}")
-            raise
 
     def _run_round(self) -> None:
         weights = {
