@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ci import under_ci
+from fixturehost import process_alive, under_ci
 from ports import HOST, free_port
 
 INSTALL_HINT = "install Debian's postgresql package (apt-get install postgresql)"
@@ -152,17 +152,6 @@ class _Cluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process *pid* exists (possibly another user's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_abandoned_clusters(bindir: str) -> None:
     """Stop and remove the clusters of test sessions that no longer run."""
     pattern = os.path.join(tempfile.gettempdir(), _PREFIX + "*", _OWNER)
@@ -172,7 +161,7 @@ def stop_abandoned_clusters(bindir: str) -> None:
                 pid = int(f.read())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             _Cluster(bindir, os.path.dirname(owner)).stop()
 
 

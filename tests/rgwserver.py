@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ci import under_ci
+from fixturehost import process_alive, under_ci
 from ports import HOST, free_port, wait_for_port
 
 INSTALL_HINT = (
@@ -388,16 +388,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_abandoned_clusters() -> None:
     """Stop the daemons and remove the directories of clusters whose test
     session no longer runs (killed before its teardown). Those of another
@@ -414,7 +404,7 @@ def stop_abandoned_clusters() -> None:
                 pid = int(f.read())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             _Cluster(os.path.dirname(owner)).stop()
 
 

@@ -214,21 +214,27 @@ def test_a_cache_dir_others_can_read_fails(tmp_path):
     ]
 
 
-def test_a_storage_that_does_not_open_fails(tmp_path):
-    # A FileStorage with its own blob-dir is refused by S3BlobStorage.
-    section = clitools.filestorage(tmp_path / "x.fs", blob_dir=tmp_path / "blobs")
-    ZODB.DB(
-        FileStorage(str(tmp_path / "x.fs"), blob_dir=str(tmp_path / "blobs"))
-    ).close()
+def failed_storage_check(tmp_path, section: str, base: str) -> str:
+    """Run ``check`` on *section*; assert it fails on the storage, naming the
+    base section and the config file; return the check's detail."""
     config = clitools.write_config(tmp_path, section)
     code, report = run_json("check", config)
     assert code == 1
     [storage] = [c for c in report["checks"] if c["name"] == "storage"]
     assert storage["status"] == "failed"
     assert storage["detail"].startswith(
-        f"<s3blobstorage> around <filestorage> in {config} does not open: "
+        f"<s3blobstorage> around <{base}> in {config} does not open: "
     )
-    assert "has blob-dir" in storage["detail"]
+    return storage["detail"]
+
+
+def test_a_storage_that_does_not_open_fails(tmp_path):
+    # A FileStorage with its own blob-dir is refused by S3BlobStorage.
+    section = clitools.filestorage(tmp_path / "x.fs", blob_dir=tmp_path / "blobs")
+    ZODB.DB(
+        FileStorage(str(tmp_path / "x.fs"), blob_dir=str(tmp_path / "blobs"))
+    ).close()
+    assert "has blob-dir" in failed_storage_check(tmp_path, section, "filestorage")
 
 
 def test_a_bad_key_is_a_configuration_error(tmp_path):
@@ -249,7 +255,11 @@ def test_a_stalled_endpoint_fails_check_within_seconds(tmp_path):
     s3-read-timeout x s3-max-attempts; on a terminal it says what it waits for.
 
     Fails before the fix: the LIST (and then the probe's PUT, GET and
-    DELETE) waited s3-read-timeout, 300 s, times 5 attempts each."""
+    DELETE) waited s3-read-timeout, 300 s, times 5 attempts each.
+
+    A 1 s download read timeout and a 3 s deadline keep the test short: the
+    probes obey those keys, and test_downloads.py holds a stalled read to the
+    deadline with the defaults."""
     from faultserver import Faults, faulty_s3
 
     faults = Faults(stall=30)
@@ -356,15 +366,7 @@ def test_a_base_with_a_blob_dir_is_reported_without_creating_it(tmp_path, base):
         adapter = clitools.sqlite3(data_dir)
         section = clitools.relstorage(adapter, blob_dir=blob_dir)
         said = "has a blob-dir: remove blob-dir (and shared-blob-dir)"
-    config = clitools.write_config(tmp_path, section)
-    code, report = run_json("check", config)
-    assert code == 1
-    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
-    assert storage["status"] == "failed"
-    assert storage["detail"].startswith(
-        f"<s3blobstorage> around <{base}> in {config} does not open: "
-    )
-    assert said in storage["detail"]
+    assert said in failed_storage_check(tmp_path, section, base)
     assert not blob_dir.exists()
 
 

@@ -154,6 +154,16 @@ def read_all(store: ObjectStore, blobs: dict[str, bytes], tmp_path) -> None:
         assert path.read_bytes() == data, key
 
 
+def read_all_through(faults: Faults, blobs: dict[str, bytes], tmp_path) -> None:
+    """Read every blob back with a default ObjectStore behind *faults*."""
+    with faulty_s3(faults) as server:
+        store = ObjectStore(s3env.settings(endpoint_url=server.endpoint_url))
+        try:
+            read_all(store, blobs, tmp_path)
+        finally:
+            store.close()
+
+
 def test_reads_under_a_20_percent_slowdown_rate_succeed_with_the_defaults(tmp_path):
     """Fails before the fix: three attempts in all were the default, and with
     this seed the seventh blob meets three 503 SlowDown answers in a row (a
@@ -161,12 +171,7 @@ def test_reads_under_a_20_percent_slowdown_rate_succeed_with_the_defaults(tmp_pa
     clients to back off and retry; within s3-download-deadline they do."""
     blobs = small_blobs(30)
     faults = Faults(error_rate=0.2, applies=blob_gets, seed=5)
-    with faulty_s3(faults) as server:
-        store = ObjectStore(s3env.settings(endpoint_url=server.endpoint_url))
-        try:
-            read_all(store, blobs, tmp_path)
-        finally:
-            store.close()
+    read_all_through(faults, blobs, tmp_path)
     assert len(faults.injected) > 3
 
 
@@ -175,12 +180,7 @@ def test_reads_under_resets_and_cut_bodies_succeed_with_the_defaults(tmp_path):
     retried like throttling, within the deadline."""
     blobs = small_blobs(30)
     faults = Faults(reset_rate=0.15, cut_rate=0.15, applies=blob_gets, seed=2)
-    with faulty_s3(faults) as server:
-        store = ObjectStore(s3env.settings(endpoint_url=server.endpoint_url))
-        try:
-            read_all(store, blobs, tmp_path)
-        finally:
-            store.close()
+    read_all_through(faults, blobs, tmp_path)
     assert any(note.startswith("reset") for note in faults.injected)
     assert any(note.startswith("cut") for note in faults.injected)
 

@@ -444,11 +444,10 @@ class BlobCache:
             if damaged:
                 self._remove_damaged(oid, tid)
             path = self.path(oid, tid)
-            temp = self.new_temp_file("download-")
+            # mkstemp's descriptor (O_EXCL | O_NOFOLLOW, read and write: the
+            # download reads its bytes back through it to check them).
+            fd, temp = tempfile.mkstemp(dir=self.temp_dir, prefix="download-")
             try:
-                # Read and write: the download reads its bytes back to check
-                # them, through this descriptor (the file object has no name).
-                fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                 with open(fd, "w+b") as out:
                     size = download(out)
                     out.flush()

@@ -121,6 +121,23 @@ def check_base(base) -> None:
         )
 
 
+def _reach_bucket(store: ObjectStore, settings: S3Settings) -> None:
+    """Check the bucket at open: raise for a configuration error; log one
+    that may pass (S3 unreachable for now), since pages and cached blobs can
+    still be served, and reads and votes fail clearly until S3 is back."""
+    try:
+        store.check_bucket()
+    except ObjectStoreError as exc:
+        if not exc.transient:
+            raise
+        log.error(
+            "S3 is not reachable at %s (%s); starting anyway: blob reads "
+            "that miss the cache and commits with blobs fail until it is",
+            settings.endpoint_url or "AWS S3",
+            exc,
+        )
+
+
 def _oids_stored_by(base, tid: bytes) -> list[bytes]:
     """The oids transaction *tid* stored, from the base's iterator. For undo:
     ``IStorageUndoable.undo`` may return None instead of the oids it undid
@@ -157,20 +174,7 @@ class S3BlobStorage:
         cache = BlobCache(cache_dir, cache_size, cache_min_age)
         store = ObjectStore(settings)
         try:
-            store.check_bucket()
-        except ObjectStoreError as exc:
-            if not exc.transient:  # a configuration error: refuse to start
-                store.close()
-                cache.close()
-                raise
-            # S3 is unreachable for now: pages and cached blobs can still be
-            # served, and reads and votes fail clearly until S3 is back.
-            log.error(
-                "S3 is not reachable at %s (%s); starting anyway: blob reads "
-                "that miss the cache and commits with blobs fail until it is",
-                settings.endpoint_url or "AWS S3",
-                exc,
-            )
+            _reach_bucket(store, settings)
         except BaseException:
             store.close()
             cache.close()
