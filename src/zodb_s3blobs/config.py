@@ -155,6 +155,7 @@ download_max_attempts = _keyed("s3-download-max-attempts", _positive_int)
 multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
 part_size = _keyed("s3-part-size", _part_size)
+staged_copy_threshold = _keyed("s3-staged-copy-threshold", _positive_byte_size)
 cache_dir = _keyed("cache-dir", _cache_dir)
 cache_size = _keyed("cache-size", _positive_byte_size)
 download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
@@ -191,6 +192,7 @@ class S3BlobStorageFactory(BaseConfig):
             multipart=c.s3_multipart,
             multipart_threshold=c.s3_multipart_threshold,
             part_size=c.s3_part_size,
+            staged_copy_threshold=c.s3_staged_copy_threshold,
         )
 
     def open(self):

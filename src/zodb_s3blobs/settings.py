@@ -148,6 +148,10 @@ class S3Settings:
     multipart: bool = True
     multipart_threshold: int = 100 * MiB
     part_size: int = 8 * MiB
+    #: On bases that choose the tid under their commit lock (RelStorage), a
+    #: blob of at least this size is uploaded before the lock to a staging key
+    #: and copied server-side to its revision's key once the tid is known.
+    staged_copy_threshold: int = 1 * MiB
     #: Uploads, copies, deletes and listings: patient, many attempts. Providers
     #: under load (Hetzner, Ceph RGW) have been seen answering large PUTs after
     #: more than 60 s; a shorter read timeout retries every such upload.
