@@ -1,10 +1,19 @@
-"""A TCP delay line: a loopback proxy that adds a fixed latency, not a bandwidth cap.
+"""A TCP delay line: a loopback proxy that adds a fixed latency and, if asked,
+caps the bandwidth like a WAN link.
 
 Every chunk of bytes read from one side is stamped with its arrival time and
 written to the other side ``delay`` seconds later, in order. Reading goes on
-while earlier chunks wait, so a transfer's throughput is whatever the two ends
-manage and only its latency changes: a request and its response each cross the
-line once, so a round trip costs at least ``2 * delay``.
+while earlier chunks wait, so without a cap a transfer's throughput is
+whatever the two ends manage and only its latency changes: a request and its
+response each cross the line once, so a round trip costs at least
+``2 * delay``.
+
+With ``bandwidth`` (bytes per second) each direction has one token bucket
+shared by every connection the line carries, as one link to a remote S3 is
+shared by all of a client's connections: ten parallel uploads together get
+the cap, not ten times it. A chunk is read only once the bucket holds its
+bytes, so a sender meets TCP's back-pressure as on a slow link, and the
+line holds at most one small chunk per connection beyond what its delay does.
 
 The proxy runs an asyncio loop in a daemon thread, listens on 127.0.0.1 only,
 forwards only to loopback addresses, and stops by itself after
@@ -32,8 +41,14 @@ DEFAULT_LIFETIME = 30 * 60.0
 #: The most bytes read at once (and each stream's buffer limit): larger reads
 #: mean fewer chunks to schedule.
 CHUNK = 256 * 1024
+#: With a cap, a read takes at most this many seconds of the link's time (and
+#: at least MIN_QUANTUM bytes): connections sharing the link take turns in
+#: slices this short, and the bucket's burst is one such slice.
+QUANTUM = 0.005
+MIN_QUANTUM = 4 * 1024
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
+DIRECTIONS = ("client_to_server", "server_to_client")
 
 
 class NotLoopbackError(ValueError):
@@ -47,6 +62,32 @@ class Counters:
     client_to_server: int = 0
     server_to_client: int = 0
     connections: int = 0
+
+
+def megabits(per_second: float) -> float:
+    """Bytes per second of a link of *per_second* megabits (10**6 bits) per second."""
+    return per_second * 1_000_000 / 8
+
+
+class TokenBucket:
+    """One direction of a capped link: *rate* bytes per second, shared by
+    every connection, with a burst of *burst* bytes.
+
+    Kept as the time at which the bucket would be full again were nothing
+    more taken (a generic cell rate algorithm), which is exactly a token
+    bucket and needs no timer. Used from the delay line's event loop only.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._full_at = 0.0
+
+    def take(self, size: int, now: float) -> float:
+        """Take *size* bytes' tokens; return when they are all there (*now*
+        if the bucket held them). Later takers queue behind this one."""
+        self._full_at = max(self._full_at, now) + size / self.rate
+        return max(now, self._full_at - self.burst / self.rate)
 
 
 def loopback_target(target: tuple[str, int]) -> tuple[str, int]:
@@ -72,23 +113,35 @@ def loopback_target(target: tuple[str, int]) -> tuple[str, int]:
 
 class DelayLine:
     """Forward TCP connections to a loopback *target*, delaying every chunk by
-    *delay* seconds in each direction."""
+    *delay* seconds in each direction and, with *bandwidth* (bytes per
+    second), passing at most that many bytes a second in each direction
+    over all connections together."""
 
     def __init__(
         self,
         target: tuple[str, int],
         delay: float = DEFAULT_DELAY,
         max_lifetime: float = DEFAULT_LIFETIME,
+        bandwidth: float | None = None,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, not {delay}")
         if max_lifetime <= 0:
             raise ValueError(f"max_lifetime must be positive, not {max_lifetime}")
+        if bandwidth is not None and not 0 < bandwidth < float("inf"):
+            raise ValueError(f"bandwidth must be positive and finite, not {bandwidth}")
         self.target = loopback_target(target)
         self.delay = delay
         self.max_lifetime = max_lifetime
+        self.bandwidth = bandwidth
+        self._read_size = CHUNK
+        self._buckets: dict[str, TokenBucket | None] = dict.fromkeys(DIRECTIONS)
+        if bandwidth is not None:
+            self._read_size = min(CHUNK, max(MIN_QUANTUM, int(bandwidth * QUANTUM)))
+            for direction in DIRECTIONS:
+                self._buckets[direction] = TokenBucket(bandwidth, self._read_size)
         self.port = 0
-        self._counts = {"client_to_server": 0, "server_to_client": 0}
+        self._counts = dict.fromkeys(DIRECTIONS, 0)
         self._connections = 0
         self._counts_lock = threading.Lock()
         self._ready = threading.Event()
@@ -100,9 +153,10 @@ class DelayLine:
 
     def __repr__(self) -> str:
         host, port = self.target
+        cap = "" if self.bandwidth is None else f" {self.bandwidth * 8e-6:g}Mbit/s"
         return (
             f"<DelayLine {LISTEN_HOST}:{self.port} -> {host}:{port} "
-            f"delay={self.delay * 1000:g}ms>"
+            f"delay={self.delay * 1000:g}ms{cap}>"
         )
 
     @property
@@ -207,11 +261,15 @@ class DelayLine:
             upstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
             downstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
             pumps = [
-                asyncio.ensure_future(self._receive(client_reader, upstream)),
+                asyncio.ensure_future(
+                    self._receive(client_reader, upstream, "client_to_server")
+                ),
                 asyncio.ensure_future(
                     self._release(upstream, server_writer, "client_to_server")
                 ),
-                asyncio.ensure_future(self._receive(server_reader, downstream)),
+                asyncio.ensure_future(
+                    self._receive(server_reader, downstream, "server_to_client")
+                ),
                 asyncio.ensure_future(
                     self._release(downstream, client_writer, "server_to_client")
                 ),
@@ -230,14 +288,26 @@ class DelayLine:
             self._handlers.discard(task)
 
     async def _receive(
-        self, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes]]
+        self,
+        reader: asyncio.StreamReader,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        direction: str,
     ) -> None:
         """Read chunks as they come and queue each with its release time, so
-        reading never waits for earlier chunks to go out; EOF is queued too."""
+        reading never waits for earlier chunks to go out; EOF is queued too.
+        With a cap, a chunk is queued (and the next one read) only once the
+        direction's bucket has let its bytes through."""
         loop = asyncio.get_running_loop()
+        bucket = self._buckets[direction]
         while True:
-            data = await reader.read(CHUNK)
-            queue.put_nowait((loop.time() + self.delay, data))
+            data = await reader.read(self._read_size)
+            now = loop.time()
+            if bucket is not None and data:
+                passed = bucket.take(len(data), now)
+                if passed > now:
+                    await asyncio.sleep(passed - now)
+                now = passed
+            queue.put_nowait((now + self.delay, data))
             if not data:
                 return
 

@@ -1,7 +1,10 @@
 """The benchmark's delay line: bytes pass intact, every crossing is delayed,
-only loopback targets are accepted, and it leaves no thread behind.
+a bandwidth cap holds for one and for many connections together, only
+loopback targets are accepted, and it leaves no thread behind.
 
-Timing assertions are one-sided (at least the delay): the machine is noisy.
+Timing assertions are one-sided where they can be (at least the delay, no
+faster than the cap); where a transfer must also not be far slower than the
+cap, the bound is loose: the machine is noisy.
 """
 
 from __future__ import annotations
@@ -20,9 +23,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from delayline import DelayLine, NotLoopbackError  # noqa: E402
+from delayline import DelayLine, NotLoopbackError, megabits  # noqa: E402
 
 DELAY = 0.05
+#: The cap of the bandwidth tests (bytes per second), and what they send
+#: through it: a second's worth, so that the burst (5 ms of the cap) and the
+#: delay are small next to the time the cap imposes.
+CAP = 4 << 20
+SENT = CAP
+#: A transfer may be up to this much faster than the cap allows (the burst,
+#: and the first chunk's head start), and up to this much slower (a busy
+#: machine): still far from 2x, what a cap per connection would give two.
+FASTER = 0.9
+SLOWER = 3.0
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -59,6 +72,38 @@ def _serve(server: socketserver.BaseServer) -> Iterator[tuple[str, int]]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class _Sink(socketserver.BaseRequestHandler):
+    """Read until EOF, then answer with the byte count as 8 bytes."""
+
+    def handle(self) -> None:
+        received = 0
+        while data := self.request.recv(1 << 20):
+            received += len(data)
+        self.request.sendall(received.to_bytes(8, "big"))
+
+
+class _Source(socketserver.BaseRequestHandler):
+    """Read an 8-byte count, send that many bytes, close."""
+
+    def handle(self) -> None:
+        size = int.from_bytes(_receive(self.request, 8), "big")
+        block = bytes(1 << 20)
+        while size:
+            size -= self.request.send(block[: min(size, len(block))])
+
+
+@pytest.fixture
+def sink_server() -> Iterator[tuple[str, int]]:
+    """A TCP server on 127.0.0.1 that counts what it receives."""
+    yield from _serve(_EchoServer(("127.0.0.1", 0), _Sink))
+
+
+@pytest.fixture
+def source_server() -> Iterator[tuple[str, int]]:
+    """A TCP server on 127.0.0.1 that sends as many bytes as asked."""
+    yield from _serve(_EchoServer(("127.0.0.1", 0), _Source))
 
 
 @pytest.fixture
@@ -125,6 +170,89 @@ def test_an_http_request_takes_at_least_two_delays(http_server):
         finally:
             connection.close()
         assert line.counters().connections == 1
+
+
+def _upload(line: DelayLine, size: int) -> None:
+    """Send *size* bytes to the sink through *line*; check its count."""
+    with _connect(line) as sock:
+        sock.sendall(bytes(size))
+        sock.shutdown(socket.SHUT_WR)
+        assert int.from_bytes(_receive(sock, 8), "big") == size
+
+
+def _download(line: DelayLine, size: int) -> None:
+    """Ask the source for *size* bytes through *line* and receive them."""
+    with _connect(line) as sock:
+        sock.sendall(size.to_bytes(8, "big"))
+        assert len(_receive(sock, size)) == size
+
+
+def _in_parallel(action, line: DelayLine, sizes: list[int]) -> float:
+    """Seconds for *action* (_upload or _download) of each size at once, each
+    on its own connection through *line*."""
+    threads = [threading.Thread(target=action, args=(line, n)) for n in sizes]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    seconds = time.perf_counter() - started
+    assert not any(thread.is_alive() for thread in threads)
+    return seconds
+
+
+def _assert_near_the_cap(seconds: float, size: int) -> None:
+    """*size* bytes took about what the cap allows: not less, nor far more."""
+    assert FASTER * size / CAP <= seconds <= SLOWER * size / CAP + 2 * DELAY
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_the_cap_holds_for_uploads_over_all_connections(sink_server, connections):
+    with DelayLine(target=sink_server, delay=0.001, bandwidth=CAP) as line:
+        seconds = _in_parallel(_upload, line, [SENT // connections] * connections)
+        assert line.counters().client_to_server == SENT
+    _assert_near_the_cap(seconds, SENT)
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_the_cap_holds_for_downloads_over_all_connections(source_server, connections):
+    with DelayLine(target=source_server, delay=0.001, bandwidth=CAP) as line:
+        seconds = _in_parallel(_download, line, [SENT // connections] * connections)
+        assert line.counters().server_to_client == SENT
+    _assert_near_the_cap(seconds, SENT)
+
+
+def test_each_direction_has_its_own_cap(echo_server):
+    data = os.urandom(SENT)
+    line = DelayLine(target=echo_server, delay=0.001, bandwidth=CAP)
+    with line, _connect(line) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        started = time.perf_counter()
+        sender.start()
+        echoed = _receive(sock, len(data))
+        seconds = time.perf_counter() - started
+        sender.join()
+    assert echoed == data
+    _assert_near_the_cap(seconds, SENT)  # not twice that: the echo overlaps
+
+
+def test_without_a_cap_the_line_is_not_throttled(sink_server):
+    with DelayLine(target=sink_server, delay=0.001) as line:
+        assert line.bandwidth is None
+        seconds = _in_parallel(_upload, line, [4 * SENT])
+    # Four seconds' worth of the capped tests' link in well under a second
+    # of it: the cap is off, and a transfer runs at the two ends' speed.
+    assert seconds < 0.5 * 4 * SENT / CAP
+
+
+def test_megabits_are_bytes_per_second_of_a_link():
+    assert megabits(100) == 12_500_000
+
+
+@pytest.mark.parametrize("bandwidth", [0, -1, float("inf"), float("nan")])
+def test_a_cap_must_be_positive_and_finite(bandwidth):
+    with pytest.raises(ValueError, match="bandwidth"):
+        DelayLine(target=("127.0.0.1", 80), bandwidth=bandwidth)
 
 
 @pytest.mark.parametrize(
