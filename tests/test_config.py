@@ -57,6 +57,17 @@ GOOD = "bucket-name my-bucket\ncache-dir {cache}"
         (GOOD + "\ncache-size 0", "cache-size"),
         (GOOD + "\ncache-size lots", "cache-size"),
         ("bucket-name my-bucket", "cache-dir"),
+        (GOOD + "\ncache-min-age -1", "cache-min-age"),
+        (GOOD + "\ncache-min-age soon", "cache-min-age"),
+        (GOOD + "\ncache-group no-such-group-here", "cache-group"),
+        (GOOD + "\ncache-group 4294967295", "cache-group"),
+        (GOOD + "\nmetrics-file zodb-{{pid}}.prom", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/tmp/zodb.prom", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/tmp/zodb-{{pid}}.txt", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/tmp/{{pid}}/zodb-{{pid}}.prom", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/tmp/zodb-{{pid}}-{{db}}.prom", "metrics-file"),
+        (GOOD + "\nmetrics-interval 0", "metrics-interval"),
+        (GOOD + "\nmetrics-interval often", "metrics-interval"),
         (GOOD + "\nbucket-name again", "bucket-name"),
     ],
 )
@@ -203,3 +214,28 @@ def test_download_deadline_and_attempts_parse(tmp_path):
     )
     assert settings.download_deadline == 12.5
     assert settings.download_max_attempts == 3
+
+
+def test_cache_and_metrics_defaults(tmp_path):
+    config, _handler = ZConfig.loadConfigFile(
+        ZODB.config.getStorageSchema(),
+        io.StringIO(section(GOOD.format(cache=tmp_path))),
+    )
+    c = config.storage.config
+    assert c.cache_min_age == 60.0
+    assert c.cache_group is None, "private by default"
+    assert c.metrics_file is None
+    assert c.metrics_interval == 15.0
+
+
+def test_cache_min_age_reaches_the_cache(tmp_path):
+    text = s3env.zconfig(
+        "<mappingstorage>\n</mappingstorage>",
+        cache_dir=str(tmp_path / "cache"),
+        extra="cache-min-age 2.5",
+    )
+    storage = ZODB.config.storageFromString(text)
+    try:
+        assert storage._cache.min_age == 2.5
+    finally:
+        storage.close()

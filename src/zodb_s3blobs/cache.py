@@ -22,6 +22,13 @@ so ``cache-size`` bounds the directory: an install over it starts a check in
 a daemon thread, which evicts least-recently-used files down to 90% of the
 size limit; only one process evicts at a time.
 
+With ``cache-group``, the cache directory and its ``<xx>/`` and oid
+directories are 0o750 and the files 0o440, all of that group, so that a
+front-end web server in the group can serve the files (X-Sendfile); ``tmp/``
+and ``locks/`` stay private. Eviction leaves files used within ``min_age``
+seconds (``cache-min-age``), so a path handed out is not removed before the
+web server opens it.
+
 The directory is trusted only if this user alone can write it: at open, the
 cache directory, ``tmp/`` and ``locks/`` must be real directories (no
 symlinks) owned by the effective user and not writable by group or others,
@@ -53,11 +60,16 @@ from ZODB.utils import p64
 from .errors import S3BlobStorageError
 from .keys import hex_id
 from .lru import LRUIndex
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o400
+#: With cache-group: the group may read the cached files (a front-end web
+#: server serving them), never write them; tmp/ and locks/ stay private.
+GROUP_DIR_MODE = 0o750
+GROUP_FILE_MODE = 0o440
 LOCK_STRIPES = 256
 #: Eviction brings the cache down to this fraction of its size limit.
 EVICTION_TARGET = 0.9
@@ -240,9 +252,13 @@ def _seal(fd: int, size: int) -> None:
     os.fsync(fd)
 
 
-def _mkdir(path: str) -> None:
-    with contextlib.suppress(FileExistsError):
+def _mkdir(path: str) -> bool:
+    """Create directory *path* (mode 0o700); False if it exists already."""
+    try:
         os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _entries(directory: str) -> list[os.DirEntry]:
@@ -281,7 +297,12 @@ class BlobCache:
     """Committed blob files keyed by (oid, tid), bounded by LRU eviction."""
 
     def __init__(
-        self, directory: str, size_limit: int, min_age: float = MIN_AGE
+        self,
+        directory: str,
+        size_limit: int,
+        min_age: float = MIN_AGE,
+        group: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if size_limit <= 0:
             raise ValueError(f"cache-size must be positive, not {size_limit}")
@@ -289,6 +310,9 @@ class BlobCache:
         self.size_limit = size_limit
         #: Files used within this many seconds are never evicted (MIN_AGE).
         self.min_age = min_age
+        #: The group id that may read the cached files (cache-group), or None.
+        self.group = group
+        self.metrics = metrics if metrics is not None else Metrics()
         self.temp_dir = os.path.join(self.directory, "tmp")
         self._locks_dir = os.path.join(self.directory, "locks")
         try:
@@ -302,6 +326,7 @@ class BlobCache:
         # Once at open: the hot path then trusts these three.
         for directory in (self.directory, self.temp_dir, self._locks_dir):
             check_trusted_directory(directory)
+        self._share(self.directory)  # once trusted: never hides a wrong mode
         self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
         self._state_lock = threading.Lock()
         # Built by the check started at open (in the daemon thread, so opening
@@ -325,6 +350,14 @@ class BlobCache:
 
     def __repr__(self) -> str:
         return f"<BlobCache {self.directory} limit={self.size_limit}>"
+
+    def _share(self, path: str, mode: int = GROUP_DIR_MODE) -> None:
+        """Give *path*, a directory or file of cached blobs this process has
+        just made, to cache-group with *mode* (umask aside); nothing without
+        a group."""
+        if self.group is not None:
+            os.chown(path, -1, self.group)
+            os.chmod(path, mode)
 
     # -- paths -------------------------------------------------------------
 
@@ -391,6 +424,7 @@ class BlobCache:
             return None, True
         if indexed != size:  # e.g. installed by another process since our scan
             self._record(revision, size)
+        self.metrics.hit(size)
         return path, False
 
     def _used_hit(self, oid: bytes, tid: bytes) -> tuple[str | None, bool]:
@@ -463,6 +497,7 @@ class BlobCache:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
+        self.metrics.add(cache_misses=1, download_bytes=size)
         self._added((oid, tid), size, total)
         return path
 
@@ -510,6 +545,7 @@ class BlobCache:
         """Rename *source* (of *size* bytes) to *path*, under its stripe lock;
         return the ledger's new total."""
         os.chmod(source, FILE_MODE)
+        self._share(source, GROUP_FILE_MODE)
         try:
             replaced = os.lstat(path).st_size
         except FileNotFoundError:
@@ -517,8 +553,7 @@ class BlobCache:
         self._rename_into_place(source, path)
         return self._ledger.add(size - replaced)
 
-    @staticmethod
-    def _rename_into_place(source: str, path: str) -> None:
+    def _rename_into_place(self, source: str, path: str) -> None:
         """Rename *source* to *path*, creating its ``<xx>/`` and oid
         directories if needed, and refusing them (UntrustedCacheDirectory)
         when another user could write them, before a file goes in: the two
@@ -530,8 +565,9 @@ class BlobCache:
             try:
                 # Missing when new, or removed as empty by an eviction (in any
                 # process), which may happen again between these steps.
-                _mkdir(bucket_dir)
-                _mkdir(oid_dir)
+                for directory in (bucket_dir, oid_dir):
+                    if _mkdir(directory):
+                        self._share(directory)
                 check_trusted_directory(bucket_dir)
                 check_trusted_directory(oid_dir)
                 os.replace(source, path)
@@ -570,6 +606,12 @@ class BlobCache:
                 raise
 
     # -- eviction --------------------------------------------------------
+
+    def indexed_files(self) -> int:
+        """How many cached files this process's index knows: every file of
+        the directory at its last scan, with this process's changes since."""
+        with self._state_lock:
+            return 0 if self._index is None else len(self._index)
 
     def recorded_bytes(self) -> int | None:
         """The total size of the cache's blob files as the shared ledger
@@ -768,6 +810,7 @@ class BlobCache:
                 continue
             if removed is not None:
                 freed += removed
+                self.metrics.add(cache_evictions=1, cache_evicted_bytes=removed)
                 self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
             refreshed = total_after if total_after is not None else self._ledger.read()
             total = refreshed or 0

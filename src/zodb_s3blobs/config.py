@@ -7,6 +7,7 @@ stay inside ``open()``, as in ``ZODB.config``.
 
 from __future__ import annotations
 
+import grp
 import math
 import os
 import re
@@ -124,6 +125,53 @@ def _positive_byte_size(value: str) -> int:
     return size
 
 
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"must be a number of seconds, 0 or more, not {value!r}")
+    return number
+
+
+def _group(value: str) -> int:
+    """A group name or number this user may give files to (a member, or
+    root): the group id."""
+    value = value.strip()
+    try:
+        entry = grp.getgrgid(int(value)) if value.isdigit() else grp.getgrnam(value)
+    except (KeyError, OverflowError):
+        raise ValueError(f"no group {value!r} on this host") from None
+    if os.geteuid() != 0 and entry.gr_gid not in (os.getegid(), *os.getgroups()):
+        raise ValueError(
+            f"this user is not a member of group {entry.gr_name!r}, so cannot "
+            "give the cached files to it"
+        )
+    return entry.gr_gid
+
+
+def _metrics_file(value: str) -> str:
+    """An absolute path whose file name holds ``{pid}`` and ends in .prom
+    (node_exporter's textfile collector reads only those)."""
+    from .exposition import PLACEHOLDER
+
+    value = value.strip()
+    directory, name = os.path.split(value)
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    if PLACEHOLDER not in name or PLACEHOLDER in directory:
+        raise ValueError(
+            f"the file name must hold {PLACEHOLDER} (each process writes its "
+            f"own file), not {value!r}; e.g. /var/lib/node_exporter/"
+            "zodb-{pid}.prom"
+        )
+    if "{" in name.replace(PLACEHOLDER, "") or "}" in name.replace(PLACEHOLDER, ""):
+        raise ValueError(f"{PLACEHOLDER} is the only placeholder, not in {value!r}")
+    if not name.endswith(".prom"):
+        raise ValueError(
+            f"must end in .prom (the only files node_exporter reads), not {value!r}"
+        )
+    return value
+
+
 def _part_size(value: str) -> int:
     from .settings import MAX_PART_SIZE, MIN_PART_SIZE
 
@@ -159,6 +207,10 @@ staged_copy_threshold = _keyed("s3-staged-copy-threshold", _positive_byte_size)
 cache_dir = _keyed("cache-dir", _cache_dir)
 cache_size = _keyed("cache-size", _positive_byte_size)
 download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
+cache_group = _keyed("cache-group", _group)
+cache_min_age = _keyed("cache-min-age", _seconds)
+metrics_file = _keyed("metrics-file", _metrics_file)
+metrics_interval = _keyed("metrics-interval", _positive_float)
 
 
 class S3BlobStorageFactory(BaseConfig):
@@ -207,6 +259,11 @@ class S3BlobStorageFactory(BaseConfig):
                 cache_dir=self.config.cache_dir,
                 cache_size=self.config.cache_size,
                 download_on_unghost=self.config.download_on_unghost,
+                cache_min_age=self.config.cache_min_age,
+                cache_group=self.config.cache_group,
+                metrics_file=self.config.metrics_file,
+                metrics_interval=self.config.metrics_interval,
+                metrics_database=self.name,
             )
         except BaseException:
             base.close()

@@ -1,0 +1,166 @@
+"""The metrics file (``metrics-file``): written by each process for
+node_exporter's textfile collector, parsed here with prometheus_client's own
+parser, replaced atomically, written a last time at close."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import ZODB
+import ZODB.config
+from prometheus_client.parser import text_string_to_metric_families
+
+import s3env
+from test_storage import commit_blobs
+from zodb_s3blobs import S3BlobStorageError
+from zodb_s3blobs.exposition import process_path
+from zodb_s3blobs.metrics import COUNTERS, GAUGES, LABELLED
+
+#: A short interval keeps the tests fast (the default is 15 seconds).
+INTERVAL = 0.05
+LAST = "zodb_s3blobs_s3_request_duration_seconds_sum{"
+
+
+def families(path) -> dict:
+    """name -> family of the metrics file at *path*."""
+    with open(path) as f:
+        return {
+            family.name: family for family in text_string_to_metric_families(f.read())
+        }
+
+
+def open_with_metrics(tmp_path, template: str, name: str = "main"):
+    """A database whose storage, ``<s3blobstorage NAME>``, writes *template*
+    every INTERVAL seconds."""
+    text = s3env.zconfig(
+        "<mappingstorage>\n</mappingstorage>",
+        cache_dir=str(tmp_path / "cache"),
+        extra=f"metrics-file {template}\n  metrics-interval {INTERVAL}",
+    ).replace("<s3blobstorage>", f"<s3blobstorage {name}>")
+    return ZODB.DB(ZODB.config.storageFromString(text))
+
+
+def wait_for_write(path, previous: int | None = None, timeout: float = 10) -> int:
+    """Wait until *path* exists with another inode than *previous*."""
+    event = threading.Event()
+    for _ in range(int(timeout / INTERVAL)):
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode is not None and inode != previous:
+            return inode
+        event.wait(INTERVAL)
+    raise AssertionError(f"{path} was not written")
+
+
+def test_the_file_parses_with_every_metric_and_the_process_labels(tmp_path):
+    template = str(tmp_path / "zodb-{pid}.prom")
+    db = open_with_metrics(tmp_path, template)
+    commit_blobs(db, {"a": b"abc"})
+    path = process_path(template, os.getpid())
+    wait_for_write(path)
+    found = families(path)
+    labels = {"database": "main", "host": os.uname().nodename, "pid": str(os.getpid())}
+    for name in COUNTERS:
+        family = found[f"zodb_s3blobs_{name}"]
+        assert family.type == "counter"
+        [sample] = family.samples
+        assert sample.labels == labels
+    for name in GAUGES:
+        assert found[f"zodb_s3blobs_{name}"].type == "gauge"
+    requests = found["zodb_s3blobs_s3_requests"]
+    assert {s.labels["operation"] for s in requests.samples} >= {"put", "head"}
+    histogram = found["zodb_s3blobs_s3_request_duration_seconds"]
+    assert histogram.type == "histogram"
+    assert any(
+        s.name.endswith("_count") and s.labels["operation"] == "head" and s.value >= 1
+        for s in histogram.samples
+    )
+    [info] = found["zodb_s3blobs_info"].samples
+    assert info.labels["cache_dir"] == str(tmp_path / "cache")
+    assert set(LABELLED) <= {name.removeprefix("zodb_s3blobs_") for name in found}
+    db.close()
+
+
+def test_the_file_is_replaced_atomically_and_written_at_close(tmp_path):
+    """Every read of the file while it is rewritten finds a complete file;
+    each write is a new file renamed over the old one; close writes the last
+    figures and stops the thread."""
+    template = str(tmp_path / "zodb-{pid}.prom")
+    db = open_with_metrics(tmp_path, template)
+    path = process_path(template, os.getpid())
+    inode = wait_for_write(path)
+    complete = []
+    for _ in range(3):  # each write is a new file (its inode) renamed over
+        previous, inode = inode, wait_for_write(path, inode)
+        assert inode != previous
+    for _ in range(500):  # reads while writes go on: always a whole file
+        with open(path) as f:
+            text = f.read()
+        last = text.splitlines()[-1]  # the last family's last sample
+        complete.append(last.startswith(LAST) and 'operation="other"' in last)
+    assert all(complete)
+    storage = db.storage
+    commit_blobs(db, {"a": b"last"})
+    puts = storage.stats()["s3_requests"]["put"]
+    db.close()
+    assert not any(t.name == "zodb-s3blobs-metrics" for t in threading.enumerate())
+    [sample] = [
+        s
+        for s in families(path)["zodb_s3blobs_s3_requests"].samples
+        if s.labels["operation"] == "put"
+    ]
+    assert sample.value == puts >= 1
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".prom")] == [
+        os.path.basename(path)
+    ]
+    assert not [n for n in os.listdir(tmp_path) if ".prom." in n], "no temp file"
+
+
+def test_files_of_processes_gone_are_removed_at_open(tmp_path):
+    template = str(tmp_path / "zodb-{pid}.prom")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = process_path(template, int(gone.stdout))
+    alive = process_path(template, os.getppid())
+    other = tmp_path / "unrelated.prom"
+    for path in (stale, alive, other):
+        open(path, "w").close()
+    db = open_with_metrics(tmp_path, template)
+    assert not os.path.exists(stale)
+    assert os.path.exists(alive) and os.path.exists(other)
+    db.close()
+
+
+def test_two_storages_of_one_process_may_not_share_a_file(tmp_path):
+    template = str(tmp_path / "zodb-{pid}.prom")
+    db = open_with_metrics(tmp_path, template)
+    with pytest.raises(S3BlobStorageError, match="metrics-file: .* another storage"):
+        open_with_metrics(tmp_path / "other", template)
+    db.close()
+    open_with_metrics(tmp_path / "other", template).close()  # free again
+
+
+def test_without_prometheus_client_startup_fails_naming_key_and_extra(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not importable
+    with pytest.raises(S3BlobStorageError) as info:
+        open_with_metrics(tmp_path, str(tmp_path / "zodb-{pid}.prom"))
+    assert "metrics-file" in str(info.value)
+    assert "zodb-s3blobs[metrics]" in str(info.value)
+    assert not (tmp_path / "cache").exists(), "refused before the cache"
+
+
+def test_a_missing_directory_fails_at_startup_naming_the_key(tmp_path):
+    with pytest.raises(S3BlobStorageError, match="metrics-file: .*missing"):
+        open_with_metrics(tmp_path, str(tmp_path / "missing" / "zodb-{pid}.prom"))
