@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,7 +43,7 @@ def test_stats_then_prune(config, tmp_path):
     assert stats["cache_dir"] == str(tmp_path / "cache")
     assert (stats["files"], stats["bytes"]) == (len(SIZES), sum(SIZES))
     assert stats["oldest_access"] <= stats["newest_access"]
-    assert stats["hits"] is None and stats["misses"] is None
+    assert stats["hits"] is None and stats["misses"] is None  # no metrics-file
 
     # With the default --min-age, files used within the last minute stay: a
     # running Zope may just have handed out their paths.
@@ -115,3 +117,86 @@ def test_prune_reports_the_bytes_it_removed(config, tmp_path):
     assert code == 0
     assert pruned["removed"] == {"files": 2, "bytes": 3000}
     assert pruned["remaining"] == {"files": 1, "bytes": 4000}
+
+
+#: A process using the cache: opens CONFIG's storage, reads the revisions
+#: given (oid and tid in hex), says "ready" and waits for a line to close.
+READER = """
+import sys, ZODB.config
+storage = ZODB.config.storageFromFile(open(sys.argv[1]))
+for ref in sys.argv[2:]:
+    oid, tid = (bytes.fromhex(part) for part in ref.split(":"))
+    storage.loadBlob(oid, tid)
+print("ready", flush=True)
+sys.stdin.readline()
+storage.close()
+"""
+
+
+def wait_for_counts(config, hits: int, misses: int) -> dict:
+    """``cache stats --json`` once the processes' files count *hits* and
+    *misses* (they are written every 0.1 seconds)."""
+    deadline = time.monotonic() + 20
+    while True:
+        code, stats = run_json("cache", "stats", config)
+        assert code == 0
+        if (stats["hits"], stats["misses"]) == (hits, misses):
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+
+
+def test_stats_sums_the_counters_of_the_processes_using_the_cache(tmp_path):
+    """Two OS processes read through one cache-dir, each writing its metrics
+    file (every 0.1 seconds: metrics-interval, to keep the test short);
+    cache stats sums their hits, misses and bytes, and leaves out the files
+    of processes that have stopped."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    base = "<mappingstorage>\n</mappingstorage>"
+    config = clitools.write_config(
+        tmp_path,
+        base,
+        extra=f"metrics-file {metrics}/zodb-{{pid}}.prom\n  metrics-interval 0.1",
+    )
+    (tmp_path / "writer").mkdir()
+    writer = clitools.write_config(
+        tmp_path / "writer", base, prefix=clitools.prefix_of(config)
+    )
+    revisions = clitools.commit_blobs(clitools.open_storage(writer), [1000, 3000])
+    first, second = (f"{oid.hex()}:{tid.hex()}" for oid, tid in revisions)
+    children = []
+    try:
+        for refs in ([first, first], [first, second]):
+            child = subprocess.Popen(
+                [sys.executable, "-c", READER, str(config), *refs],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            children.append(child)
+            assert child.stdout.readline() == "ready\n"
+        stats = wait_for_counts(config, hits=2, misses=2)
+        assert stats["hit_ratio"] == 0.5
+        assert stats["hit_bytes"] == 2000
+        assert stats["download_bytes"] == 4000
+        assert stats["evictions"] == 0
+        assert sorted(p["pid"] for p in stats["processes"]) == sorted(
+            c.pid for c in children
+        )
+        result = run("cache", "stats", config)
+        assert "2 / 2 (50.0% hits)" in result.stdout
+    finally:
+        for child in children:
+            child.communicate("close\n", timeout=60)
+    assert len(list(metrics.iterdir())) == 2, "a last write at close"
+    code, stats = run_json("cache", "stats", config)
+    assert (stats["processes"], stats["stopped_processes"]) == ([], 2)
+    assert (stats["hits"], stats["misses"]) == (0, 0)
+
+
+def test_stats_without_metrics_file_reports_the_counters_unknown(config):
+    code, stats = run_json("cache", "stats", config)
+    assert code == 0
+    assert stats["hits"] is None and stats["processes"] is None
+    assert "set metrics-file" in run("cache", "stats", config).stdout

@@ -235,3 +235,55 @@ class MetricsFile:
         finally:
             with _in_use_lock:
                 _in_use.discard(self.path)
+
+
+#: The counters ``zodb-s3blobs cache stats`` sums over the processes.
+CACHE_COUNTERS = (
+    "cache_hits",
+    "cache_misses",
+    "cache_hit_bytes",
+    "download_bytes",
+    "cache_evictions",
+    "cache_evicted_bytes",
+)
+
+
+def read_cache_figures(template: str, cache_dir: str) -> dict:
+    """The cache counters of the running processes whose metrics files
+    (*template*'s) say they use *cache_dir*, summed, parsed with
+    prometheus_client's parser: ``{"processes": [{"pid", "host",
+    "database", "file"}], "stopped": files of processes gone, <counter>:
+    sum}``. A file of another host counts (its process cannot be asked)."""
+    require_prometheus_client()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    summed: dict = {"processes": [], "stopped": 0, **dict.fromkeys(CACHE_COUNTERS, 0)}
+    host = socket.gethostname()
+    for pid, path in process_files(template):
+        try:
+            with open(path, encoding="utf-8") as file:
+                found = {f.name: f for f in text_string_to_metric_families(file.read())}
+        except (OSError, ValueError):  # gone meanwhile, or not ours
+            continue
+        info = found.get(INFO + "_info")
+        labels = info.samples[0].labels if info and info.samples else {}
+        if labels.get("cache_dir") != cache_dir:
+            continue
+        if labels.get("host") == host and not running(pid):
+            summed["stopped"] += 1
+            continue
+        for name in CACHE_COUNTERS:
+            family = found.get(PREFIX + name)
+            samples = family.samples if family else ()
+            summed[name] += sum(s.value for s in samples if s.name.endswith("_total"))
+        summed["processes"].append(
+            {
+                "pid": pid,
+                "host": labels.get("host"),
+                "database": labels.get("database"),
+                "file": path,
+            }
+        )
+    for name in CACHE_COUNTERS:
+        summed[name] = int(summed[name])
+    return summed

@@ -19,8 +19,15 @@ from dataclasses import asdict, dataclass, field
 
 from ZConfig.datatypes import stock_datatypes
 
-from ..cache import MIN_AGE, walk
-from . import EXIT_FAILED, EXIT_OK, add_common_options, add_operator_options
+from ..cache import walk
+from ..errors import S3BlobStorageError
+from . import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_common_options,
+    add_operator_options,
+)
 from .output import emit, human_size, problem, table, timestamp
 from .target import Target, load_target
 
@@ -28,8 +35,10 @@ STATS_DESCRIPTION = """\
 Show what the local blob cache of CONFIG's <s3blobstorage> holds: blob files
 and their bytes against cache-size, the oldest and newest access, and what
 is left in tmp/ (files being written now, or left by processes that
-crashed). Hit and miss counts live in the memory of each process using the
-cache, so this command cannot know them; they are reported as unknown.
+crashed). With metrics-file set, also the hits, misses, hit ratio, bytes
+served and downloaded, and evictions, summed over the running processes that
+use this cache-dir, read from their metrics files (each counts since it
+started); without it they are unknown.
 """
 PRUNE_DESCRIPTION = """\
 Evict least recently used files from the local blob cache of CONFIG's
@@ -54,7 +63,9 @@ def register(
         title="cache commands", dest="cache_command", metavar="ACTION", required=True
     )
     stats = actions.add_parser(
-        "stats", help="files, bytes and access times", description=STATS_DESCRIPTION
+        "stats",
+        help="files, bytes, access times, hits and evictions",
+        description=STATS_DESCRIPTION,
     )
     add_operator_options(stats)
     stats.set_defaults(run=run_stats, command="cache stats")
@@ -73,10 +84,11 @@ def register(
         "--min-age",
         type=_seconds,
         metavar="SECONDS",
-        default=MIN_AGE,
+        default=None,
         help="keep files used within SECONDS, as the storage's own eviction "
         "does: a running Zope may just have handed out their paths (default: "
-        "%(default)g; 0 while no process uses the cache)",
+        "CONFIG's cache-min-age, 60 unless set; 0 while no process uses the "
+        "cache)",
     )
     prune.set_defaults(run=run_prune, command="cache prune")
     for action in (stats, prune):
@@ -161,6 +173,44 @@ def cache_stats(target: Target) -> CacheStats:
     return stats
 
 
+#: JSON fields of the processes' counters (exposition.CACHE_COUNTERS).
+_COUNTER_FIELDS = {
+    "cache_hits": "hits",
+    "cache_misses": "misses",
+    "cache_hit_bytes": "hit_bytes",
+    "download_bytes": "download_bytes",
+    "cache_evictions": "evictions",
+    "cache_evicted_bytes": "evicted_bytes",
+}
+
+
+def process_figures(target: Target) -> dict:
+    """The JSON fields of the counters of the processes using the cache, from
+    their metrics files; None for each when metrics-file is not set."""
+    template = target.section.config.metrics_file
+    if template is None:
+        return {
+            **dict.fromkeys(_COUNTER_FIELDS.values()),
+            "hit_ratio": None,
+            "processes": None,
+            "stopped_processes": None,
+        }
+    from ..exposition import read_cache_figures
+
+    try:
+        summed = read_cache_figures(template, target.cache_dir)
+    except S3BlobStorageError as exc:  # prometheus_client is missing
+        raise UsageError(str(exc)) from None
+    figures = {field: summed[name] for name, field in _COUNTER_FIELDS.items()}
+    reads = figures["hits"] + figures["misses"]
+    return {
+        **figures,
+        "hit_ratio": figures["hits"] / reads if reads else None,
+        "processes": summed["processes"],
+        "stopped_processes": summed["stopped"],
+    }
+
+
 def _document(target: Target, stats: CacheStats) -> dict:
     """The JSON fields of *stats*, with times as ISO 8601 strings."""
     document = asdict(stats)
@@ -170,17 +220,37 @@ def _document(target: Target, stats: CacheStats) -> dict:
         cache_size=target.cache_size,
         oldest_access=timestamp(stats.oldest_access),
         newest_access=timestamp(stats.newest_access),
-        hits=None,
-        misses=None,
     )
     return document
 
 
+def _counter_rows(figures: dict) -> list[list]:
+    """The table rows of the processes' counters."""
+    if figures["processes"] is None:
+        return [["hits / misses", "unknown (set metrics-file to count them)"]]
+    ratio = figures["hit_ratio"]
+    return [
+        ["processes", len(figures["processes"])],
+        [
+            "hits / misses",
+            f"{figures['hits']} / {figures['misses']}"
+            + ("" if ratio is None else f" ({ratio:.1%} hits)"),
+        ],
+        ["served from cache", human_size(figures["hit_bytes"])],
+        ["downloaded", human_size(figures["download_bytes"])],
+        [
+            "evicted",
+            f"{figures['evictions']} files, {human_size(figures['evicted_bytes'])}",
+        ],
+    ]
+
+
 def run_stats(args: argparse.Namespace) -> int:
-    """Print what the cache holds."""
+    """Print what the cache holds, and what its processes counted."""
     target = load_target(args.config, args.db)
     stats = cache_stats(target)
-    document = {"ok": True, **_document(target, stats)}
+    figures = process_figures(target)
+    document = {"ok": True, **_document(target, stats), **figures}
     _warn_owner(target)
     share = f" ({stats.bytes / target.cache_size:.0%} of cache-size)"
     lines = table(
@@ -192,7 +262,7 @@ def run_stats(args: argparse.Namespace) -> int:
             ["oldest access", timestamp(stats.oldest_access) or "-"],
             ["newest access", timestamp(stats.newest_access) or "-"],
             ["tmp/", f"{stats.tmp_files} files, {human_size(stats.tmp_bytes)}"],
-            ["hits / misses", "unknown (counted in each process's memory)"],
+            *_counter_rows(figures),
         ],
     )
     emit(args, document, lines)
@@ -211,12 +281,15 @@ def run_prune(args: argparse.Namespace) -> int:
     the files present before and gone after, and their bytes."""
     target = load_target(args.config, args.db)
     _warn_owner(target)
+    min_age = target.section.config.cache_min_age
+    if args.min_age is not None:
+        min_age = args.min_age
     before = cache_stats(target)
     if before.exists:
         # With --to, evict down to it and no further: the eviction check a
         # cache starts when opened must not go on to 90% of cache-size.
         limit = target.cache_size if args.to is None else sys.maxsize
-        cache = target.existing_cache(args.min_age, size_limit=limit)
+        cache = target.existing_cache(min_age, size_limit=limit)
         if cache is not None:
             try:
                 cache.evict(args.to)
@@ -230,7 +303,7 @@ def run_prune(args: argparse.Namespace) -> int:
         problem(
             f"cache-dir {target.cache_dir}: {human_size(after.bytes)} remain, "
             f"more than {human_size(goal)}: files used within the last "
-            f"{args.min_age:g} seconds are kept (--min-age), and another process "
+            f"{min_age:g} seconds are kept (--min-age), and another process "
             "may be evicting (locks/evict.lock)"
         )
     document = {
