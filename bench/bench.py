@@ -7,6 +7,14 @@ bytes, so that the storage's overhead shows as a ratio with a target. A missed
 target prints MISS and still exits 0 (this is a measurement); an error exits 1.
 ``--quick`` shrinks every size and count for a smoke run.
 
+The commits are also measured through a second delay line that caps the
+bandwidth as a WAN link does (``--bandwidth``, 100 Mbit/s by default), and on
+RelStorage with PostgreSQL (started as the tests start it, see
+``tests/pgserver.py``) the bench measures what one large blob's commit costs
+the other processes of a site: the longest commit a second OS process
+(``committer.py``) makes meanwhile, as a ratio to the blob commit's duration,
+and the same for small blobs with ``s3-staged-copy-threshold`` at either end.
+
 Everything listens on 127.0.0.1 only and the working directory is temporary.
 moto is made to serve ranged GETs at the cost of the range, as S3 does
 (``s3fidelity.py``); otherwise eight ranges of one object cost eight copies of
@@ -29,6 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -36,8 +45,10 @@ import boto3
 import transaction
 import ZODB
 import ZODB.config
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from delayline import DEFAULT_DELAY, DelayLine
+from committer import TICKS, Committer
+from delayline import DEFAULT_DELAY, DelayLine, megabits
 from persistent.mapping import PersistentMapping
 from s3fidelity import ranges_cost_their_size
 from ZODB.blob import Blob
@@ -53,13 +64,35 @@ from zodb_s3blobs.cli.localserver import (
     local_s3_server,
 )
 from zodb_s3blobs.objectstore import DELETE_BATCH
+from zodb_s3blobs.settings import S3Settings
 
 T = TypeVar("T")
 KiB = 1 << 10
 MiB = 1 << 20
 BUCKET = "zodb-s3blobs-bench"
-#: Matches the storage's default s3-max-concurrency.
-PUT_WORKERS = 10
+#: The storage's defaults: plain boto3 uploads with the same concurrency
+#: and the same transfer settings (one PUT below the multipart threshold).
+DEFAULTS = S3Settings(bucket=BUCKET)
+PUT_WORKERS = DEFAULTS.max_concurrency
+MANAGED_UPLOAD = TransferConfig(
+    max_concurrency=DEFAULTS.max_concurrency,
+    multipart_threshold=DEFAULTS.multipart_threshold,
+    multipart_chunksize=DEFAULTS.part_size,
+    preferred_transfer_client="classic",
+)
+#: The capped line's bandwidth unless --bandwidth says otherwise: a WAN link.
+DEFAULT_MEGABITS = 100.0
+#: The tests' helpers: the PostgreSQL server and the RelStorage section.
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+#: How long the second process sleeps between its commits: often enough to
+#: be caught by a lock held for a few tens of milliseconds.
+PROBE_INTERVAL = 0.02
+#: s3-staged-copy-threshold values, as in a zope.conf, that put every blob
+#: (of the sizes measured) under the commit lock, or stage every blob before it.
+STAGE_NOTHING = "1024GB"
+STAGE_EVERYTHING = "1"
+#: The RelStorage database's name: its S3 prefix.
+RELSTORAGE = "relstorage"
 #: Parallel uploads that only set up a step (the orphans); not timed.
 SETUP_WORKERS = 32
 #: Orphans get oids far above any the benchmark's databases allocate, and the
@@ -77,6 +110,8 @@ EVICTED = 5
 RAM_DIR = "/dev/shm"
 
 COMMIT_SMALL = "commit small blobs"
+LOCK_RATIO = "lock ratio, RelStorage"
+COMMIT_LOCK = "commit lock"
 COLD_SMALL = "cold read small blobs"
 COMMIT_LARGE = "commit large blob"
 COLD_LARGE = "cold read large blob"
@@ -99,6 +134,11 @@ class Scale:
     cached_files: int
     repeats: int
     large_repeats: int
+    #: Repeats of the commits through the capped line and of the lock ratio,
+    #: fewer than uncapped: 64 MiB takes 5.4 s at 100 Mbit/s.
+    wan_repeats: int
+    #: The blob sizes of the s3-staged-copy-threshold rows.
+    lock_sizes: tuple[int, ...]
 
 
 FULL = Scale(
@@ -110,6 +150,8 @@ FULL = Scale(
     cached_files=100_000,
     repeats=5,
     large_repeats=7,
+    wan_repeats=3,
+    lock_sizes=(256 * KiB, 1 * MiB, 4 * MiB),
 )
 QUICK = Scale(
     blobs=8,
@@ -120,26 +162,29 @@ QUICK = Scale(
     cached_files=2_000,
     repeats=1,
     large_repeats=1,
+    wan_repeats=1,
+    lock_sizes=(64 * KiB,),
 )
 
 
 @dataclass(frozen=True)
 class Row:
     """One line of the result table: two timings, the value the target bounds
-    (a ratio, or a request count when *unit* is given) and a note."""
+    (a ratio, or a request count when *unit* is given) and a note. A row
+    without a *limit* informs and has no target."""
 
     path: str
     storage: float | None
     baseline: float | None
     value: float
-    limit: float
+    limit: float | None
     unit: str = ""
     note: str = ""
 
     @property
     def ok(self) -> bool:
-        """Whether the target is met."""
-        return self.value <= self.limit
+        """Whether the target is met (a row without one always is)."""
+        return self.limit is None or self.value <= self.limit
 
 
 class BenchError(Exception):
@@ -197,52 +242,28 @@ def human(size: float) -> str:
     return f"{size / MiB:.1f} MiB"
 
 
-class Bench:
-    """One run's delay line, clients, data and working directory."""
+class Link:
+    """A delay line to the S3 server, a plain boto3 client through it, and
+    what the table adds to the name of a row measured through it."""
 
     def __init__(
-        self, server: LocalS3, line: DelayLine, workdir: str, scale: Scale
+        self, name: str, line: DelayLine, label: str, pool: ThreadPoolExecutor
     ) -> None:
+        #: The database's name (its Data.fs and S3 prefix) on this line.
+        self.name = name
         self.line = line
-        self.workdir = workdir
-        self.scale = scale
+        self.label = label
         self.local = LocalS3(line.endpoint_url)
         self.client = plain_client(line.endpoint_url)
-        # Bulk setup goes straight to the server: it is not measured.
-        self.setup_client = plain_client(server.endpoint_url)
-        self.pool = ThreadPoolExecutor(PUT_WORKERS, thread_name_prefix="bench-put")
-        self.small = os.urandom(scale.blob_size)
-        self.large = os.urandom(scale.large_size)
-        self._caches = 0
-        self.client.create_bucket(Bucket=BUCKET)
+        self._pool = pool
 
     def close(self) -> None:
-        """Stop the worker threads and close the clients."""
-        self.pool.shutdown()
+        """Close the client."""
         self.client.close()
-        self.setup_client.close()
 
-    def new_cache_dir(self) -> str:
-        """A path for an empty cache directory no database used before."""
-        self._caches += 1
-        return os.path.join(self.workdir, f"cache-{self._caches}")
-
-    @contextlib.contextmanager
-    def database(self, name: str = "main") -> Iterator[ZODB.DB]:
-        """Open database *name* (its own Data.fs and S3 prefix) with a new,
-        empty cache, through ZConfig text as a zope.conf would."""
-        data_fs = os.path.join(self.workdir, f"{name}.fs")
-        text = self.local.zconfig(
-            BUCKET,
-            self.new_cache_dir(),
-            f"<filestorage>\n  path {data_fs}\n</filestorage>",
-            prefix=name,
-        )
-        db = ZODB.DB(ZODB.config.storageFromString(text))
-        try:
-            yield db
-        finally:
-            db.close()
+    def plain_key(self, name: str) -> str:
+        """The key plain boto3 writes *name* to on this line."""
+        return f"plain/{self.name}/{name}"
 
     def put(self, key: str, data: bytes) -> None:
         """PUT *data* under *key* with the plain client."""
@@ -250,7 +271,12 @@ class Bench:
 
     def put_parallel(self, keys: list[str], data: bytes) -> None:
         """PUT *data* under every key, PUT_WORKERS requests at a time."""
-        list(self.pool.map(self.put, keys, [data] * len(keys)))
+        list(self._pool.map(self.put, keys, [data] * len(keys)))
+
+    def upload_file(self, path: str, key: str) -> None:
+        """Upload the file at *path* with boto3's managed upload, configured
+        as the storage configures its own."""
+        self.client.upload_file(path, BUCKET, key, Config=MANAGED_UPLOAD)
 
     def get(self, key: str) -> bytes:
         """GET the object at *key* with the plain client and read it all."""
@@ -261,18 +287,145 @@ class Bench:
         return [self.get(key) for key in keys]
 
 
-def commit(db: ZODB.DB, name: str, value: object) -> float:
-    """Seconds to store *value* as root[*name*] and commit it."""
+@dataclass(frozen=True)
+class Site:
+    """A RelStorage database on PostgreSQL (its ``<relstorage>`` section),
+    and a second process committing to it in a loop."""
+
+    base: str
+    committer: Committer
+
+
+class Bench:
+    """One run's delay lines, clients, data and working directory."""
+
+    def __init__(
+        self,
+        server: LocalS3,
+        lines: tuple[DelayLine, DelayLine],
+        workdir: str,
+        scale: Scale,
+    ) -> None:
+        self.workdir = workdir
+        self.scale = scale
+        self.pool = ThreadPoolExecutor(PUT_WORKERS, thread_name_prefix="bench-put")
+        plain, capped = lines
+        assert capped.bandwidth is not None
+        self.link = Link("main", plain, "", self.pool)
+        self.wan = Link(
+            "wan", capped, f", {capped.bandwidth * 8e-6:g} Mbit/s", self.pool
+        )
+        # Bulk setup goes straight to the server: it is not measured.
+        self.setup_client = plain_client(server.endpoint_url)
+        self.small = os.urandom(scale.blob_size)
+        self.large = os.urandom(scale.large_size)
+        self.large_file = os.path.join(workdir, "large.bin")
+        with open(self.large_file, "wb") as f:
+            f.write(self.large)
+        self._caches = 0
+        self._site: Site | None = None
+        self._stack = contextlib.ExitStack()
+        self.link.client.create_bucket(Bucket=BUCKET)
+
+    def close(self) -> None:
+        """Stop the second process and PostgreSQL if they were started, the
+        worker threads, and close the clients."""
+        self._stack.close()
+        self.pool.shutdown()
+        self.link.close()
+        self.wan.close()
+        self.setup_client.close()
+
+    def new_cache_dir(self) -> str:
+        """A path for an empty cache directory no database used before."""
+        self._caches += 1
+        return os.path.join(self.workdir, f"cache-{self._caches}")
+
+    def zconfig(self, name: str, link: Link, base: str | None, extra: str) -> str:
+        """ZConfig text, as in a zope.conf, for database *name* through
+        *link*: S3 prefix *name*, a new empty cache, and the *base* section
+        (by default a FileStorage of its own)."""
+        if base is None:
+            data_fs = os.path.join(self.workdir, f"{name}.fs")
+            base = f"<filestorage>\n  path {data_fs}\n</filestorage>"
+        return link.local.zconfig(
+            BUCKET, self.new_cache_dir(), base, prefix=name, extra=extra
+        )
+
+    @contextlib.contextmanager
+    def database(
+        self,
+        name: str = "main",
+        link: Link | None = None,
+        base: str | None = None,
+        extra: str = "",
+    ) -> Iterator[ZODB.DB]:
+        """Open database *name* through *link* (the uncapped line by
+        default); see :meth:`zconfig`."""
+        text = self.zconfig(name, link or self.link, base, extra)
+        db = ZODB.DB(ZODB.config.storageFromString(text))
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def site(self) -> Site:
+        """The RelStorage site, started at the first call: PostgreSQL, a
+        database holding the root's TICKS object, and the second process."""
+        if self._site is None:
+            self._site = self._start_site()
+        return self._site
+
+    def _start_site(self) -> Site:
+        pgserver, deploy = test_helpers()
+        try:
+            bindir = pgserver.find_bindir()
+        except pgserver.PostgreSQLMissing as exc:
+            raise BenchError(f"the RelStorage rows need PostgreSQL: {exc}") from None
+        server = self._stack.enter_context(pgserver.postgresql_server(bindir))
+        adapter = f"<postgresql>\n    dsn {server.create_database()}\n  </postgresql>"
+        base = deploy.relstorage_section(adapter, keep_history=True)
+        # The first open creates the schema, before the second process opens.
+        with self.database(RELSTORAGE, base=base) as db:
+            commit(db, TICKS, PersistentMapping())
+        text = self.zconfig(RELSTORAGE, self.link, base, "")
+        directory = Path(self.workdir, "committer")
+        committer = Committer(text, directory, PROBE_INTERVAL)
+        self._stack.callback(committer.close)
+        return Site(base, committer)
+
+
+def test_helpers():
+    """``tests/pgserver.py`` and ``tests/deploy.py``, imported as the tests
+    import them (their folder on sys.path): the bench starts PostgreSQL and
+    writes ``<relstorage>`` exactly as the tests do."""
+    if str(TESTS) not in sys.path:
+        sys.path.append(str(TESTS))
+    import deploy
+    import pgserver
+
+    return pgserver, deploy
+
+
+def commit_window(db: ZODB.DB, name: str, value: object) -> tuple[float, float]:
+    """When storing *value* as root[*name*] and committing it began and
+    ended, in ``time.monotonic()`` seconds: the second process's clock."""
     tm = transaction.TransactionManager()
     conn = db.open(tm)
     try:
         root = conn.root()
-        started = time.perf_counter()
+        started = time.monotonic()
         root[name] = value
         tm.commit()
-        return time.perf_counter() - started
+        return started, time.monotonic()
     finally:
         conn.close()
+
+
+def commit(db: ZODB.DB, name: str, value: object) -> float:
+    """Seconds to store *value* as root[*name*] and commit it."""
+    started, ended = commit_window(db, name, value)
+    return ended - started
 
 
 def read_all(blobs: list[Blob]) -> list[bytes]:
@@ -329,49 +482,59 @@ def ratio_row(
 # -- the steps, in table order ------------------------------------------------
 
 
-def commit_small(bench: Bench) -> Row:
+def link_and_repeats(bench: Bench, wan: bool, repeats: int) -> tuple[Link, int]:
+    """The capped line and its repeats if *wan*, else the uncapped line and
+    *repeats*."""
+    return (bench.wan, bench.scale.wan_repeats) if wan else (bench.link, repeats)
+
+
+def commit_small(bench: Bench, wan: bool = False) -> Row:
     """Commit many small blobs in one transaction vs the same PUTs from
     PUT_WORKERS threads, as the storage's vote uploads them in parallel."""
     scale = bench.scale
+    link, repeats = link_and_repeats(bench, wan, scale.repeats)
     storage, plain = [], []
-    with bench.database() as db:
-        for attempt in range(scale.repeats):
+    with bench.database(link.name, link) as db:
+        for attempt in range(repeats):
             blobs = {str(n): Blob(bench.small) for n in range(scale.blobs)}
             storage.append(commit(db, f"small-{attempt}", PersistentMapping(blobs)))
-            keys = [f"plain/small-{attempt}/{n}" for n in range(scale.blobs)]
-            plain.append(timed(partial(bench.put_parallel, keys, bench.small)))
+            keys = [link.plain_key(f"small-{attempt}/{n}") for n in range(scale.blobs)]
+            plain.append(timed(partial(link.put_parallel, keys, bench.small)))
     note = f"{scale.blobs} x {human(scale.blob_size)}; boto3: {PUT_WORKERS} threads"
-    return ratio_row(COMMIT_SMALL, storage, plain, 1.3, note)
+    return ratio_row(COMMIT_SMALL + link.label, storage, plain, 1.1, note)
 
 
 def cold_read_small(bench: Bench) -> Row:
     """Read every small blob through an empty cache vs GETs one after another."""
     scale = bench.scale
-    keys = [f"plain/small-0/{n}" for n in range(scale.blobs)]
+    keys = [bench.link.plain_key(f"small-0/{n}") for n in range(scale.blobs)]
     storage, plain = [], []
     with bench.database() as db:
         for _attempt in range(scale.repeats):
             seconds, read = cold_read(db, "small-0")
             check(read, bench.small, COLD_SMALL)
             storage.append(seconds)
-            seconds, read = measure(partial(bench.get_each, keys))
+            seconds, read = measure(partial(bench.link.get_each, keys))
             check(read, bench.small, "GET")
             plain.append(seconds)
     note = f"{scale.blobs} x {human(scale.blob_size)}, one after another"
     return ratio_row(COLD_SMALL, storage, plain, 1.1, note)
 
 
-def commit_large(bench: Bench) -> Row:
-    """Commit one large blob vs one plain PUT of its bytes."""
+def commit_large(bench: Bench, wan: bool = False) -> Row:
+    """Commit one large blob vs boto3's managed upload of the same file,
+    with the storage's transfer settings (one PUT below its multipart
+    threshold, parts of its part size above)."""
     scale = bench.scale
+    link, repeats = link_and_repeats(bench, wan, scale.large_repeats)
     storage, plain = [], []
-    with bench.database() as db:
-        for attempt in range(scale.large_repeats):
+    with bench.database(link.name, link) as db:
+        for attempt in range(repeats):
             storage.append(commit(db, f"large-{attempt}", Blob(bench.large)))
-            plain.append(
-                timed(partial(bench.put, f"plain/large-{attempt}", bench.large))
-            )
-    return ratio_row(COMMIT_LARGE, storage, plain, 1.2, human(scale.large_size))
+            key = link.plain_key(f"large-{attempt}")
+            plain.append(timed(partial(link.upload_file, bench.large_file, key)))
+    note = f"{human(scale.large_size)}; boto3: upload_file"
+    return ratio_row(COMMIT_LARGE + link.label, storage, plain, 1.1, note)
 
 
 def cold_read_large(bench: Bench) -> Row:
@@ -383,7 +546,8 @@ def cold_read_large(bench: Bench) -> Row:
             seconds, read = cold_read(db, "large-0")
             check(read, bench.large, COLD_LARGE)
             storage.append(seconds)
-            seconds, data = measure(partial(bench.get, "plain/large-0"))
+            key = bench.link.plain_key("large-0")
+            seconds, data = measure(partial(bench.link.get, key))
             check([data], bench.large, "GET")
             plain.append(seconds)
     return ratio_row(COLD_LARGE, storage, plain, 1.2, human(scale.large_size))
@@ -396,10 +560,11 @@ def unghost(bench: Bench) -> Row:
         conn = db.open()
         try:
             blobs = list(conn.root()["small-0"].values())
-            before = bench.line.counters().server_to_client
+            line = bench.link.line
+            before = line.counters().server_to_client
             with sent_requests(db.storage._store) as sent:
                 seconds = timed(lambda: [blob._p_activate() for blob in blobs])
-            downloaded = bench.line.counters().server_to_client - before
+            downloaded = line.counters().server_to_client - before
         finally:
             conn.close()
     note = f"{len(blobs)} Blob objects; {human(downloaded)} downloaded"
@@ -611,7 +776,81 @@ def install_fsync(bench: Bench) -> Row:
     return Row(INSTALL_FSYNC, synced, unsynced, added_ms, 10, " ms/blob", note)
 
 
-STEPS: tuple[Callable[[Bench], Row], ...] = (
+def held_up(
+    db: ZODB.DB, committer: Committer, name: str, data: bytes
+) -> tuple[float, float]:
+    """Commit *data* as a blob root[*name*]; return the longest commit the
+    second process made meanwhile (0 if it made none) and the blob commit's
+    own duration."""
+    started, ended = commit_window(db, name, Blob(data))
+    return max(committer.overlapping(started, ended), default=0.0), ended - started
+
+
+def lock_ratio(bench: Bench, wan: bool = False) -> Row:
+    """On RelStorage with PostgreSQL, the longest commit of a second process
+    while this one commits the large blob, over that commit's duration:
+    about 1 while the database-wide commit lock is held for the upload.
+
+    The median of the repeats' ratios: noise can lengthen either side."""
+    scale = bench.scale
+    link, repeats = link_and_repeats(bench, wan, scale.wan_repeats)
+    site = bench.site()
+    runs = []
+    with bench.database(RELSTORAGE, link, site.base) as db:
+        for attempt in range(repeats):
+            runs.append(held_up(db, site.committer, f"locked-{attempt}", bench.large))
+    runs.sort(key=lambda run: run[0] / run[1])
+    longest, seconds = runs[len(runs) // 2]
+    typical = site.committer.typical() * 1000
+    note = (
+        f"{human(scale.large_size)} blob, median of {repeats}; storage column: "
+        f"the second process's longest commit (typically {typical:.0f} ms, one "
+        f"every {PROBE_INTERVAL * 1000:g} ms); boto3 column: the blob's commit"
+    )
+    return Row(
+        LOCK_RATIO + link.label, longest, seconds, longest / seconds, 0.1, note=note
+    )
+
+
+def staged_copy_threshold(bench: Bench) -> list[Row]:
+    """For each of a few blob sizes on RelStorage through the capped line,
+    the second process's longest commit with every blob staged before the
+    commit lock vs with every blob uploaded under it: what choosing
+    ``s3-staged-copy-threshold`` trades. No target; the worst of the repeats,
+    as a short lock hold is caught only by a commit that tries meanwhile."""
+    scale = bench.scale
+    link, site = bench.wan, bench.site()
+    longest: dict[tuple[str, int], float] = {}
+    seconds: dict[tuple[str, int], float] = {}
+    for threshold in (STAGE_EVERYTHING, STAGE_NOTHING):
+        extra = f"s3-staged-copy-threshold {threshold}"
+        with bench.database(RELSTORAGE, link, site.base, extra) as db:
+            for size in scale.lock_sizes:
+                data = os.urandom(size)
+                runs = [
+                    held_up(db, site.committer, f"size-{threshold}-{size}-{n}", data)
+                    for n in range(scale.wan_repeats)
+                ]
+                longest[threshold, size] = max(run[0] for run in runs)
+                seconds[threshold, size] = min(run[1] for run in runs)
+    rows = []
+    for size in scale.lock_sizes:
+        staged, locked = longest[STAGE_EVERYTHING, size], longest[STAGE_NOTHING, size]
+        note = (
+            f"the second process's longest commit, worst of {scale.wan_repeats}, "
+            f"with s3-staged-copy-threshold {STAGE_EVERYTHING} (storage column: "
+            f"all staged) and {STAGE_NOTHING} (boto3 column: none); the blob's "
+            "own commit "
+            f"{seconds[STAGE_EVERYTHING, size]:.3f}s staged, "
+            f"{seconds[STAGE_NOTHING, size]:.3f}s not"
+        )
+        path = f"{COMMIT_LOCK}, {human(size)} blob{link.label}"
+        value = staged / locked if locked else math.inf
+        rows.append(Row(path, staged, locked, value, None, note=note))
+    return rows
+
+
+STEPS: tuple[Callable[[Bench], Row | list[Row]], ...] = (
     commit_small,
     cold_read_small,
     commit_large,
@@ -621,27 +860,45 @@ STEPS: tuple[Callable[[Bench], Row], ...] = (
     collect_orphans,
     eviction_check,
     install_fsync,
+    partial(commit_small, wan=True),
+    partial(commit_large, wan=True),
+    partial(lock_ratio, wan=True),
+    lock_ratio,
+    staged_copy_threshold,
 )
 
 
 # -- running and reporting ---------------------------------------------------
 
 
-def run(scale: Scale, delay: float) -> list[Row]:
-    """Start the server and the delay line, run every step, clean up."""
-    rows = []
+def step_name(step: Callable[[Bench], object]) -> str:
+    """A step's function name, marked when it runs through the capped line."""
+    if isinstance(step, partial):
+        return step.func.__name__ + (" (capped)" if step.keywords.get("wan") else "")
+    return getattr(step, "__name__", repr(step))
+
+
+def run(scale: Scale, delay: float, bandwidth: float) -> list[Row]:
+    """Start the server and the two delay lines (the second capped at
+    *bandwidth* bytes per second), run every step, clean up."""
+    rows: list[Row] = []
     with (
         ranges_cost_their_size(),
         local_s3_server() as server,
         DelayLine(target=host_and_port(server.endpoint_url), delay=delay) as line,
+        DelayLine(
+            target=host_and_port(server.endpoint_url),
+            delay=delay,
+            bandwidth=bandwidth,
+        ) as capped,
         tempfile.TemporaryDirectory(prefix="zodb-s3blobs-bench-") as workdir,
     ):
-        bench = Bench(server, line, workdir, scale)
+        bench = Bench(server, (line, capped), workdir, scale)
         try:
             for step in STEPS:
-                seconds, row = measure(partial(step, bench))
-                print(f"{step.__name__}: {seconds:.1f}s", file=sys.stderr, flush=True)
-                rows.append(row)
+                seconds, result = measure(partial(step, bench))
+                print(f"{step_name(step)}: {seconds:.1f}s", file=sys.stderr, flush=True)
+                rows.extend(result if isinstance(result, list) else [result])
         finally:
             bench.close()
     return rows
@@ -665,13 +922,17 @@ def value_cell(row: Row) -> str:
     return f"{row.value:.0f}{row.unit}" if row.unit else f"{row.value:.2f}"
 
 
-def print_table(rows: list[Row], scale: Scale, delay: float) -> None:
-    """Print the rows under a header naming the delay and the repeats."""
+def print_table(rows: list[Row], scale: Scale, delay: float, megabits: float) -> None:
+    """Print the rows under a header naming the delay, the cap and the repeats."""
     print(
         f"S3BlobStorage vs plain boto3 through a delay line of {delay * 1000:g} ms "
         f"each way to moto on 127.0.0.1 (ranged GETs served at the cost of the "
         f"range, as by S3: see bench/s3fidelity.py); best of {scale.repeats} "
-        f"({scale.large_repeats} for the large blob)"
+        f"({scale.large_repeats} for the large blob). Rows ending in "
+        f"'{megabits:g} Mbit/s' go through a second line of the same delay "
+        f"capped at that bandwidth each way, shared by all connections; best of "
+        f"{scale.wan_repeats}. RelStorage rows: PostgreSQL on 127.0.0.1, and a "
+        f"second process committing without blobs in a loop"
     )
     header = ("path", "storage s", "boto3 s", "ratio", "target", "ok/MISS", "notes")
     cells = [
@@ -680,8 +941,8 @@ def print_table(rows: list[Row], scale: Scale, delay: float) -> None:
             seconds_cell(row.storage),
             seconds_cell(row.baseline),
             value_cell(row),
-            f"<= {row.limit:g}{row.unit}",
-            "ok" if row.ok else "MISS",
+            "-" if row.limit is None else f"<= {row.limit:g}{row.unit}",
+            "-" if row.limit is None else "ok" if row.ok else "MISS",
             row.note,
         )
         for row in rows
@@ -693,12 +954,13 @@ def print_table(rows: list[Row], scale: Scale, delay: float) -> None:
             note,
             sep="  ",
         )
-    met = sum(row.ok for row in rows)
-    print(f"{met} of {len(rows)} targets met")
+    targeted = [row for row in rows if row.limit is not None]
+    met = sum(row.ok for row in targeted)
+    print(f"{met} of {len(targeted)} targets met")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line's options: --quick and --delay."""
+    """The command line's options: --quick, --delay and --bandwidth."""
     parser = argparse.ArgumentParser(
         description="Benchmark S3BlobStorage against plain boto3 through a "
         "delay line to a local S3 server."
@@ -713,9 +975,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help=f"one-way delay of the line (default {DEFAULT_DELAY})",
     )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=DEFAULT_MEGABITS,
+        metavar="MBIT",
+        help="the capped line's bandwidth each way, in Mbit/s "
+        f"(default {DEFAULT_MEGABITS:g})",
+    )
     args = parser.parse_args(argv)
     if args.delay < 0:
         parser.error("--delay must not be negative")
+    if not 0 < args.bandwidth < math.inf:
+        parser.error("--bandwidth must be a positive number")
     return args
 
 
@@ -726,12 +998,12 @@ def main(argv: list[str] | None = None) -> int:
     # The server's HTTP layer logs every request at INFO.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
-        rows = run(scale, args.delay)
+        rows = run(scale, args.delay, megabits(args.bandwidth))
     except Exception:
         traceback.print_exc()
         print("bench: failed", file=sys.stderr)
         return 1
-    print_table(rows, scale, args.delay)
+    print_table(rows, scale, args.delay, args.bandwidth)
     return 0
 
 
