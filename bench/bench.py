@@ -1,4 +1,4 @@
-"""Benchmark S3BlobStorage against plain boto3, both through one delay line.
+"""Benchmark S3BlobStorage against plain boto3, both through the same delay line.
 
 ``python bench/bench.py`` starts moto's S3 server in this process, puts a
 :class:`delayline.DelayLine` (5 ms each way by default) in front of it, and
@@ -12,8 +12,9 @@ bandwidth as a WAN link does (``--bandwidth``, 100 Mbit/s by default), and on
 RelStorage with PostgreSQL (started as the tests start it, see
 ``tests/pgserver.py``) the bench measures what one large blob's commit costs
 the other processes of a site: the longest commit a second OS process
-(``committer.py``) makes meanwhile, as a ratio to the blob commit's duration,
-and the same for small blobs with ``s3-staged-copy-threshold`` at either end.
+(``committer.py``) makes meanwhile, as a ratio to the blob commit's duration;
+and, for smaller blobs, that longest commit with ``s3-staged-copy-threshold``
+staging every blob and staging none, to help choose its default.
 
 Everything listens on 127.0.0.1 only and the working directory is temporary.
 moto is made to serve ranged GETs at the cost of the range, as S3 does
@@ -110,8 +111,6 @@ EVICTED = 5
 RAM_DIR = "/dev/shm"
 
 COMMIT_SMALL = "commit small blobs"
-LOCK_RATIO = "lock ratio, RelStorage"
-COMMIT_LOCK = "commit lock"
 COLD_SMALL = "cold read small blobs"
 COMMIT_LARGE = "commit large blob"
 COLD_LARGE = "cold read large blob"
@@ -120,6 +119,8 @@ WARM_READ = "warm read, cached blob"
 ORPHANS = "collect orphans"
 EVICTION = "eviction check"
 INSTALL_FSYNC = "cache install, fsync"
+LOCK_RATIO = "lock ratio, RelStorage"
+COMMIT_LOCK = "commit lock"
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ class Bench:
         return self._site
 
     def _start_site(self) -> Site:
-        pgserver, deploy = test_helpers()
+        pgserver, deploy = shared_test_helpers()
         try:
             bindir = pgserver.find_bindir()
         except pgserver.PostgreSQLMissing as exc:
@@ -395,7 +396,7 @@ class Bench:
         return Site(base, committer)
 
 
-def test_helpers():
+def shared_test_helpers():
     """``tests/pgserver.py`` and ``tests/deploy.py``, imported as the tests
     import them (their folder on sys.path): the bench starts PostgreSQL and
     writes ``<relstorage>`` exactly as the tests do."""
@@ -804,8 +805,8 @@ def lock_ratio(bench: Bench, wan: bool = False) -> Row:
     typical = site.committer.typical() * 1000
     note = (
         f"{human(scale.large_size)} blob, median of {repeats}; storage column: "
-        f"the second process's longest commit (typically {typical:.0f} ms, one "
-        f"every {PROBE_INTERVAL * 1000:g} ms); boto3 column: the blob's commit"
+        f"the second process's longest commit (typically {typical:.0f} ms, "
+        f"{PROBE_INTERVAL * 1000:g} ms apart); boto3 column: the blob's commit"
     )
     return Row(
         LOCK_RATIO + link.label, longest, seconds, longest / seconds, 0.1, note=note
