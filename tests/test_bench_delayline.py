@@ -206,19 +206,21 @@ def _assert_near_the_cap(seconds: float, size: int) -> None:
     assert FASTER * size / CAP <= seconds <= SLOWER * size / CAP + 2 * DELAY
 
 
-@pytest.mark.parametrize("connections", [1, 4])
-def test_the_cap_holds_for_uploads_over_all_connections(sink_server, connections):
-    with DelayLine(target=sink_server, delay=0.001, bandwidth=CAP) as line:
-        seconds = _in_parallel(_upload, line, [SENT // connections] * connections)
-        assert line.counters().client_to_server == SENT
-    _assert_near_the_cap(seconds, SENT)
+#: Per direction: the server fixture, the transfer, and the counter.
+TRANSFERS = {
+    "upload": ("sink_server", _upload, "client_to_server"),
+    "download": ("source_server", _download, "server_to_client"),
+}
 
 
 @pytest.mark.parametrize("connections", [1, 4])
-def test_the_cap_holds_for_downloads_over_all_connections(source_server, connections):
-    with DelayLine(target=source_server, delay=0.001, bandwidth=CAP) as line:
-        seconds = _in_parallel(_download, line, [SENT // connections] * connections)
-        assert line.counters().server_to_client == SENT
+@pytest.mark.parametrize("direction", sorted(TRANSFERS))
+def test_the_cap_holds_over_all_connections(request, direction, connections):
+    server, transfer, counter = TRANSFERS[direction]
+    target = request.getfixturevalue(server)
+    with DelayLine(target=target, delay=0.001, bandwidth=CAP) as line:
+        seconds = _in_parallel(transfer, line, [SENT // connections] * connections)
+        assert getattr(line.counters(), counter) == SENT
     _assert_near_the_cap(seconds, SENT)
 
 
