@@ -66,6 +66,52 @@ def failing(
 
 
 @contextlib.contextmanager
+def calling(store, operation: str, callback: Callable[[str], None]) -> Iterator[None]:
+    """Call *callback* with the URL of each of *store*'s *operation* requests
+    just before it is sent."""
+
+    def call(request, **_kw):
+        callback(unquote(request.url))
+
+    with _hooked(store, f"before-send.s3.{operation}", call):
+        yield
+
+
+class Gate:
+    """Requests held before they are sent, until :meth:`open` is called."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+        self.arrived = threading.Event()
+        self._open = threading.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@contextlib.contextmanager
+def holding(
+    store, operation: str, when: Callable[[str], bool] = lambda url: True
+) -> Iterator[Gate]:
+    """Hold *store*'s *operation* requests whose URL matches *when* before
+    they are sent, until the gate opens (at the latest when the block ends)."""
+    gate = Gate()
+
+    def hold(request, **_kw):
+        url = unquote(request.url)
+        if when(url):
+            gate.held.append(url)
+            gate.arrived.set()
+            gate._open.wait(120)
+
+    with _hooked(store, f"before-send.s3.{operation}", hold):
+        try:
+            yield gate
+        finally:
+            gate.open()
+
+
+@contextlib.contextmanager
 def _hooked(store, event: str, handler) -> Iterator[None]:
     for client in store.clients:
         client.meta.events.register(event, handler)

@@ -279,3 +279,28 @@ def test_checksum_mismatch(make_storage, tmp_path, committed):
         "s3_failures[checksum_mismatch]": 2,
         "s3_retries[checksum_mismatch]": 1,
     }
+
+
+def test_uploads_and_their_bytes_are_counted_at_vote(make_storage):
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    before = storage.stats()
+    commit_blobs(db, {"a": b"x" * 3_000, "b": b"y" * 5_000})
+    moved = changed(before, storage.stats())
+    db.close()
+    assert moved["uploads"] == 2
+    assert moved["upload_bytes"] == 8_000
+
+
+def test_an_aborted_transactions_deletes_are_counted(make_storage):
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    before = storage.stats()
+    refused = lambda url: url.endswith("/2/" + url.rsplit("/", 1)[-1])  # noqa: E731
+    with failing(storage._store, "PutObject", refused), pytest.raises(ObjectStoreError):
+        commit_blobs(db, {"a": b"uploaded", "b": b"refused", "c": b"uploaded"})
+    transaction.abort()
+    moved = changed(before, storage.stats())
+    db.close()
+    assert moved["aborted_deletes"] == 3, "every key the vote attempted"
+    assert "uploads" not in moved, "nothing was voted"

@@ -18,6 +18,11 @@ on a history-free base. Safety rules:
   an orphan by the same age rule: a young one is still left alone, since a
   process whose clock is ahead may be voting it);
 - keys that do not match the layout exactly are never touched;
+- staging objects (``staging/``: uploads made before their transaction's id
+  was known, copied to their revision's key at vote and deleted after the
+  transaction ends) are orphans once S3 last modified them more than the same
+  grace period ago: no vote lasts a day, and nothing ever reads them
+  otherwise. Younger ones are never touched;
 - an MVCC base (RelStorage) is read through a new instance synced to its
   latest commit: the main instance, which ``pack()`` runs on, keeps the
   snapshot it last polled, and its ``lastTransaction()`` would hide every
@@ -68,6 +73,10 @@ class CollectionReport:
     #: Keys whose tid's timestamp is more than the grace period ahead of now.
     future: int = 0
     foreign: int = 0
+    #: Staging objects younger than the grace period: left alone.
+    staging: int = 0
+    #: Staging objects older than it: orphans (also in ``orphans``).
+    staging_expired: int = 0
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
     deleted: int = 0
@@ -180,25 +189,36 @@ def collect_orphans(
             else:
                 report.orphans.append(key)
                 report.orphan_bytes += size
+    for key, size, last_modified in store.list_objects(layout.staging_root):
+        if last_modified > now - grace:
+            report.staging += 1
+        else:
+            report.staging_expired += 1
+            report.orphans.append(key)
+            report.orphan_bytes += size
     if not dry_run and report.orphans:
         try:
             report.deleted = store.delete(report.orphans)
         except ObjectStoreError as exc:
             raise OrphansNotDeleted(report, exc) from exc
         for key in report.orphans:
-            cache.discard(*layout.parse(key))
+            revision = layout.parse(key)
+            if revision is not None:
+                cache.discard(*revision)
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
-        "%d foreign, %d orphans (%d bytes, %d of them above the last commit "
-        "for more than %g s) %s",
+        "%d foreign, %d staging, %d orphans (%d bytes, %d of them above the "
+        "last commit and %d staging, for more than %g s) %s",
         store.url(layout.root),
         report.scanned,
         report.kept,
         report.in_flight,
         report.foreign,
+        report.staging,
         len(report.orphans),
         report.orphan_bytes,
         report.stale_in_flight,
+        report.staging_expired,
         grace,
         "listed" if dry_run else "deleted",
     )

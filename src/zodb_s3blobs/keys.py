@@ -2,16 +2,20 @@
 
 The layout (lower-case hex without leading zeros) is byte-compatible with the
 buckets written by earlier zodb-s3blobs releases, so existing data needs no
-migration.
+migration. Uploads made before their transaction's id is known (RelStorage,
+see ``s3-staged-copy-threshold``) go to ``[{prefix}/]staging/{random}.blob``
+first, a folder the revision layout never parses.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 
 from ZODB.utils import p64, u64
 
 BLOBS_FOLDER = "blobs"
+STAGING_FOLDER = "staging"
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9._\-/]+")
 _KEY = re.compile(r"blobs/([0-9a-f]{1,16})/([0-9a-f]{1,16})\.blob")
 
@@ -49,12 +53,17 @@ class KeyLayout:
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = validate_prefix(prefix)
-        self.root = (
-            f"{self.prefix}/{BLOBS_FOLDER}/" if self.prefix else (f"{BLOBS_FOLDER}/")
-        )
+        top = f"{self.prefix}/" if self.prefix else ""
+        self.root = f"{top}{BLOBS_FOLDER}/"
+        #: Where uploads wait for their transaction's id; never a revision.
+        self.staging_root = f"{top}{STAGING_FOLDER}/"
 
     def key(self, oid: bytes, tid: bytes) -> str:
         return f"{self.root}{hex_id(oid)}/{hex_id(tid)}.blob"
+
+    def staging_key(self) -> str:
+        """A new, unguessable key under :attr:`staging_root`."""
+        return f"{self.staging_root}{secrets.token_hex(16)}.blob"
 
     def parse(self, key: str) -> tuple[bytes, bytes] | None:
         """Return (oid, tid) for a key of this layout, or None for any other key.

@@ -24,10 +24,10 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from io import RawIOBase
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import boto3
@@ -46,7 +46,9 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 
 from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
+from .metrics import Metrics
 from .redact import PresignedURL, protect
+from .s3metrics import failure_cause, instrument
 from .settings import (
     MAX_PUT_SIZE,
     MiB,
@@ -57,6 +59,7 @@ from .settings import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: S3 accepts at most this many keys in one DeleteObjects request.
 DELETE_BATCH = 1000
@@ -119,6 +122,22 @@ def _written_crc32(out: BinaryIO) -> int:
     return crc
 
 
+def raise_first(failures: list[BaseException], attempted: int) -> None:
+    """Raise the first of *failures* (out of *attempted* transfers), saying how
+    many failed; return if there are none."""
+    if not failures:
+        return
+    first = failures[0]
+    if len(failures) == 1:
+        raise first
+    count = f"({len(failures)} of {attempted} transfers failed)"
+    if isinstance(first, ObjectStoreError):
+        raise ObjectStoreError(
+            first.operation, first.key, f"{first.cause} {count}"
+        ) from first
+    raise S3BlobStorageError(f"{first} {count}") from first
+
+
 def _http_status(exc: Exception) -> int:
     """The HTTP status of a botocore ClientError; 0 for any other failure."""
     if isinstance(exc, ClientError):
@@ -158,8 +177,10 @@ class ObjectInfo(NamedTuple):
 class ObjectStore:
     """Put, get, copy, list and delete objects of one bucket."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        #: What the requests did (counted by botocore event hooks).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.bucket = settings.bucket
         customer_key = (
             decode_sse_customer_key(settings.sse_customer_key)
@@ -184,21 +205,19 @@ class ObjectStore:
         self._reader = self._make_client(
             settings.download_connect_timeout, settings.download_read_timeout, 1
         )
+        instrument(self.metrics, self._client, self._reader)
         self._check_transport()
-        self._transfers = create_transfer_manager(
-            self._client,
-            TransferConfig(
-                max_concurrency=settings.max_concurrency,
-                multipart_threshold=(
-                    settings.multipart_threshold if settings.multipart else MAX_PUT_SIZE
-                ),
-                multipart_chunksize=settings.part_size,
-                preferred_transfer_client="classic",
-            ),
-        )
+        # Two transfer managers with their own queues: transfers made at vote,
+        # perhaps under a base's commit lock, never wait behind the parts of
+        # uploads started in the background for other transactions.
+        self._transfers = self._transfer_manager()
+        self._background_transfers = self._transfer_manager()
         self.fast_stream = FAST_STREAM
         self._pool = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs"
+        )
+        self._background = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix="zodb-s3blobs-upload"
         )
         self._get_args: dict[str, object] = {}
         self._put_args: dict[str, object] = {}
@@ -216,6 +235,20 @@ class ObjectStore:
             if settings.sse_kms_key_id:
                 self._put_args["SSEKMSKeyId"] = settings.sse_kms_key_id
             self._copy_args = self._put_args
+
+    def _transfer_manager(self):
+        settings = self.settings
+        return create_transfer_manager(
+            self._client,
+            TransferConfig(
+                max_concurrency=settings.max_concurrency,
+                multipart_threshold=(
+                    settings.multipart_threshold if settings.multipart else MAX_PUT_SIZE
+                ),
+                multipart_chunksize=settings.part_size,
+                preferred_transfer_client="classic",
+            ),
+        )
 
     def _check_transport(self) -> None:
         """Refuse an endpoint in plain HTTP when TLS is required, judged by the
@@ -392,11 +425,14 @@ class ObjectStore:
     # -- writing ---------------------------------------------------------
 
     def transfer(
-        self, uploads: Iterable[tuple[str, str]], copies: Iterable[tuple[str, str]]
+        self,
+        uploads: Iterable[tuple[str, str]],
+        copies: Iterable[tuple[str, str, str | None]],
     ) -> None:
-        """Upload files ``(path, key)`` and copy objects ``(source_key, key)`` in
-        parallel (at most ``max_concurrency`` requests at once), recording each
-        upload's CRC32 in its metadata.
+        """Upload files ``(path, key)`` and copy objects ``(source_key, key,
+        checksum)`` in parallel (at most ``max_concurrency`` requests at once),
+        recording each upload's CRC32 in its metadata. A copy keeps its
+        source's metadata, or with a *checksum* records that one instead.
 
         Waits for every transfer, then raises an ObjectStoreError naming the first
         failure and how many failed; nothing is left running on return.
@@ -407,15 +443,18 @@ class ObjectStore:
         checksums = list(self._pool.map(file_crc32, [path for path, _key in uploads]))
         futures: list[tuple[str, str, Future]] = []
         for (path, key), crc in zip(uploads, checksums, strict=True):
-            args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
-            future = self._transfers.upload(path, self.bucket, key, extra_args=args)
+            future = self._start_upload(self._transfers, path, key, crc)
             futures.append(("upload", key, future))
-        for source, key in copies:
+        for source, key, checksum in copies:
+            args = dict(self._copy_args)
+            if checksum is not None:
+                args["Metadata"] = {CHECKSUM_METADATA: checksum}
+                args["MetadataDirective"] = "REPLACE"
             future = self._transfers.copy(
                 {"Bucket": self.bucket, "Key": source},
                 self.bucket,
                 key,
-                extra_args=dict(self._copy_args),
+                extra_args=args,
             )
             futures.append(("copy", key, future))
         failures = []
@@ -427,16 +466,27 @@ class ObjectStore:
                 # vote that failed while uploads still ran would have its
                 # abort delete keys that those uploads then write again.
                 failures.append(self._error(operation, key, exc))
-        if failures:
-            first = failures[0]
-            if len(failures) > 1:
-                raise ObjectStoreError(
-                    first.operation,
-                    first.key,
-                    f"{first.cause} ({len(failures)} of {len(futures)} transfers "
-                    "failed)",
-                ) from first
-            raise first
+        raise_first(failures, len(futures))
+
+    def _start_upload(self, manager, path: str, key: str, crc: str):
+        args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
+        return manager.upload(path, self.bucket, key, extra_args=args)
+
+    def submit(self, job: Callable[..., T], *args) -> Future[T]:
+        """Run ``job(*args)`` in the background, at most ``max_concurrency``
+        jobs at once; they are waited for when the store closes."""
+        return self._background.submit(job, *args)
+
+    def upload(self, path: str, key: str) -> str:
+        """Upload the file at *path* to *key*, recording its CRC32; return the
+        CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
+        apart from those of :meth:`transfer`."""
+        crc = file_crc32(path)
+        try:
+            self._start_upload(self._background_transfers, path, key, crc).result()
+        except Exception as exc:
+            raise self._error("upload", key, exc) from exc
+        return crc
 
     def delete(self, keys: Iterable[str], quick: bool = False) -> int:
         """Delete *keys* with DeleteObjects, 1000 a request; return the count.
@@ -521,6 +571,10 @@ class ObjectStore:
                         + (f", s3-download-max-attempts {limit})" if limit else ")"),
                         exc.transient,
                     ) from exc
+                mismatch = isinstance(exc, _ChecksumMismatch)
+                self.metrics.retried(
+                    "checksum_mismatch" if mismatch else failure_cause(exc)
+                )
                 log.warning("Retrying (attempt %d): %s", attempt + 1, exc)
                 time.sleep(pause)
                 attempt += 1
@@ -564,6 +618,7 @@ class ObjectStore:
             if crc is None:
                 crc = _written_crc32(out)
             if f"{crc:08x}" != expected.lower():
+                self.metrics.failed("checksum_mismatch")
                 raise _ChecksumMismatch(
                     "GET",
                     self.url(key),
@@ -726,7 +781,9 @@ class ObjectStore:
         return PresignedURL(url)
 
     def close(self) -> None:
+        self._background.shutdown()
         self._pool.shutdown()
+        self._background_transfers.shutdown()
         self._transfers.shutdown()
         self._client.close()
         self._reader.close()

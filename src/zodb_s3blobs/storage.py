@@ -5,20 +5,25 @@ Modelled on ZODB's ``BlobStorage`` proxy and zc.zlibstorage's IStorageWrapper:
 the base's methods are bound onto the instance, the base's interfaces are
 provided, invalidations pass through, and the blob methods are overridden.
 
-Two-phase commit: ``storeBlob`` stages the file in the cache's ``tmp/``;
-``tpc_vote`` uploads every staged file (and performs undo's server-side
-copies) in parallel and fails the vote if any transfer fails; ``tpc_finish``
-only renames staged files into the cache and cannot fail; ``tpc_abort``
-deletes every object this transaction tried to write.
+Two-phase commit: ``storeBlob`` stages the file in the cache's ``tmp/`` and
+starts its upload in the background where the base has fixed the tid (on
+RelStorage, a large blob goes to a staging key, see ``_stage``);
+``tpc_vote`` waits for those uploads, then makes what needed the tid (the
+other uploads, the copies of staged uploads and undo's copies) in parallel,
+and fails the vote if any transfer fails; ``tpc_finish`` only renames staged
+files into the cache and cannot fail; ``tpc_abort`` settles the uploads and
+deletes every object this transaction created.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
 from base64 import decodebytes
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import zope.interface
@@ -41,16 +46,20 @@ from ZODB.utils import oid_repr, tid_repr, z64
 from . import gc, unghost
 from .cache import MIN_AGE, BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
+from .exposition import MetricsFile
 from .keys import KeyLayout
-from .objectstore import ObjectStore, file_crc32
+from .metrics import Metrics
+from .objectstore import ObjectStore, file_crc32, raise_first
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
-from .tids import check_supported, reuses_aborted_tid, tid_at_vote
+from .tids import check_supported, reuses_aborted_tid, tid_at_begin, tid_at_vote
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 1 << 30
+#: Seconds between two writes of metrics-file.
+DEFAULT_METRICS_INTERVAL = 15.0
 #: How often openCommittedBlobFile reloads a file evicted before it was opened.
 _OPEN_ATTEMPTS = 5
 
@@ -98,6 +107,7 @@ class _Shared:
     cache: BlobCache
     pack_lock: threading.Lock
     download_on_unghost: bool
+    metrics: Metrics
 
 
 class _FilesystemView:
@@ -138,6 +148,19 @@ def _reach_bucket(store: ObjectStore, settings: S3Settings) -> None:
         )
 
 
+def _log_staging_failure(keys: list[str], done: Future | None) -> None:
+    """Log staging objects left behind (*done*: their delete, if one ran)."""
+    if done is not None and done.exception() is None:
+        return
+    log.warning(
+        "Could not delete %d staging object(s); the orphan collection removes "
+        "them once a day old: %s",
+        len(keys),
+        ", ".join(keys),
+        exc_info=done and done.exception(),
+    )
+
+
 def _oids_stored_by(base, tid: bytes) -> list[bytes]:
     """The oids transaction *tid* stored, from the base's iterator. For undo:
     ``IStorageUndoable.undo`` may return None instead of the oids it undid
@@ -157,7 +180,11 @@ class S3BlobStorage:
     *download_on_unghost* makes loading a Blob object download its file at
     once, as ZODB's own storages have it on disk then; by default the download
     waits until the blob is opened or ``committed()`` is called. Eviction
-    leaves files used within *cache_min_age* seconds.
+    leaves files used within *cache_min_age* seconds. *cache_group* (a gid)
+    may read the cached files. With *metrics_file*, this process's figures
+    (:meth:`stats`) are written there every *metrics_interval* seconds,
+    labelled with *metrics_database* (default: where the blobs are, e.g.
+    ``s3://bucket/prefix/blobs/``; see :mod:`zodb_s3blobs.exposition`).
     """
 
     def __init__(
@@ -168,19 +195,44 @@ class S3BlobStorage:
         cache_size: int = DEFAULT_CACHE_SIZE,
         download_on_unghost: bool = False,
         cache_min_age: float = MIN_AGE,
+        cache_group: int | None = None,
+        metrics_file: str | None = None,
+        metrics_interval: float = DEFAULT_METRICS_INTERVAL,
+        metrics_database: str | None = None,
     ) -> None:
         check_base(base)
         layout = KeyLayout(settings.prefix)
-        cache = BlobCache(cache_dir, cache_size, cache_min_age)
-        store = ObjectStore(settings)
+        metrics = Metrics()
+        # Checked before anything is created; written once the storage is set up.
+        self._exporter = (
+            MetricsFile(
+                metrics_file,
+                metrics_interval,
+                self.stats,
+                metrics_database or f"s3://{settings.bucket}/{layout.root}",
+                os.path.abspath(cache_dir),
+            )
+            if metrics_file
+            else None
+        )
+        cache = store = None
         try:
+            cache = BlobCache(
+                cache_dir, cache_size, cache_min_age, cache_group, metrics
+            )
+            store = ObjectStore(settings, metrics)
             _reach_bucket(store, settings)
         except BaseException:
-            store.close()
-            cache.close()
+            for part in (store, cache, self._exporter):
+                if part:
+                    part.close()
             raise
-        shared = _Shared(store, layout, cache, threading.Lock(), download_on_unghost)
+        shared = _Shared(
+            store, layout, cache, threading.Lock(), download_on_unghost, metrics
+        )
         self._setup(base, shared, True)
+        if self._exporter:
+            self._exporter.start()
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -216,6 +268,18 @@ class S3BlobStorage:
             f"<S3BlobStorage {self._store.url(self._layout.root)} "
             f"around {self._base!r}>"
         )
+
+    def stats(self) -> dict:
+        """This storage's figures since it opened (shared by its MVCC
+        instances), under the stable names of :mod:`zodb_s3blobs.metrics`
+        (docs/metrics.md): counters, the S3 request histogram, the bytes in
+        the cache directory (all processes; None before its first scan) and
+        the files this process knows there."""
+        return {
+            **self._shared.metrics.snapshot(),
+            "cache_bytes": self._cache.recorded_bytes(),
+            "cache_files": self._cache.indexed_files(),
+        }
 
     # -- IStorageWrapper: pass the base's calls up to the database ---------
 
@@ -271,15 +335,42 @@ class S3BlobStorage:
     def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
         assert not version, "Versions aren't supported."
         self._base.store(oid, oldserial, data, "", transaction)
-        self._pending(transaction).stage(
-            StagedBlob(oid, self._cache.take(blobfilename))
-        )
+        self._stage(transaction, StagedBlob(oid, self._cache.take(blobfilename)))
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, transaction):
         self._base.restore(oid, serial, data, "", prev_txn, transaction)
-        self._pending(transaction).stage(
-            StagedBlob(oid, self._cache.take(blobfilename), serial)
+        self._stage(
+            transaction, StagedBlob(oid, self._cache.take(blobfilename), serial)
         )
+
+    def _stage(self, transaction, blob: StagedBlob) -> None:
+        """Stage *blob* and start its upload now, in the background, where its
+        key allows: a restored revision's key is known; so is a new one's when
+        the base fixed the tid in tpc_begin. On a base that chooses the tid at
+        vote (RelStorage, under its commit lock), a blob of at least
+        ``s3-staged-copy-threshold`` goes to a staging key now and is copied
+        to its revision's key at vote; a smaller one is uploaded at vote."""
+        commit = self._pending(transaction)
+        commit.stage(blob)
+        if blob.tid is not None:
+            blob.upload_key = self._layout.key(blob.oid, blob.tid)
+            blob.upload = self._store.submit(self._upload_restored, blob)
+            return
+        if commit.tid is not None:
+            blob.upload_key = self._layout.key(blob.oid, commit.tid)
+        elif os.path.getsize(blob.path) >= self._store.settings.staged_copy_threshold:
+            blob.upload_key = self._layout.staging_key()
+            blob.staged = True
+        else:
+            return
+        blob.upload = self._store.submit(self._store.upload, blob.path, blob.upload_key)
+
+    def _upload_restored(self, blob: StagedBlob) -> str | None:
+        """Upload a restored revision unless its key holds these bytes already
+        (see _existing_restore_target); return the CRC32 recorded, if any."""
+        if self._existing_restore_target(blob) is _SAME_BYTES:
+            return None
+        return self._store.upload(blob.path, blob.upload_key)
 
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
         """Return the path of the cached, read-only file of this blob revision,
@@ -288,7 +379,9 @@ class S3BlobStorage:
         if not self._shared.download_on_unghost and unghost.called_by_setstate(
             sys._getframe(1)
         ):
+            self._shared.metrics.unghosted_lazily(oid, serial)
             return self._cache.path(oid, serial)
+        self._shared.metrics.opened(oid, serial)
         key = self._layout.key(oid, serial)
         try:
             return self._cache.fetch(
@@ -401,49 +494,63 @@ class S3BlobStorage:
 
     def tpc_begin(self, transaction, *args, **kw):
         result = self._base.tpc_begin(transaction, *args, **kw)
-        self._commit = PendingCommit(transaction)
+        self._commit = PendingCommit(transaction, tid_at_begin(self._base))
         return result
 
     def tpc_vote(self, transaction):
-        resolved = self._base.tpc_vote(transaction)
         commit = self._pending(transaction)
+        # The uploads started at store time, first: one that failed fails the
+        # vote before the base votes (and RelStorage locks rows).
+        failures = commit.settle_uploads(cancel=False)
+        raise_first(failures, len(commit.blobs))
+        resolved = self._base.tpc_vote(transaction)
         if commit.has_transfers():
-            self._upload(commit)
+            self._transfer_at_vote(commit)
+            self._count_uploads(commit)
         return resolved
 
-    def _upload(self, commit: PendingCommit) -> None:
-        if commit.copies or any(b.tid is None for b in commit.blobs.values()):
-            commit.tid = tid_at_vote(self._base)
+    def _count_uploads(self, commit: PendingCommit) -> None:
+        """Add the voted transaction's uploads to the metrics: every blob but
+        the restored ones whose key held their bytes already."""
+        sizes = [
+            os.path.getsize(blob.path)
+            for blob in commit.blobs.values()
+            if not (blob.preexisting and blob.checksum is None)
+        ]
+        self._shared.metrics.add(uploads=len(sizes), upload_bytes=sum(sizes))
+
+    def _transfer_at_vote(self, commit: PendingCommit) -> None:
+        """Upload the blobs whose upload waited for the tid, copy the staged
+        ones and undo's sources to their revisions' keys, in parallel."""
+        later = [b for b in commit.blobs.values() if b.upload_key is None]
+        staged = [b for b in commit.blobs.values() if b.staged]
+        if not (later or staged or commit.copies):
+            return
+        # RelStorage takes its commit lock here (see tids._relstorage_tid).
+        tid = commit.tid = commit.tid or tid_at_vote(self._base)
         key = self._layout.key
-        uploads = []
-        for blob in commit.blobs.values():
-            target = key(blob.oid, blob.tid or commit.tid)
-            if blob.tid is None:
-                uploads.append((blob.path, target))
-                continue
-            existing = self._existing_restore_target(target, blob.path)
-            if existing is not _ABSENT:
-                # Not this transaction's to delete on abort.
-                commit.preexisting_keys.add(target)
-            if existing is not _SAME_BYTES:
-                uploads.append((blob.path, target))
-        copies = [
-            (key(oid, source), key(oid, commit.tid))
+        uploads = [(b.path, key(b.oid, tid)) for b in later]
+        copies = [(b.upload_key, key(b.oid, tid), b.checksum) for b in staged]
+        copies += [
+            (key(oid, source), key(oid, tid), None)
             for oid, source in commit.copies.items()
         ]
-        commit.attempted_keys = [k for _p, k in uploads] + [k for _s, k in copies]
+        commit.attempted_keys += [k for _p, k in uploads] + [k for _s, k, _c in copies]
         self._store.transfer(uploads, copies)
 
-    def _existing_restore_target(self, key: str, path: str) -> object:
-        """What *key*, the target of a restored revision, holds already (a
+    def _existing_restore_target(self, blob: StagedBlob) -> object:
+        """What the key of *blob*, a restored revision, holds already (a
         repeated zodbconvert, a rerun after a failure): _ABSENT; _SAME_BYTES
         (same size and CRC32: not uploaded again); or _UNCHECKED (same size,
         written without a CRC32, e.g. by 1.x: uploaded again, which records
         one). Other bytes under a committed revision's key fail the vote
-        rather than be overwritten."""
+        rather than be overwritten. Marks the blob preexisting if the key
+        exists: an abort never deletes what this transaction did not create."""
+        key, path = blob.upload_key, blob.path
         existing = self._store.stat(key)
         if existing is None:
             return _ABSENT
+        blob.preexisting = True
         size = os.path.getsize(path)
         checksum = file_crc32(path)
         if existing.size == size and existing.checksum == checksum:
@@ -495,6 +602,7 @@ class S3BlobStorage:
             commit.discard_files()
         except OSError:
             log.warning("Could not remove staged files", exc_info=True)
+        self._delete_staging(commit)
         return tid
 
     def tpc_abort(self, transaction):
@@ -522,13 +630,19 @@ class S3BlobStorage:
             self._base.tpc_abort(transaction)
 
     def _abort(self, commit: PendingCommit, quick: bool) -> None:
-        """Remove the staged files and delete the objects this transaction
-        created; log, never raise (tpc_abort must not fail)."""
-        created = commit.created_keys()
+        """Settle the uploads started at store time, remove the staged files
+        and delete the objects this transaction created; log, never raise
+        (tpc_abort must not fail)."""
+        created: list[str] = []
         try:
+            # An upload still running when its DELETE is sent would land after
+            # it: wait for those, cancel those not started.
+            commit.settle_uploads(cancel=True)
+            created = commit.created_keys()
             commit.discard_files()
             if created:
                 self._store.delete(created, quick=quick)
+                self._shared.metrics.add(aborted_deletes=len(created))
         except Exception:
             log.error(
                 "Aborted transaction left %d object(s) in S3 that the next pack "
@@ -537,6 +651,21 @@ class S3BlobStorage:
                 ", ".join(created),
                 exc_info=True,
             )
+        self._delete_staging(commit)
+
+    def _delete_staging(self, commit: PendingCommit) -> None:
+        """Delete the transaction's staging objects in the background, best
+        effort: no later transaction writes their random keys, and the
+        collector removes those left (older than a day)."""
+        keys = commit.staging_keys
+        if not keys:
+            return
+        try:
+            self._store.submit(self._store.delete, keys).add_done_callback(
+                functools.partial(_log_staging_failure, keys)
+            )
+        except RuntimeError:  # the store is closing
+            _log_staging_failure(keys, None)
 
     # -- pack ------------------------------------------------------------------
 
@@ -572,14 +701,25 @@ class S3BlobStorage:
         with *stale_in_flight* also keys above the last commit that are more
         than a day old (see :func:`zodb_s3blobs.gc.collect_orphans`; pack
         never deletes those)."""
-        return gc.collect_orphans(
-            self._base,
-            self._store,
-            self._layout,
-            self._cache,
-            dry_run=dry_run,
-            stale_in_flight=stale_in_flight,
-        )
+        report = None
+        try:
+            report = gc.collect_orphans(
+                self._base,
+                self._store,
+                self._layout,
+                self._cache,
+                dry_run=dry_run,
+                stale_in_flight=stale_in_flight,
+            )
+        except gc.OrphansNotDeleted as exc:
+            report = exc.report
+            raise
+        finally:
+            if report is not None:
+                self._shared.metrics.add(
+                    orphans_found=len(report.orphans), orphans_deleted=report.deleted
+                )
+        return report
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -588,5 +728,7 @@ class S3BlobStorage:
             self._base.close()
         finally:
             if self._owner:
+                if self._exporter:
+                    self._exporter.close()  # a last write, all still open
                 self._store.close()
                 self._cache.close()

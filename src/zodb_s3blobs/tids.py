@@ -7,11 +7,14 @@ here, explicitly, where its tid is after its own ``tpc_vote``; the tests pin
 each rule against the ZODB versions installed. An unsupported base is refused
 when the storage is opened rather than guessed at.
 
-RelStorage chooses its tid late, in ``tpc_finish``, unless it locks early; for
-a transaction with blobs to upload this module makes it lock early (see
-``_relstorage_tid``), so the database's commit lock is held while the blobs
-upload. The rule uses RelStorage internals, so it is enabled only for the
-RelStorage major versions it is tested with.
+Where the tid is fixed in ``tpc_begin`` (``tid_at_begin``), uploads start at
+``storeBlob``. RelStorage chooses its tid late, in ``tpc_finish``, unless it
+locks early; for a transaction with blobs this module makes it lock early, at
+vote (see ``_relstorage_tid``), after the large blobs' staged uploads have
+finished, so the database's commit lock is held only while small blobs
+upload and staged ones are copied server-side. The rule uses RelStorage
+internals, so it is enabled only for the RelStorage major versions it is
+tested with.
 """
 
 from __future__ import annotations
@@ -79,6 +82,27 @@ def _mapping_storage(storage: MappingStorage) -> bytes:
 def _demo_storage(storage: DemoStorage) -> bytes:
     # DemoStorage commits into its `changes` storage under that storage's tid.
     return tid_at_vote(storage.changes)
+
+
+@functools.singledispatch
+def tid_at_begin(storage: object) -> bytes | None:
+    """The tid *storage* will commit the transaction it began under, if the
+    base fixes it in ``tpc_begin`` (so uploads can start at ``storeBlob``);
+    None for a base that chooses it later (RelStorage: under its commit lock)."""
+    return None
+
+
+@tid_at_begin.register(FileStorage)
+@tid_at_begin.register(MappingStorage)
+def _tid_chosen_at_begin(storage) -> bytes:
+    # Both assign self._tid in tpc_begin (see _file_storage, _mapping_storage).
+    return tid_at_vote(storage)
+
+
+@tid_at_begin.register
+def _demo_storage_begin(storage: DemoStorage) -> bytes | None:
+    # DemoStorage.tpc_begin calls its changes storage's tpc_begin at once.
+    return tid_at_begin(storage.changes)
 
 
 @functools.singledispatch
@@ -152,8 +176,9 @@ def _relstorage_tid(storage) -> bytes:
     # then finds the move done and only commits. Otherwise the tid is chosen
     # in tpc_finish.
     # Here we take the same early path for this one transaction (it has blobs
-    # to upload); undo and restore have locked already. The price: the
-    # database's commit lock is held while the blobs upload.
+    # to upload or copy); undo and restore have locked already. The price:
+    # the database's commit lock is held while the blobs below
+    # s3-staged-copy-threshold upload and the staged ones are copied.
     phase = storage._tpc_phase
     if phase.committing_tid_lock is None:
         phase._lock_and_move(vote_only=True)

@@ -148,6 +148,8 @@ def _lines(
                 report.stale_in_flight,
             ],
             ["foreign (not of the layout, left alone)", report.foreign],
+            ["staging (younger than a day, left alone)", report.staging],
+            ["staging older than a day (orphans)", report.staging_expired],
             [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
             ["deleted", report.deleted],
         ],
