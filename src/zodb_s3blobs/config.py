@@ -74,6 +74,16 @@ def _cache_dir(value: str) -> str:
     return value
 
 
+def _existing_directory(value: str) -> str:
+    """An absolute path of an existing directory (one only read)."""
+    value = value.strip()
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    if not os.path.isdir(value):
+        raise ValueError(f"{value!r} is not a directory")
+    return value
+
+
 def _addressing_style(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "path", "virtual"):
@@ -211,6 +221,9 @@ cache_group = _keyed("cache-group", _group)
 cache_min_age = _keyed("cache-min-age", _seconds)
 metrics_file = _keyed("metrics-file", _metrics_file)
 metrics_interval = _keyed("metrics-interval", _positive_float)
+fallback_blob_dir = _keyed("fallback-blob-dir", _existing_directory)
+fallback_blob_chunk = _keyed("fallback-blob-chunk", stock_datatypes["boolean"])
+fallback_upload = _keyed("fallback-upload", stock_datatypes["boolean"])
 
 
 class S3BlobStorageFactory(BaseConfig):
@@ -264,6 +277,9 @@ class S3BlobStorageFactory(BaseConfig):
                 metrics_file=self.config.metrics_file,
                 metrics_interval=self.config.metrics_interval,
                 metrics_database=self.name,
+                fallback_blob_dir=self.config.fallback_blob_dir,
+                fallback_blob_chunk=self.config.fallback_blob_chunk,
+                fallback_upload=self.config.fallback_upload,
             )
         except BaseException:
             base.close()

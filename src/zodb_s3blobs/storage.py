@@ -17,6 +17,7 @@ deletes every object this transaction created.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -47,6 +48,7 @@ from . import gc, unghost
 from .cache import MIN_AGE, BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .exposition import MetricsFile
+from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
 from .objectstore import ObjectStore, file_crc32, raise_first
@@ -108,6 +110,10 @@ class _Shared:
     pack_lock: threading.Lock
     download_on_unghost: bool
     metrics: Metrics
+    #: Where revisions not yet in S3 are read from (see fallback.py).
+    fallback: Fallback | None = None
+    #: Upload what was read from the fallback to its S3 key.
+    fallback_upload: bool = True
 
 
 class _FilesystemView:
@@ -185,6 +191,9 @@ class S3BlobStorage:
     (:meth:`stats`) are written there every *metrics_interval* seconds,
     labelled with *metrics_database* (default: where the blobs are, e.g.
     ``s3://bucket/prefix/blobs/``; see :mod:`zodb_s3blobs.exposition`).
+    *fallback_blob_dir* (a ZODB blob directory) or *fallback_blob_chunk*
+    (RelStorage's ``blob_chunk`` table) is read for revisions S3 does not
+    have (yet), and with *fallback_upload* what is read there is uploaded.
     """
 
     def __init__(
@@ -199,6 +208,9 @@ class S3BlobStorage:
         metrics_file: str | None = None,
         metrics_interval: float = DEFAULT_METRICS_INTERVAL,
         metrics_database: str | None = None,
+        fallback_blob_dir: str | None = None,
+        fallback_blob_chunk: bool = False,
+        fallback_upload: bool = True,
     ) -> None:
         check_base(base)
         layout = KeyLayout(settings.prefix)
@@ -220,6 +232,9 @@ class S3BlobStorage:
             cache = BlobCache(
                 cache_dir, cache_size, cache_min_age, cache_group, metrics
             )
+            fallback = open_fallback(
+                fallback_blob_dir, fallback_blob_chunk, base, cache.temp_dir
+            )
             store = ObjectStore(settings, metrics)
             _reach_bucket(store, settings)
         except BaseException:
@@ -228,7 +243,14 @@ class S3BlobStorage:
                     part.close()
             raise
         shared = _Shared(
-            store, layout, cache, threading.Lock(), download_on_unghost, metrics
+            store,
+            layout,
+            cache,
+            threading.Lock(),
+            download_on_unghost,
+            metrics,
+            fallback,
+            fallback_upload,
         )
         self._setup(base, shared, True)
         if self._exporter:
@@ -383,9 +405,12 @@ class S3BlobStorage:
             return self._cache.path(oid, serial)
         self._shared.metrics.opened(oid, serial)
         key = self._layout.key(oid, serial)
+        from_fallback: list[bool] = []
         try:
-            return self._cache.fetch(
-                oid, serial, lambda out: self._store.download(key, out)
+            path = self._cache.fetch(
+                oid,
+                serial,
+                lambda out: self._download(oid, serial, key, out, from_fallback),
             )
         except ObjectNotFound as exc:
             if not gc.revision_exists(self._base, oid, serial):
@@ -399,14 +424,65 @@ class S3BlobStorage:
                     f"after it was loaded ({exc.key})",
                     oid=oid,
                 ) from exc
+            fallback = self._shared.fallback
             raise POSKeyError(
-                f"No blob file: {exc.key} does not exist", oid, serial
+                not_in_either(exc.key, fallback, oid, serial)
+                if fallback
+                else f"No blob file: {exc.key} does not exist",
+                oid,
+                serial,
             ) from exc
         except S3BlobStorageError as exc:  # S3, or a download that lied
             raise BlobReadError(
                 f"Could not read blob {oid_repr(oid)} revision {tid_repr(serial)}: "
                 f"{exc}"
             ) from exc
+        if from_fallback and self._shared.fallback_upload:
+            self._upload_later(path, key)
+        return path
+
+    def _download(
+        self, oid: bytes, serial: bytes, key: str, out, from_fallback: list
+    ) -> int:
+        """Download the revision into *out*; if S3 answers that it does not
+        exist (a 404, never a transient failure), read it from the fallback,
+        noting that in *from_fallback*."""
+        try:
+            return self._store.download(key, out)
+        except ObjectNotFound:
+            fallback = self._shared.fallback
+            if fallback is None:
+                raise
+            out.seek(0)
+            out.truncate()
+            size = fallback.read(oid, serial, out)
+            if size is None:
+                raise
+            from_fallback.append(True)
+            return size
+
+    def _upload_later(self, path: str, key: str) -> None:
+        """Upload a revision read from the fallback, from its cached file, in
+        the background: the bucket fills as the site is used. Best effort:
+        until it succeeds (or ``migrate`` copies it), reads find it in the
+        fallback. A migrate uploading the same revision writes the same bytes."""
+
+        def upload() -> None:
+            try:
+                self._store.upload(path, key)
+            except (OSError, S3BlobStorageError) as exc:
+                log.warning("Could not upload %s from the fallback: %s", key, exc)
+
+        with contextlib.suppress(RuntimeError):  # the store is closing
+            self._store.submit(upload)
+
+    def _in_fallback_only(self, oid: bytes, serial: bytes) -> bool:
+        """Is this committed revision absent from S3 while a fallback is
+        configured (so that it can only be read from there)?"""
+        return (
+            self._shared.fallback is not None
+            and self._store.stat(self._layout.key(oid, serial)) is None
+        )
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         for _attempt in range(_OPEN_ATTEMPTS):
@@ -437,13 +513,24 @@ class S3BlobStorage:
         not committed. ``filename`` makes browsers save it under that name.
 
         ``str()`` of the result is the URL; its repr hides the signature.
-        Refused under SSE-C, where the reader would need the key.
+        Refused under SSE-C, where the reader would need the key. None, with
+        a logged reason, for a revision still only in the fallback: serve it
+        through Zope, which reads it from there (and uploads it).
         """
         if (
             not serial
             or serial == z64
             or not gc.revision_exists(self._base, oid, serial)
         ):
+            return None
+        if self._in_fallback_only(oid, serial):
+            log.info(
+                "No presigned URL for blob %s revision %s: it is not in S3 yet, "
+                "only in %s",
+                oid_repr(oid),
+                tid_repr(serial),
+                self._shared.fallback.describe(),
+            )
             return None
         return self._store.presigned_url(
             self._layout.key(oid, serial), expires, filename, content_type
@@ -531,10 +618,12 @@ class S3BlobStorage:
         key = self._layout.key
         uploads = [(b.path, key(b.oid, tid)) for b in later]
         copies = [(b.upload_key, key(b.oid, tid), b.checksum) for b in staged]
-        copies += [
-            (key(oid, source), key(oid, tid), None)
-            for oid, source in commit.copies.items()
-        ]
+        for oid, source in commit.copies.items():
+            if self._in_fallback_only(oid, source):
+                # Not in S3 yet: upload the undone-to revision's file instead.
+                uploads.append((self.loadBlob(oid, source), key(oid, tid)))
+            else:
+                copies.append((key(oid, source), key(oid, tid), None))
         commit.attempted_keys += [k for _p, k in uploads] + [k for _s, k, _c in copies]
         self._store.transfer(uploads, copies)
 
