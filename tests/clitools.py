@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+import zlib
 from pathlib import Path
 
 import ZODB
@@ -21,6 +22,7 @@ from ZODB.blob import Blob, FilesystemHelper
 
 import s3env
 from zodb_s3blobs.keys import KeyLayout
+from zodb_s3blobs.objectstore import CHECKSUM_METADATA
 
 
 def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -142,6 +144,20 @@ def s3_read(key: str) -> bytes:
     return response["Body"].read()
 
 
+def crc32(data: bytes) -> str:
+    """The CRC32 of *data* as recorded in an object's metadata."""
+    return f"{zlib.crc32(data):08x}"
+
+
+def s3_rewrite(key: str, data: bytes, checksum: str | None) -> None:
+    """Replace the object under *key* by *data*, with *checksum* as its
+    recorded CRC32 (None: none, as zodb-s3blobs 1.x wrote objects)."""
+    metadata = {} if checksum is None else {CHECKSUM_METADATA: checksum}
+    s3env.server().client().put_object(
+        Bucket=s3env.BUCKET, Key=key, Body=data, Metadata=metadata
+    )
+
+
 def commit_blobs(
     storage, sizes: list[int], updates: int = 0
 ) -> dict[tuple[bytes, bytes], bytes]:
@@ -201,6 +217,16 @@ def relstorage_with_blob_chunks(
     section = relstorage(adapter, keep_history, blob_dir=tmp_path / "rs-blob-cache")
     storage = ZODB.config.storageFromString("%import relstorage\n" + section)
     return commit_blobs(storage, sizes, updates=2)
+
+
+def filestorage_with_blob_dir(
+    tmp_path: Path, sizes: list[int]
+) -> tuple[dict[tuple[bytes, bytes], bytes], Path, Path]:
+    """A FileStorage keeping blobs of *sizes* (two of them updated) in its own
+    blob directory, as before a move to S3: (every revision, Data.fs, blob dir)."""
+    data_fs, blob_dir = tmp_path / "Data.fs", tmp_path / "blobs"
+    storage = ZODB.config.storageFromString(filestorage(data_fs, blob_dir))
+    return commit_blobs(storage, sizes, updates=2), data_fs, blob_dir
 
 
 def blob_dir_revisions(blob_dir: Path) -> dict[tuple[bytes, bytes], int]:

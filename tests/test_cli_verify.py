@@ -1,9 +1,12 @@
 """``zodb-s3blobs verify``, run as a user would: a database whose blobs were
 committed through S3BlobStorage (FileStorage base), one migrated from
-RelStorage (SQLite), and the same through a zope.conf with --db."""
+RelStorage (SQLite), and the same through a zope.conf with --db; the bytes
+proved with --checksums, a run resumed from its state file, and whether a
+read-through fallback can be removed."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -194,3 +197,268 @@ def test_verify_shows_progress_on_a_terminal(database):
     assert code == 0
     assert b"\rread base: " in shown
     assert b"\rcompare sizes: " in shown
+    code, shown = clitools.run_on_terminal("verify", config, "--checksums")
+    assert code == 0
+    assert b"\rverify checksums: " in shown
+
+
+def other_bytes(data: bytes) -> bytes:
+    """*data* with its first byte changed: the same size, another CRC32."""
+    return bytes([data[0] ^ 0xFF]) + data[1:]
+
+
+@pytest.fixture
+def migrated_blob_dir(tmp_path):
+    """A FileStorage's blob directory migrated to S3: CONFIG (without the blob
+    directory), every revision's bytes, and the blob directory."""
+    revisions, data_fs, blob_dir = clitools.filestorage_with_blob_dir(tmp_path, SIZES)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    assert run("migrate", config, "--from-blob-dir", blob_dir).returncode == 0
+    return config, revisions, blob_dir
+
+
+def test_a_wrong_upload_is_found_against_the_blob_dir(migrated_blob_dir):
+    """An object whose bytes (and the CRC32 recorded with them) are not the
+    blob file's: --checksums against the blob directory finds it; a download
+    cannot (the object agrees with its own CRC32)."""
+    config, revisions, blob_dir = migrated_blob_dir
+    source = ("--from-blob-dir", blob_dir, "--all-revisions")
+    code, report = run_json("verify", config, "--checksums", *source)
+    assert code == 0, report
+    checksums = report["checksums"]
+    assert checksums["compared_with"].startswith(f"blob directory {blob_dir}")
+    assert checksums["checked"] == checksums["matching"] == len(revisions)
+    assert checksums["differing"] == checksums["unreadable"] == []
+
+    (oid, tid), data = max(revisions.items())
+    key = clitools.layout(config).key(oid, tid)
+    wrong = other_bytes(data)
+    clitools.s3_rewrite(key, wrong, clitools.crc32(wrong))
+
+    code, report = run_json("verify", config, "--checksums", *source)
+    assert code == 1
+    assert report["ok"] is False
+    assert report["checksums"]["matching"] == len(revisions) - 1
+    assert report["checksums"]["differing"] == [
+        {
+            "oid": hex_id(oid),
+            "tid": hex_id(tid),
+            "key": key,
+            "outcome": "mismatch",
+            "s3_size": len(wrong),
+            "s3_crc32": clitools.crc32(wrong),
+            "local_size": len(data),
+            "local_crc32": clitools.crc32(data),
+        }
+    ]
+    result = run("verify", config, "--checksums", *source)
+    assert result.returncode == 1
+    assert (
+        f"1 object(s) differ from blob directory {blob_dir}" in result.stderr
+        and f"(first: {key}, CRC32 {clitools.crc32(wrong)} and {len(data)} bytes "
+        f"in S3, {clitools.crc32(data)} and {len(data)} local)"
+        in result.stderr
+    ), result.stderr
+    assert result.stdout.splitlines()[-1] == "PROBLEMS FOUND"
+    assert run("verify", config, "--checksums", "--download").returncode == 0
+
+
+def test_bytes_damaged_in_s3_are_found_by_download(database):
+    """Bytes changed in S3 under the CRC32 recorded at upload (damage at rest,
+    or a server answering other bytes): the recorded CRC32 still agrees with
+    every copy; only --download, which reads the bytes, finds them."""
+    config, revisions = database
+    (oid, tid), data = max(clitools.current(revisions).items())
+    key = clitools.layout(config).key(oid, tid)
+    damaged = other_bytes(data)
+    clitools.s3_rewrite(key, damaged, clitools.crc32(data))
+
+    assert run("verify", config, "--checksums").returncode == 0  # the cache agrees
+    code, report = run_json("verify", config, "--checksums", "--download")
+    assert code == 1
+    checksums = report["checksums"]
+    assert checksums["compared_with"] == "a download of each object"
+    assert checksums["matching"] == len(SIZES) - 1
+    [entry] = checksums["differing"]
+    assert entry["key"] == key
+    assert (entry["s3_crc32"], entry["local_crc32"]) == (
+        clitools.crc32(data),
+        clitools.crc32(damaged),
+    )
+    assert entry["s3_size"] == entry["local_size"] == len(data)
+
+
+def test_objects_of_1x_are_compared_by_size(database):
+    """Objects written by zodb-s3blobs 1.x record no CRC32: compared by size,
+    counted and listed apart, not a failure; a size that differs is one."""
+    config, revisions = database
+    newest = sorted(clitools.current(revisions).items())
+    keys = [clitools.layout(config).key(oid, tid) for (oid, tid), _data in newest]
+    clitools.s3_rewrite(keys[0], newest[0][1], None)  # the 1.x object
+    clitools.s3_rewrite(keys[1], newest[1][1] + b"more", None)
+
+    code, report = run_json("verify", config, "--checksums")
+    assert code == 1
+    checksums = report["checksums"]
+    assert checksums["compared_by_size"] == {"count": 1, "keys": [keys[0]]}
+    assert checksums["matching"] == len(SIZES) - 2
+    [entry] = checksums["differing"]
+    assert entry["key"] == keys[1]
+    assert "s3_crc32" not in entry
+    assert entry["s3_size"] == entry["local_size"] + len(b"more")
+    # A download of a 1.x object can only be compared with its listed size.
+    code, report = run_json("verify", config, "--checksums", "--download")
+    assert code == 0
+    assert report["checksums"]["compared_by_size"] == {"count": 2, "keys": keys[:2]}
+    result = run("verify", config, "--checksums")
+    row = "sizes matching (1.x, no checksum)"
+    assert [line.split() for line in result.stdout.splitlines() if row in line] == [
+        [*row.split(), "1"]
+    ]
+
+
+def state_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_resumes_from_its_state_file(database, tmp_path):
+    """With --state, a rerun skips the objects an earlier run verified: it does
+    not see damage done to them since; a line torn by a crash is ignored and
+    its object checked again; a state file of another reference is refused."""
+    config, revisions = database
+    state = tmp_path / "verify.state"
+    args = ("verify", config, "--all-revisions", "--checksums", "--download")
+    code, report = run_json(*args, "--state", state)
+    assert code == 0
+    assert report["checksums"]["checked"] == len(revisions)
+    assert report["checksums"]["state"] == str(state)
+    header, *checks = state_lines(state)
+    assert header["compared_with"] == "a download of each object"
+    assert {check["outcome"] for check in checks} == {"match"}
+    assert len(checks) == len(revisions)
+
+    last = checks[-1]["key"]
+    oid, tid = clitools.layout(config).parse(last)
+    clitools.s3_rewrite(last, other_bytes(revisions[oid, tid]), checks[-1]["s3_crc32"])
+    code, report = run_json(*args, "--state", state)
+    assert code == 0  # every object was verified before: none is checked
+    assert report["checksums"]["checked"] == 0
+    assert report["checksums"]["verified_earlier"] == len(revisions)
+    assert run_json(*args)[0] == 1  # without the state file, the damage shows
+
+    text = state.read_bytes()
+    state.write_bytes(text[:-9])  # a crash while writing the last line
+    code, report = run_json(*args, "--state", state)
+    assert code == 1
+    assert report["checksums"]["checked"] == 1
+    assert report["checksums"]["verified_earlier"] == len(revisions) - 1
+    assert [entry["key"] for entry in report["checksums"]["differing"]] == [last]
+    assert state.read_bytes().startswith(text[:-9] + b"\n")  # the torn line ended
+    assert json.loads(state.read_text().splitlines()[-1])["outcome"] == "mismatch"
+    code, report = run_json(*args, "--state", state)
+    assert (code, report["checksums"]["checked"]) == (1, 1)  # failed: checked again
+
+    code, report = run_json("verify", config, "--checksums", "--state", state)
+    assert code == 2
+    assert report["error"].startswith(
+        f"--state {state} records checks with compared_with 'a download of each "
+        f"object', this run's is 'cache-dir {tmp_path / 'cache'}'"
+    )
+
+
+@pytest.mark.s3_servers("moto")
+def test_options_that_go_with_checksums(database, tmp_path):
+    config, _revisions = database
+    for args, error in [
+        (["--download"], "--download goes with --checksums"),
+        (["--state", tmp_path / "s"], "--state goes with --checksums"),
+        (
+            ["--checksums", "--download", "--from-relstorage"],
+            "--download compares each object with its own recorded CRC32: leave "
+            "out --from-blob-dir and --from-relstorage",
+        ),
+    ]:
+        code, report = run_json("verify", config, *args)
+        assert (code, report["error"]) == (2, error)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_checksums_against_relstorage_blob_chunk(request, tmp_path, backend):
+    if backend == "sqlite":
+        adapter = clitools.sqlite3(tmp_path / "rs")
+    else:  # each blob is one large object there
+        dsn = request.getfixturevalue("postgresql").create_database()
+        adapter = f"<postgresql>\n    dsn {dsn}\n  </postgresql>"
+    revisions = clitools.relstorage_with_blob_chunks(tmp_path, SIZES, adapter)
+    config = clitools.write_config(tmp_path, clitools.relstorage(adapter))
+    assert run("migrate", config, "--from-relstorage").returncode == 0
+    args = ("verify", config, "--all-revisions", "--checksums", "--from-relstorage")
+    code, report = run_json(*args)
+    assert code == 0, report
+    assert report["checksums"]["compared_with"].startswith("blob_chunk table of")
+    assert report["checksums"]["matching"] == len(revisions)
+
+    (oid, tid), data = min(revisions.items())
+    key = clitools.layout(config).key(oid, tid)
+    clitools.s3_rewrite(key, other_bytes(data), clitools.crc32(other_bytes(data)))
+    code, report = run_json(*args)
+    assert code == 1
+    [entry] = report["checksums"]["differing"]
+    assert (entry["key"], entry["local_crc32"]) == (key, clitools.crc32(data))
+
+
+def test_verify_says_when_the_fallback_blob_dir_can_go(tmp_path):
+    """A history-preserving base: the fallback can go only once every
+    revision, old ones too (--all-revisions), is in S3; --checksums compares
+    with the fallback when no source is given."""
+    revisions, data_fs, blob_dir = clitools.filestorage_with_blob_dir(tmp_path, SIZES)
+    config = clitools.write_config(
+        tmp_path, clitools.filestorage(data_fs), extra=f"fallback-blob-dir {blob_dir}"
+    )
+    code, report = run_json("verify", config, "--all-revisions")
+    assert code == 1
+    assert report["fallback_removable"] is False
+    assert report["fallback"]["not_in_s3"] == len(revisions)
+    result = run("verify", config, "--all-revisions")
+    assert (
+        f"The fallback (fallback-blob-dir {blob_dir}) is still needed: "
+        f"{len(revisions)} blob revision(s) are not in S3 yet" in result.stdout
+    )
+
+    assert run("migrate", config, "--from-blob-dir", blob_dir).returncode == 0
+    code, report = run_json("verify", config)
+    assert code == 0
+    assert report["fallback_removable"] is False  # older revisions not checked
+    assert "--all-revisions" in report["fallback"]["reason"]
+
+    code, report = run_json("verify", config, "--all-revisions", "--checksums")
+    assert code == 0, report
+    assert report["fallback_removable"] is True
+    assert report["checksums"]["compared_with"].startswith(f"blob directory {blob_dir}")
+    assert report["checksums"]["matching"] == len(revisions)
+    result = run("verify", config, "--all-revisions")
+    assert (
+        "The fallback is no longer needed: every blob revision the base holds is "
+        f"in S3. Remove fallback-blob-dir {blob_dir} from the <s3blobstorage> "
+        f"section of {config}." in " ".join(result.stdout.split())
+    )
+
+
+def test_a_history_free_base_needs_no_all_revisions(tmp_path):
+    """fallback-blob-chunk on a history-free RelStorage: it holds only current
+    revisions, so verify alone tells that the fallback can go."""
+    adapter = clitools.sqlite3(tmp_path / "rs")
+    clitools.relstorage_with_blob_chunks(tmp_path, SIZES, adapter, keep_history=False)
+    config = clitools.write_config(
+        tmp_path,
+        clitools.relstorage(adapter, keep_history=False),
+        extra="fallback-blob-chunk true",
+    )
+    code, report = run_json("verify", config, "--checksums")
+    assert (code, report["fallback_removable"]) == (1, False)
+    assert report["fallback"]["key"] == "fallback-blob-chunk true"
+    assert run("migrate", config, "--from-relstorage").returncode == 0
+    code, report = run_json("verify", config, "--checksums")
+    assert (code, report["fallback_removable"]) == (0, True)
+    assert report["checksums"]["compared_with"].startswith("blob_chunk table of")
+    assert report["checksums"]["matching"] == len(SIZES)
