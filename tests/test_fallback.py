@@ -275,3 +275,24 @@ def test_blob_chunk_needs_relstorage_and_excludes_blob_dir(tmp_path):
         config = clitools.write_config(tmp_path, base, extra=extra + "\n")
         with pytest.raises(ValueError, match=message):
             clitools.open_storage(config)
+
+
+def test_lazily_loaded_blobs_open_through_the_fallback(tmp_path):
+    revisions, config = filestorage_site(tmp_path)
+    db = ZODB.DB(clitools.open_storage(config))
+    try:
+        appended = {}
+        with db.transaction() as conn:
+            for blob in conn.root()["blobs"]:  # loaded lazily: nothing read yet
+                with blob.open() as f:
+                    data = f.read()
+                assert data == revisions[blob._p_oid, blob._p_serial]
+                with blob.open("a") as f:  # the committed file is copied first
+                    f.write(b"+")
+                appended[blob._p_oid] = data + b"+"
+        with db.transaction() as conn:
+            for blob in conn.root()["blobs"]:
+                with blob.open() as f:
+                    assert f.read() == appended[blob._p_oid]
+    finally:
+        db.close()
