@@ -5,6 +5,7 @@ storage that does not open each fail with what and why."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,10 +15,13 @@ from pathlib import Path
 import boto3
 import pytest
 import ZODB
+import ZODB.config
+from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
 import clitools
 from clitools import run, run_json
+from test_cache_group import other_group
 from zodb_s3blobs.cli.localserver import REGION
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
@@ -212,6 +216,80 @@ def test_a_cache_dir_others_can_read_fails(tmp_path):
         f"zodb-s3blobs: check failed: cache-dir: {cache} has mode 0o755: other "
         "users can read cached blobs (chmod 700 it)"
     ]
+
+
+def test_a_cache_set_up_for_cache_group_passes(tmp_path):
+    """cache-group makes cache-dir and its blob directories 0750 of that
+    group; tmp/ and locks/ stay 0700: what the storage set up passes."""
+    group = other_group()
+    config = clitools.write_config(
+        tmp_path,
+        existing_filestorage(tmp_path / "x.fs"),
+        extra=f"cache-group {group.gr_name}",
+    )
+    db = ZODB.DB(ZODB.config.storageFromString(config.read_text()))
+    with db.transaction() as conn:
+        conn.root()["blob"] = Blob(b"served by the web server")
+    db.close()
+    cache = tmp_path / "cache"
+    assert [d.stat().st_mode & 0o777 for d in (cache, cache / "tmp")] == [0o750, 0o700]
+    code, report = run_json("check", config)
+    assert code == 0, report
+    [cache_check] = [c for c in report["checks"] if c["name"] == "cache-dir"]
+    assert f"group {group.gr_name}" in cache_check["detail"]
+
+
+@pytest.mark.parametrize(
+    "where, mode, cause",
+    [
+        ("", 0o770, "has mode 0o770: group or others may write it (chmod 750 it)"),
+        ("", 0o755, "has mode 0o755: other users can read cached blobs (chmod 750 it)"),
+        (
+            "tmp",
+            0o750,
+            "has mode 0o750: other users can read cached blobs (chmod 700 it)",
+        ),
+        ("ab", 0o770, "has mode 0o770: group or others may write it (chmod 750 it)"),
+    ],
+)
+def test_a_cache_group_cache_fails_what_the_group_may_not(tmp_path, where, mode, cause):
+    """With cache-group, the group may read cache-dir and the blob
+    directories, never write them, and never read tmp/ or locks/."""
+    group = other_group()
+    config = clitools.write_config(
+        tmp_path,
+        existing_filestorage(tmp_path / "x.fs"),
+        extra=f"cache-group {group.gr_gid}",
+    )
+    cache = tmp_path / "cache"
+    for directory in (cache, cache / "tmp", cache / "locks", cache / "ab"):
+        directory.mkdir(mode=0o700)
+    os.chmod(cache, 0o750)
+    os.chown(cache, -1, group.gr_gid)
+    os.chmod(cache / where, mode)
+    result = run("check", config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: check failed: cache-dir: {cache / where if where else cache} "
+        + cause
+    ]
+
+
+def test_a_cache_dir_of_another_group_fails(tmp_path):
+    group = other_group()
+    config = clitools.write_config(
+        tmp_path,
+        existing_filestorage(tmp_path / "x.fs"),
+        extra=f"cache-group {group.gr_gid}",
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o750)
+    cache.chmod(0o750)
+    code, report = run_json("check", config)
+    assert code == 1
+    [cache_check] = [c for c in report["checks"] if c["name"] == "cache-dir"]
+    assert f"is of group {os.getegid()}" in cache_check["detail"]
+    assert f"chgrp {group.gr_name}" in cache_check["detail"]
 
 
 def failed_storage_check(tmp_path, section: str, base: str) -> str:

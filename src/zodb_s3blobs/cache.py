@@ -73,7 +73,8 @@ GROUP_FILE_MODE = 0o440
 LOCK_STRIPES = 256
 #: Eviction brings the cache down to this fraction of its size limit.
 EVICTION_TARGET = 0.9
-_RESERVED = ("tmp", "locks")
+#: The private directories of a cache; every other one holds blobs.
+RESERVED = ("tmp", "locks")
 _INSTALL_ATTEMPTS = 10
 #: Temp files older than this (seconds) were left by a killed process.
 ABANDONED_AFTER = 24 * 3600
@@ -876,7 +877,7 @@ def walk(
     Reads only: nothing is created, removed, locked or touched (operator
     tools walk a cache this way without opening it)."""
     for bucket in _subdirectories(directory):
-        if bucket.name in _RESERVED or not trusted(bucket):
+        if bucket.name in RESERVED or not trusted(bucket):
             continue
         for oid_dir in _subdirectories(bucket.path):
             if not trusted(oid_dir):

@@ -7,6 +7,7 @@ each failure names the bucket, key or path and the cause.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import stat
 import tempfile
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
 
-from ..cache import DIR_MODE
+from ..cache import DIR_MODE, GROUP_DIR_MODE, RESERVED
 from ..errors import ObjectStoreError
 from . import EXIT_FAILED, EXIT_OK, UsageError, add_operator_options
 from .output import emit, problem, table, waiting
@@ -30,9 +31,11 @@ DESCRIPTION = """\
 Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
 credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
-cache directory is writable and private, and the storage would open: its
-base storage opens read-only (a missing Data.fs is reported, never created),
-is one S3BlobStorage can serve, and the bucket answers the startup probe.
+cache directory is writable and private (with cache-group: it and its blob
+directories readable by that group only, tmp/ and locks/ private), and the
+storage would open: its base storage opens read-only (a missing Data.fs is
+reported, never created), is one S3BlobStorage can serve, and the bucket
+answers the startup probe.
 Nothing is created: not cache-dir, not the base. Every request is bounded by
 the download timeouts (s3-download-connect-timeout and
 s3-download-read-timeout, two attempts), so an endpoint that never answers
@@ -172,9 +175,40 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def check_cache_dir(path: str) -> Check:
+def _mode_problem(directory: str, shared: bool, group: int | None) -> str | None:
+    """What is wrong with the mode of a directory of the cache, or None. The
+    cache-dir and blob directories (*shared*) may be read, never written, by
+    cache-group (if set, and only by it); tmp/ and locks/ stay 0700."""
+    st = os.stat(directory)
+    mode = stat.S_IMODE(st.st_mode)
+    sharing = shared and group is not None
+    wanted = GROUP_DIR_MODE if sharing else DIR_MODE
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"has mode {mode:#o}: group or others may write it (chmod {wanted:o} it)"
+    if mode & ~wanted & 0o077:
+        return (
+            f"has mode {mode:#o}: other users can read cached blobs "
+            f"(chmod {wanted:o} it)"
+        )
+    if sharing and mode & 0o070 and st.st_gid != group:
+        return (
+            f"is of group {st.st_gid}, not cache-group {group}: its members "
+            f"cannot read it, others can (chgrp {_group_name(group)} it)"
+        )
+    return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def check_cache_dir(path: str, group: int | None = None) -> Check:
     """cache-dir (and its tmp/ and locks/) is private and writable, or can be
-    created."""
+    created; with cache-group (*group*, a gid), cache-dir and the blob
+    directories may be readable by that group."""
     if not os.path.exists(path):
         parent = _existing_ancestor(path)
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -191,17 +225,17 @@ def check_cache_dir(path: str) -> Check:
         )
     if not os.path.isdir(path):
         return Check("cache-dir", "failed", f"{path} is not a directory")
-    for directory in (path, os.path.join(path, "tmp"), os.path.join(path, "locks")):
+    with os.scandir(path) as entries:
+        blob_dirs = [e.path for e in entries if e.is_dir() and e.name not in RESERVED]
+    directories = [(path, True)]
+    directories += [(os.path.join(path, name), False) for name in RESERVED]
+    directories += [(directory, True) for directory in blob_dirs]
+    for directory, shared in directories:
         if not os.path.isdir(directory):
             continue
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-        if mode & 0o077:
-            return Check(
-                "cache-dir",
-                "failed",
-                f"{directory} has mode {mode:#o}: other users can read cached "
-                f"blobs (chmod {DIR_MODE:o} it)",
-            )
+        wrong = _mode_problem(directory, shared, group)
+        if wrong is not None:
+            return Check("cache-dir", "failed", f"{directory} {wrong}")
     tmp = os.path.join(path, "tmp")
     probe_dir = tmp if os.path.isdir(tmp) else path
     try:
@@ -211,7 +245,9 @@ def check_cache_dir(path: str) -> Check:
     except OSError as exc:
         return Check("cache-dir", "failed", f"{probe_dir} is not writable: {exc}")
     mode = stat.S_IMODE(os.stat(path).st_mode)
-    return Check("cache-dir", "ok", f"{path} is private (mode {mode:#o}) and writable")
+    shared = mode & 0o070 and group is not None
+    who = f"readable by group {_group_name(group)}" if shared else "private"
+    return Check("cache-dir", "ok", f"{path} is {who} (mode {mode:#o}) and writable")
 
 
 def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
@@ -263,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
             checks.append(check_round_trip(target, store))
         else:
             checks.append(Check("round trip", "skipped", "the bucket is not usable"))
-        checks.append(check_cache_dir(target.cache_dir))
+        checks.append(
+            check_cache_dir(target.cache_dir, target.section.config.cache_group)
+        )
         checks.append(check_storage(target, store, bucket_ok))
     failed = [check for check in checks if check.status == "failed"]
     for check in failed:
