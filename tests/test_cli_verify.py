@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -364,6 +367,42 @@ def test_a_run_resumes_from_its_state_file(database, tmp_path):
         f"--state {state} records checks with compared_with 'a download of each "
         f"object', this run's is 'cache-dir {tmp_path / 'cache'}'"
     )
+
+
+def test_a_run_interrupted_with_ctrl_c_resumes(tmp_path):
+    """Ctrl-C in the middle of a run: what it checked is in the state file,
+    and the rerun checks only the rest. (s3-max-concurrency 1 and many small
+    objects make the run last long enough to be interrupted.)"""
+    count = 300
+    config = clitools.write_config(
+        tmp_path,
+        clitools.filestorage(tmp_path / "Data.fs"),
+        extra="s3-max-concurrency 1",
+    )
+    clitools.commit_blobs(clitools.open_storage(config), [1] * count)
+    state = tmp_path / "verify.state"
+    args = ["verify", str(config), "--checksums", "--download", "--state", str(state)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zodb_s3blobs.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not state.exists() or len(state.read_text().splitlines()) < 11:
+        assert process.poll() is None, "verify ended before it was interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    done = len(state_lines(state)) - 1  # after the header line
+    assert 10 <= done < count
+
+    code, report = run_json(*args)
+    assert code == 0
+    assert report["checksums"]["verified_earlier"] == done
+    assert report["checksums"]["checked"] == count - done
 
 
 @pytest.mark.s3_servers("moto")

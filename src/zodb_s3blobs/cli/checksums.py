@@ -333,18 +333,18 @@ def check_all(
         else:
             todo.append((revision, key))
     checks: list[Check] = []
-    with (
-        counter("verify checksums", "blobs", len(todo)) as bar,
-        _pool(concurrency) as pool,
-    ):
+    with counter("verify checksums", "blobs", len(todo)) as bar:
         for batch in batches(todo, BATCH_PER_SLOT * concurrency):
-            with copies.files([revision for revision, _key in batch]) as paths:
+            listed = [revision for revision, _key in batch]
+            # The pool ends first: no job outlives the files it reads.
+            with copies.files(listed) as paths, _pool(concurrency) as pool:
                 futures = [
                     pool.submit(check_one, store, copies, key, path)
                     for (_revision, key), path in zip(batch, paths, strict=True)
                     if path is not None
                 ]
                 no_copy += len(batch) - len(futures)
+                bar.update(len(batch) - len(futures))
                 for future in as_completed(futures):
                     check = future.result()
                     bar.update(1)
