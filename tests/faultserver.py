@@ -42,6 +42,7 @@ class Faults:
     range_error_rate: float = 0.0  # answer a GET with a Range header 500
     reset_rate: float = 0.0  # drop the connection before answering
     cut_rate: float = 0.0  # send half the body, then drop the connection
+    body_stall: float = 0.0  # seconds to wait after half the body
     stall: float = 0.0  # seconds to wait before answering
     refused_keys: set[str] = field(default_factory=set)  # answer 403
     applies: Callable[[str, str], bool] = lambda method, path: True
@@ -113,6 +114,9 @@ class FaultyApp:
         if faults.draw() < faults.cut_rate:
             faults.note(f"cut {method} {path}")
             return self._cut_off(environ, start_response)
+        if faults.body_stall:
+            faults.note(f"stalled the body of {method} {path}")
+            return self._stall_body(environ, start_response)
         return self.app(environ, start_response)
 
     def _reset(self, environ, start_response):
@@ -132,6 +136,16 @@ class FaultyApp:
             raise ConnectionResetError("injected: connection dropped mid-body")
 
         return half_then_drop()
+
+    def _stall_body(self, environ, start_response):
+        body = b"".join(self.app(environ, start_response))
+
+        def half_then_wait():
+            yield body[: len(body) // 2]
+            time.sleep(min(self.faults.body_stall, MAX_STALL))
+            yield body[len(body) // 2 :]
+
+        return half_then_wait()
 
 
 def _self_signed(directory) -> tuple[str, str]:

@@ -200,12 +200,16 @@ def test_throttled_uploads_are_retried_then_fail(make_storage):
         (Faults(stall=2), "timeout"),
         (Faults(reset_rate=1.0), "connection"),
         (Faults(error_rate=1.0), "throttled"),
+        (Faults(cut_rate=1.0), "connection"),
+        (Faults(body_stall=2), "timeout"),
     ],
-    ids=["timeout", "connection", "throttled"],
+    ids=["timeout", "connection", "throttled", "body cut", "body stalled"],
 )
 def test_failed_downloads_by_cause(make_storage, tmp_path, committed, faults, cause):
     """Two attempts (s3-download-max-attempts 2) with a short read timeout, so
-    that a stall times out in a second."""
+    that a stall times out in a second. A body cut off or stalled fails after
+    its GET was answered: the download counts that failure, as botocore's
+    hooks count one before the answer."""
     settings, blobs = committed
     faults.applies = lambda method, path: method == "GET" and path.endswith(".blob")
     with faulty_s3(faults) as server:

@@ -78,15 +78,16 @@ LABELLED = {
     "s3_failures": (
         "cause",
         CAUSES,
-        "S3 requests that failed (after botocore's own retries), and downloads "
-        "whose bytes did not match their checksum, by cause.",
+        "S3 requests that failed (after botocore's own retries), download "
+        "attempts whose body broke off or stalled, and downloads whose bytes "
+        "did not match their checksum, by cause.",
     ),
 }
 #: The latency histogram of S3 requests, by operation.
 HISTOGRAM = "s3_request_duration_seconds"
 HISTOGRAM_HELP = (
     "Seconds an S3 request took, from the call to its answer (retries "
-    "included), by operation."
+    "included; for a GET, to its headers: not reading the body), by operation."
 )
 #: Upper bounds of the histogram's buckets, seconds: from a cached GET on a
 #: LAN to a multipart completion that a loaded provider answers in minutes.
