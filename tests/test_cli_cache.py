@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -193,6 +194,35 @@ def test_stats_sums_the_counters_of_the_processes_using_the_cache(tmp_path):
     code, stats = run_json("cache", "stats", config)
     assert (stats["processes"], stats["stopped_processes"]) == ([], 2)
     assert (stats["hits"], stats["misses"]) == (0, 0)
+
+
+def test_stats_skips_a_metrics_file_whose_counts_are_not_numbers(tmp_path):
+    """A file forged (or damaged) with +Inf for a counter is left out of the
+    sum, with a note on stderr and in --json."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    config = clitools.write_config(
+        tmp_path,
+        clitools.filestorage(tmp_path / "Data.fs"),
+        extra=f"metrics-file {metrics}/zodb-{{pid}}.prom",
+    )
+    pid = os.getpid()  # running: its file counts
+    labels = f'database="main",host="{socket.gethostname()}",pid="{pid}"'
+    forged = metrics / f"zodb-{pid}.prom"
+    forged.write_text(
+        "# TYPE zodb_s3blobs_info gauge\n"
+        f'zodb_s3blobs_info{{{labels},cache_dir="{tmp_path / "cache"}"}} 1.0\n'
+        "# TYPE zodb_s3blobs_cache_hits_total counter\n"
+        f"zodb_s3blobs_cache_hits_total{{{labels}}} +Inf\n"
+    )
+    note = f"{forged}: cache_hits is inf, not a count"
+    code, stats = run_json("cache", "stats", config)
+    assert code == 0
+    assert (stats["hits"], stats["processes"]) == (0, [])
+    assert stats["skipped_files"] == [note]
+    result = run("cache", "stats", config)
+    assert result.returncode == 0
+    assert result.stderr == f"zodb-s3blobs: metrics file skipped: {note}\n"
 
 
 def test_stats_without_metrics_file_reports_the_counters_unknown(config):

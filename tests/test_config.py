@@ -66,6 +66,12 @@ GOOD = "bucket-name my-bucket\ncache-dir {cache}"
         (GOOD + "\nmetrics-file /var/tmp/zodb-{{pid}}.txt", "metrics-file"),
         (GOOD + "\nmetrics-file /var/tmp/{{pid}}/zodb-{{pid}}.prom", "metrics-file"),
         (GOOD + "\nmetrics-file /var/tmp/zodb-{{pid}}-{{db}}.prom", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/tmp/zodb-{{host}}.prom", "metrics-file"),
+        (GOOD + "\nmetrics-file /var/{{host}}/zodb-{{pid}}.prom", "metrics-file"),
+        (
+            GOOD + "\nmetrics-file /var/tmp/zodb-{{pid}}-{{pid}}.prom",
+            "metrics-file",
+        ),
         (GOOD + "\nmetrics-interval 0", "metrics-interval"),
         (GOOD + "\nmetrics-interval often", "metrics-interval"),
         (GOOD + "\nbucket-name again", "bucket-name"),
@@ -226,6 +232,15 @@ def test_cache_and_metrics_defaults(tmp_path):
     assert c.cache_group is None, "private by default"
     assert c.metrics_file is None
     assert c.metrics_interval == 15.0
+
+
+def test_metrics_file_may_name_the_host(tmp_path):
+    value = "/var/lib/node_exporter/zodb-{host}-{pid}.prom"
+    config, _handler = ZConfig.loadConfigFile(
+        ZODB.config.getStorageSchema(),
+        io.StringIO(section(GOOD.format(cache=tmp_path) + f"\nmetrics-file {value}")),
+    )
+    assert config.storage.config.metrics_file == value
 
 
 def test_cache_min_age_reaches_the_cache(tmp_path):

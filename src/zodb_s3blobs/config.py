@@ -159,27 +159,9 @@ def _group(value: str) -> int:
 
 
 def _metrics_file(value: str) -> str:
-    """An absolute path whose file name holds ``{pid}`` and ends in .prom
-    (node_exporter's textfile collector reads only those)."""
-    from .exposition import PLACEHOLDER
+    from .exposition import check_template
 
-    value = value.strip()
-    directory, name = os.path.split(value)
-    if not os.path.isabs(value):
-        raise ValueError(f"must be an absolute path, not {value!r}")
-    if PLACEHOLDER not in name or PLACEHOLDER in directory:
-        raise ValueError(
-            f"the file name must hold {PLACEHOLDER} (each process writes its "
-            f"own file), not {value!r}; e.g. /var/lib/node_exporter/"
-            "zodb-{pid}.prom"
-        )
-    if "{" in name.replace(PLACEHOLDER, "") or "}" in name.replace(PLACEHOLDER, ""):
-        raise ValueError(f"{PLACEHOLDER} is the only placeholder, not in {value!r}")
-    if not name.endswith(".prom"):
-        raise ValueError(
-            f"must end in .prom (the only files node_exporter reads), not {value!r}"
-        )
-    return value
+    return check_template(value)
 
 
 def _part_size(value: str) -> int:

@@ -3,12 +3,15 @@
 
 Each process writes its own file, for node_exporter's textfile collector:
 ``metrics-file`` is a path whose file name holds ``{pid}``, replaced by the
-process id, so one configuration serves every process of a site, and every
-``metrics-interval`` seconds a daemon thread replaces the file atomically
-(prometheus_client's ``write_to_textfile``: a temporary file in the same
-directory, renamed over it). The thread stops when the storage closes, after
-a last write. Files that processes no longer running on this host left are
-removed when a storage with the same ``metrics-file`` opens.
+process id, so one configuration serves every process of a site (and
+perhaps ``{host}``, the host name, for a directory that hosts or containers
+with pid namespaces of their own share), and every ``metrics-interval``
+seconds a daemon thread replaces the file atomically (prometheus_client's
+``write_to_textfile``: a temporary file in the same directory, renamed over
+it). The thread stops when the storage closes, after
+a last write. Files (and temporary files) that processes no longer running
+on this host left are removed when a storage with the same ``metrics-file``
+opens; other hosts' files are left alone.
 
 Every sample is labelled with the database (the name of the
 ``<s3blobstorage NAME>`` section, else where its blobs are:
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import math
 import os
 import re
 import socket
@@ -34,12 +38,17 @@ from .metrics import COUNTERS, GAUGES, HISTOGRAM, HISTOGRAM_HELP, LABELLED
 
 log = logging.getLogger(__name__)
 
+_HOST_LABEL = re.compile(r'[{,]host="([^"\\]*)"')
+
 PREFIX = "zodb_s3blobs_"
 #: The info metric (InfoMetricFamily adds ``_info`` to the name).
 INFO = "zodb_s3blobs"
 #: The labels of every sample: which database, on which host, in which process.
 PROCESS_LABELS = ("database", "host", "pid")
 PLACEHOLDER = "{pid}"
+#: Optional: the host name, for a directory shared by hosts whose processes
+#: may have the same pids (containers in pid namespaces of their own).
+HOST_PLACEHOLDER = "{host}"
 INSTALL_HINT = "pip install 'zodb-s3blobs[metrics]'"
 #: The files written by this process's open storages: two would overwrite
 #: each other's.
@@ -59,21 +68,73 @@ def require_prometheus_client(key: str = "metrics-file") -> None:
         ) from None
 
 
+def check_template(value: str) -> str:
+    """A ``metrics-file`` value, stripped, or ValueError saying what is
+    wrong: an absolute path whose file name holds ``{pid}`` (each process
+    writes its own file), perhaps ``{host}``, and ends in .prom (the only
+    files node_exporter's textfile collector reads)."""
+    value = value.strip()
+    directory, name = os.path.split(value)
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    if PLACEHOLDER not in name or "{" in directory:
+        raise ValueError(
+            f"the file name must hold {PLACEHOLDER} (each process writes its "
+            f"own file), not {value!r}; e.g. /var/lib/node_exporter/"
+            "zodb-{host}-{pid}.prom"
+        )
+    rest = name.replace(PLACEHOLDER, "", 1).replace(HOST_PLACEHOLDER, "", 1)
+    if "{" in rest or "}" in rest:
+        raise ValueError(
+            f"{PLACEHOLDER} and {HOST_PLACEHOLDER}, once each, are the only "
+            f"placeholders, not in {value!r}"
+        )
+    if not name.endswith(".prom"):
+        raise ValueError(
+            f"must end in .prom (the only files node_exporter reads), not {value!r}"
+        )
+    return value
+
+
 def process_path(template: str, pid: int) -> str:
-    """The metrics file of process *pid* for a ``metrics-file`` *template*."""
-    return template.replace(PLACEHOLDER, str(pid))
+    """The metrics file of process *pid* of this host for a ``metrics-file``
+    *template*."""
+    return _this_host(template).replace(PLACEHOLDER, str(pid))
 
 
-def process_files(template: str) -> Iterator[tuple[int, str]]:
-    """``(pid, path)`` of every existing file of *template*'s processes."""
-    directory, name = os.path.split(template)
+def _this_host(template: str) -> str:
+    return template.replace(HOST_PLACEHOLDER, socket.gethostname())
+
+
+def process_files(template: str, temporary: bool = False) -> Iterator[tuple[int, str]]:
+    """``(pid, path)`` of every existing file of *template*'s processes (of
+    this host, if the template names it); with *temporary*, of the temporary
+    files ``write_to_textfile`` writes them through (``<file>.<pid>.<thread>``)
+    instead."""
+    directory, name = os.path.split(_this_host(template))
     before, _placeholder, after = name.partition(PLACEHOLDER)
-    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    pattern = re.compile(
+        re.escape(before)
+        + r"(\d+)"
+        + re.escape(after)
+        + (r"\.(\d+)\.\d+" if temporary else "")
+    )
     found = glob.glob(os.path.join(glob.escape(directory), glob.escape(before) + "*"))
     for path in sorted(found):
         match = pattern.fullmatch(os.path.basename(path))
-        if match:
+        if match and (not temporary or match.group(1) == match.group(2)):
             yield int(match.group(1)), path
+
+
+def _host_label(path: str) -> str | None:
+    """The host label of a metrics file, which may be a temporary file cut
+    off mid-write: its first samples carry it."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            found = _HOST_LABEL.search(file.read(4096))
+    except OSError:
+        return None
+    return found.group(1) if found else None
 
 
 def running(pid: int) -> bool:
@@ -146,6 +207,10 @@ class MetricsFile:
         database: str,
         cache_dir: str,
     ) -> None:
+        try:
+            template = check_template(template)
+        except ValueError as exc:
+            raise S3BlobStorageError(f"metrics-file: {exc}") from None
         require_prometheus_client()
         from prometheus_client import CollectorRegistry
 
@@ -157,14 +222,8 @@ class MetricsFile:
             )
         self.path = process_path(template, os.getpid())
         with _in_use_lock:
-            if self.path in _in_use:
-                raise S3BlobStorageError(
-                    f"metrics-file: {self.path} is written by another storage "
-                    "of this process already: give each database a file name "
-                    "of its own, e.g. zodb-main-{pid}.prom and "
-                    "zodb-catalog-{pid}.prom"
-                )
-            _in_use.add(self.path)
+            self._check_free()
+        self._claimed = False
         self.interval = interval
         self._figures = figures
         self._database = database
@@ -178,8 +237,25 @@ class MetricsFile:
         )
         self._template = template
 
+    def _check_free(self) -> None:
+        """Raise if another storage of this process writes the file; the
+        caller holds ``_in_use_lock``."""
+        if self.path in _in_use:
+            raise S3BlobStorageError(
+                f"metrics-file: {self.path} is written by another storage "
+                "of this process already: give each database a file name "
+                "of its own, e.g. zodb-main-{host}-{pid}.prom and "
+                "zodb-catalog-{host}-{pid}.prom"
+            )
+
     def start(self) -> None:
-        """Remove the files of processes gone, then write every interval."""
+        """Claim the file (checked free at construction, so that a storage
+        that fails to open claims nothing), remove the files of processes
+        gone, then write every interval."""
+        with _in_use_lock:
+            self._check_free()  # another storage of this process opened since
+            _in_use.add(self.path)
+            self._claimed = True
         self._remove_stale(self._template)
         self._thread.start()
 
@@ -188,14 +264,21 @@ class MetricsFile:
 
     @staticmethod
     def _remove_stale(template: str) -> None:
-        """Remove the files of processes of this user no longer running here:
-        node_exporter would go on exporting their last figures."""
-        for pid, path in process_files(template):
-            if pid == os.getpid() or running(pid):
-                continue
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_uid == os.geteuid():
-                    os.remove(path)
+        """Remove the files, and temporary files, of processes of this user
+        no longer running on this host: node_exporter would go on exporting
+        their last figures. Files of other hosts (in a shared directory,
+        known by their host label) are theirs to remove."""
+        host = socket.gethostname()
+        for temporary in (False, True):
+            for pid, path in process_files(template, temporary):
+                if pid == os.getpid() or running(pid):
+                    continue
+                with contextlib.suppress(OSError):
+                    if (
+                        os.lstat(path).st_uid == os.geteuid()
+                        and _host_label(path) == host
+                    ):
+                        os.remove(path)
 
     def collect(self) -> list:
         """The families written (prometheus_client's Collector protocol)."""
@@ -233,8 +316,9 @@ class MetricsFile:
         except Exception:
             log.exception("Could not write the metrics file %s", self.path)
         finally:
-            with _in_use_lock:
-                _in_use.discard(self.path)
+            if self._claimed:
+                with _in_use_lock:
+                    _in_use.discard(self.path)
 
 
 #: The counters ``zodb-s3blobs cache stats`` sums over the processes.
@@ -249,41 +333,52 @@ CACHE_COUNTERS = (
 
 
 def read_cache_figures(template: str, cache_dir: str) -> dict:
-    """The cache counters of the running processes whose metrics files
-    (*template*'s) say they use *cache_dir*, summed, parsed with
+    """The cache counters of the running processes of this host whose metrics
+    files (*template*'s) say they use *cache_dir*, summed, parsed with
     prometheus_client's parser: ``{"processes": [{"pid", "host",
-    "database", "file"}], "stopped": files of processes gone, <counter>:
-    sum}``. A file of another host counts (its process cannot be asked)."""
+    "database", "file"}], "stopped": files of processes gone, "skipped":
+    files not counted and why, <counter>: sum}``. Files of other hosts do not
+    count: a cache directory is local to its host."""
     require_prometheus_client()
     from prometheus_client.parser import text_string_to_metric_families
 
-    summed: dict = {"processes": [], "stopped": 0, **dict.fromkeys(CACHE_COUNTERS, 0)}
+    summed: dict = {
+        "processes": [],
+        "stopped": 0,
+        "skipped": [],
+        **dict.fromkeys(CACHE_COUNTERS, 0),
+    }
     host = socket.gethostname()
     for pid, path in process_files(template):
         try:
             with open(path, encoding="utf-8") as file:
                 found = {f.name: f for f in text_string_to_metric_families(file.read())}
-        except (OSError, ValueError):  # gone meanwhile, or not ours
+        except OSError:  # gone meanwhile
+            continue
+        except ValueError as exc:
+            summed["skipped"].append(f"{path}: not in Prometheus' text format ({exc})")
             continue
         info = found.get(INFO + "_info")
         labels = info.samples[0].labels if info and info.samples else {}
-        if labels.get("cache_dir") != cache_dir:
+        if labels.get("cache_dir") != cache_dir or labels.get("host") != host:
             continue
-        if labels.get("host") == host and not running(pid):
+        if not running(pid):
             summed["stopped"] += 1
             continue
+        counts = {}
         for name in CACHE_COUNTERS:
             family = found.get(PREFIX + name)
             samples = family.samples if family else ()
-            summed[name] += sum(s.value for s in samples if s.name.endswith("_total"))
+            counts[name] = sum(s.value for s in samples if s.name.endswith("_total"))
+        wrong = [name for name, count in counts.items() if not math.isfinite(count)]
+        if wrong:
+            summed["skipped"].append(
+                f"{path}: {wrong[0]} is {counts[wrong[0]]}, not a count"
+            )
+            continue
+        for name, count in counts.items():
+            summed[name] += int(count)
         summed["processes"].append(
-            {
-                "pid": pid,
-                "host": labels.get("host"),
-                "database": labels.get("database"),
-                "file": path,
-            }
+            {"pid": pid, "host": host, "database": labels.get("database"), "file": path}
         )
-    for name in CACHE_COUNTERS:
-        summed[name] = int(summed[name])
     return summed

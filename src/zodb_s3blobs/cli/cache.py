@@ -36,9 +36,10 @@ Show what the local blob cache of CONFIG's <s3blobstorage> holds: blob files
 and their bytes against cache-size, the oldest and newest access, and what
 is left in tmp/ (files being written now, or left by processes that
 crashed). With metrics-file set, also the hits, misses, hit ratio, bytes
-served and downloaded, and evictions, summed over the running processes that
-use this cache-dir, read from their metrics files (each counts since it
-started); without it they are unknown.
+served and downloaded, and evictions, summed over the running processes of
+this host that use this cache-dir, read from their metrics files (each counts
+since it started; a file whose figures are not numbers is skipped, with a
+note on stderr); without it they are unknown.
 """
 PRUNE_DESCRIPTION = """\
 Evict least recently used files from the local blob cache of CONFIG's
@@ -194,6 +195,7 @@ def process_figures(target: Target) -> dict:
             "hit_ratio": None,
             "processes": None,
             "stopped_processes": None,
+            "skipped_files": None,
         }
     from ..exposition import read_cache_figures
 
@@ -208,6 +210,7 @@ def process_figures(target: Target) -> dict:
         "hit_ratio": figures["hits"] / reads if reads else None,
         "processes": summed["processes"],
         "stopped_processes": summed["stopped"],
+        "skipped_files": summed["skipped"],
     }
 
 
@@ -252,6 +255,8 @@ def run_stats(args: argparse.Namespace) -> int:
     figures = process_figures(target)
     document = {"ok": True, **_document(target, stats), **figures}
     _warn_owner(target)
+    for note in figures["skipped_files"] or ():
+        problem(f"metrics file skipped: {note}")
     share = f" ({stats.bytes / target.cache_size:.0%} of cache-size)"
     lines = table(
         ["cache-dir", target.cache_dir + ("" if stats.exists else " (not created)")],
