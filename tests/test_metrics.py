@@ -90,8 +90,8 @@ def test_a_miss_then_a_hit(make_storage, tmp_path, committed):
 
 
 def test_evictions_are_counted(make_storage, tmp_path, committed):
-    """A cache of 4000 bytes with cache-min-age 0, so that the second blob
-    read evicts the first at once."""
+    """A cache of 6000 bytes with cache-min-age 0, so that the second blob
+    read (3000 and 5000 bytes) evicts the first at once."""
     settings, blobs = committed
     storage = reader(make_storage, tmp_path, settings, cache_size=6_000)
     storage._cache.min_age = 0
@@ -115,6 +115,7 @@ def test_lazily_loaded_blobs_and_those_opened_later(make_storage, tmp_path):
     blobs = conn.root()["blobs"]
     for blob in blobs:
         blob._p_activate()  # loads the Blob object: no download
+        storage._cache.discard(blob._p_oid, blob._p_serial)  # cached at commit
     with blobs[1].open("r") as f:
         assert f.read() == b"x" * 20
     with blobs[1].open("r") as f:  # counted once
@@ -123,6 +124,37 @@ def test_lazily_loaded_blobs_and_those_opened_later(make_storage, tmp_path):
     assert moved["lazy_unghosts"] == 3
     assert moved["lazy_unghosts_opened"] == 1
     conn.close()
+    db.close()
+
+
+def test_a_lazy_load_counts_once_and_opened_only_when_it_downloads(make_storage):
+    """One blob loaded lazily in two connections is one blob loaded lazily;
+    opening a blob that is cached downloads nothing, so it is not counted as
+    opened (a download lazy loading did not save)."""
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    with db.transaction() as conn:
+        conn.root()["blobs"] = [Blob(b"cached"), Blob(b"evicted")]
+    db.cacheMinimize()
+    before = storage.stats()
+    with db.transaction() as conn:
+        evicted = conn.root()["blobs"][1]
+        evicted._p_activate()  # loaded lazily: counted
+        storage._cache.discard(evicted._p_oid, evicted._p_serial)
+    db.cacheMinimize()
+    first, second = db.open(), db.open()
+    for conn in (first, second):
+        for blob in conn.root()["blobs"]:
+            blob._p_activate()
+    assert changed(before, storage.stats()) == {"lazy_unghosts": 2}
+    for blob in first.root()["blobs"]:
+        with blob.open("r") as f:
+            f.read()
+    moved = changed(before, storage.stats())
+    assert (moved["cache_hits"], moved["cache_misses"]) == (1, 1)
+    assert moved["lazy_unghosts_opened"] == 1, "the one downloaded"
+    first.close()
+    second.close()
     db.close()
 
 

@@ -425,7 +425,7 @@ class BlobCache:
             return None, True
         if indexed != size:  # e.g. installed by another process since our scan
             self._record(revision, size)
-        self.metrics.hit(size)
+        self.metrics.hit(oid, tid, size)
         return path, False
 
     def _used_hit(self, oid: bytes, tid: bytes) -> tuple[str | None, bool]:
@@ -498,7 +498,7 @@ class BlobCache:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
-        self.metrics.add(cache_misses=1, download_bytes=size)
+        self.metrics.miss(oid, tid, size)
         self._added((oid, tid), size, total)
         return path
 

@@ -30,10 +30,14 @@ COUNTERS = {
     "aborted_deletes": "Objects deleted from S3 because their transaction aborted.",
     "orphans_found": "Objects no revision needs, found by pack or gc.",
     "orphans_deleted": "Orphaned objects deleted by pack or gc.",
-    "lazy_unghosts": "Blob objects loaded without downloading their file.",
+    "lazy_unghosts": (
+        "Blob revisions loaded without downloading their file (each once, "
+        "however many connections load it)."
+    ),
     "lazy_unghosts_opened": (
-        "Blobs loaded lazily that were opened (downloaded) afterwards; "
-        "lazy_unghosts minus this is the downloads lazy loading saved."
+        "Blob revisions loaded lazily whose file was downloaded when first "
+        "opened afterwards (opened from the cache: not counted); "
+        "lazy_unghosts minus this is at most the downloads lazy loading saved."
     ),
 }
 #: Gauges: name -> meaning (read when the figures are taken, not counted).
@@ -110,7 +114,7 @@ BUCKETS = (
 )
 #: How many lazily loaded revisions are remembered to tell whether they are
 #: opened later (a blob opened after this many other lazy loads counts as
-#: never opened).
+#: never opened, and a lazy load of it again counts anew).
 LAZY_REMEMBERED = 10_000
 
 
@@ -132,7 +136,8 @@ class Metrics:
         # Per operation: requests per bucket (not cumulative), and their sum.
         self._buckets = {op: [0] * len(BUCKETS) for op in OPERATIONS}
         self._seconds = dict.fromkeys(OPERATIONS, 0.0)
-        self._lazy: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        # Revisions loaded lazily -> whether they are being opened since.
+        self._lazy: OrderedDict[tuple[bytes, bytes], bool] = OrderedDict()
 
     def add(self, **amounts: int) -> None:
         """Add to counters of :data:`COUNTERS`, e.g. ``add(uploads=3,
@@ -141,11 +146,24 @@ class Metrics:
             for name, amount in amounts.items():
                 self._counts[name] += amount
 
-    def hit(self, size: int) -> None:
-        """A read served from the cache (the hot path: one lock, no kwargs)."""
+    def hit(self, oid: bytes, tid: bytes, size: int) -> None:
+        """A read served from the cache (the hot path: one lock, no kwargs);
+        a lazily loaded blob opened from the cache downloaded nothing."""
         with self._lock:
             self._counts["cache_hits"] += 1
             self._counts["cache_hit_bytes"] += size
+            if self._lazy and self._lazy.get((oid, tid)):
+                del self._lazy[(oid, tid)]
+
+    def miss(self, oid: bytes, tid: bytes, size: int) -> None:
+        """A read that downloaded *size* bytes into the cache; counts the
+        first opening of a lazily loaded blob that downloads it."""
+        with self._lock:
+            self._counts["cache_misses"] += 1
+            self._counts["download_bytes"] += size
+            if self._lazy and self._lazy.get((oid, tid)):
+                del self._lazy[(oid, tid)]
+                self._counts["lazy_unghosts_opened"] += 1
 
     def request(self, operation: str, seconds: float) -> None:
         """An S3 request of *operation* (one of :data:`OPERATIONS`) answered,
@@ -167,22 +185,26 @@ class Metrics:
             self._labelled["s3_failures"][cause] += 1
 
     def unghosted_lazily(self, oid: bytes, tid: bytes) -> None:
-        """A Blob object loaded without its file (see :mod:`.unghost`)."""
+        """A Blob object loaded without its file (see :mod:`.unghost`);
+        counted once per revision remembered."""
+        revision = (oid, tid)
         with self._lock:
+            if revision in self._lazy:
+                self._lazy.move_to_end(revision)
+                return
             self._counts["lazy_unghosts"] += 1
-            self._lazy[(oid, tid)] = None
-            self._lazy.move_to_end((oid, tid))
+            self._lazy[revision] = False
             if len(self._lazy) > LAZY_REMEMBERED:
                 self._lazy.popitem(last=False)
 
     def opened(self, oid: bytes, tid: bytes) -> None:
-        """A blob's file asked for: counts the first opening of a blob that
-        was loaded lazily."""
+        """A blob's file asked for: the cache's :meth:`hit` or :meth:`miss`
+        that follows tells whether a lazily loaded blob was downloaded."""
         if not self._lazy:  # read without the lock: nothing was loaded lazily
             return
         with self._lock:
-            if self._lazy.pop((oid, tid), False) is None:
-                self._counts["lazy_unghosts_opened"] += 1
+            if (oid, tid) in self._lazy:
+                self._lazy[(oid, tid)] = True
 
     def snapshot(self) -> dict:
         """Every counter and the histogram, as plain data (see the module)."""
