@@ -5,18 +5,21 @@ keeps files just handed out through eviction."""
 from __future__ import annotations
 
 import grp
+import io
 import os
 import stat
 import time
 
 import pytest
+import ZConfig
 import ZODB
 import ZODB.config
 from ZODB.MappingStorage import MappingStorage
 
 import s3env
 from test_storage import commit_blobs
-from zodb_s3blobs.cache import UntrustedCacheDirectory
+from zodb_s3blobs import S3BlobStorageError
+from zodb_s3blobs.cache import BlobCache, UntrustedCacheDirectory
 
 
 def other_group() -> grp.struct_group:
@@ -119,3 +122,36 @@ def test_min_age_and_modes_hold_under_eviction(tmp_path, committed):
         assert storage.stats()["cache_evictions"] == 2
     finally:
         storage.close()
+
+
+@pytest.fixture
+def outsider(monkeypatch) -> grp.struct_group:
+    """Make this process a user who is not root and not in other_group()."""
+    group = other_group()
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(os, "getegid", lambda: 4242)
+    monkeypatch.setattr(os, "getgroups", lambda: [4242])
+    return group
+
+
+def test_a_cache_group_this_user_is_not_in_is_refused_by_the_cache(tmp_path, outsider):
+    """The Python API too: a named error, before anything is created."""
+    with pytest.raises(S3BlobStorageError, match="cache-group: this user is not"):
+        BlobCache(str(tmp_path / "cache"), 10_000, group=outsider.gr_gid)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_group_this_user_is_not_in_parses(tmp_path, outsider):
+    """Read-only tools (cache stats, check) run by a monitoring user outside
+    the group read the same configuration."""
+    text = s3env.zconfig(
+        "<mappingstorage>\n</mappingstorage>",
+        cache_dir=str(tmp_path / "cache"),
+        extra=f"cache-group {outsider.gr_name}",
+    )
+    config, _handler = ZConfig.loadConfigFile(
+        ZODB.config.getStorageSchema(), io.StringIO(text)
+    )
+    assert config.storage.config.cache_group == outsider.gr_gid
+    with pytest.raises(S3BlobStorageError, match="cache-group: this user is not"):
+        config.storage.open()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import grp
 import logging
 import os
 import stat
@@ -132,6 +133,21 @@ def check_trusted_directory(path: str) -> None:
             f"cache-dir: {path} {problem}; another user could replace cached "
             "blobs, so it is not used"
         )
+
+
+def check_group(gid: int) -> None:
+    """Raise, naming cache-group, unless this user may give files to group
+    *gid*: root, or a member."""
+    if os.geteuid() == 0 or gid in (os.getegid(), *os.getgroups()):
+        return
+    try:
+        name = repr(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        name = "(unknown on this host)"
+    raise S3BlobStorageError(
+        f"cache-group: this user is not a member of group {gid} {name}, so "
+        "cannot give the cached files to it"
+    )
 
 
 @contextlib.contextmanager
@@ -307,6 +323,8 @@ class BlobCache:
     ) -> None:
         if size_limit <= 0:
             raise ValueError(f"cache-size must be positive, not {size_limit}")
+        if group is not None:
+            check_group(group)
         self.directory = os.path.abspath(directory)
         self.size_limit = size_limit
         #: Files used within this many seconds are never evicted (MIN_AGE).

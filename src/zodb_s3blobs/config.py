@@ -143,18 +143,14 @@ def _seconds(value: str) -> float:
 
 
 def _group(value: str) -> int:
-    """A group name or number this user may give files to (a member, or
-    root): the group id."""
+    """A group name or number of this host: the group id. Whether this user
+    may give files to it is checked when the cache opens, so that read-only
+    tools run by a user outside the group read the configuration too."""
     value = value.strip()
     try:
         entry = grp.getgrgid(int(value)) if value.isdigit() else grp.getgrnam(value)
     except (KeyError, OverflowError):
         raise ValueError(f"no group {value!r} on this host") from None
-    if os.geteuid() != 0 and entry.gr_gid not in (os.getegid(), *os.getgroups()):
-        raise ValueError(
-            f"this user is not a member of group {entry.gr_name!r}, so cannot "
-            "give the cached files to it"
-        )
     return entry.gr_gid
 
 
