@@ -74,6 +74,8 @@ GOOD = "bucket-name my-bucket\ncache-dir {cache}"
         ),
         (GOOD + "\nmetrics-interval 0", "metrics-interval"),
         (GOOD + "\nmetrics-interval often", "metrics-interval"),
+        (GOOD + "\nmetrics-interval 1e300", "metrics-interval"),
+        (GOOD + "\ncache-min-age 1e300", "cache-min-age"),
         (GOOD + "\nbucket-name again", "bucket-name"),
     ],
 )

@@ -11,6 +11,7 @@ import grp
 import math
 import os
 import re
+import threading
 
 from ZConfig.datatypes import stock_datatypes
 from ZODB.config import BaseConfig
@@ -142,6 +143,23 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _waited(convert):
+    """*convert*, refusing more seconds than a thread may wait for:
+    ``Event.wait`` raises OverflowError above ``threading.TIMEOUT_MAX``,
+    which would stop the thread that waits (the metrics writer, the
+    evictor) without a word."""
+
+    def datatype(value: str) -> float:
+        number = convert(value)
+        if number > threading.TIMEOUT_MAX:
+            raise ValueError(
+                f"must be at most {threading.TIMEOUT_MAX:g} seconds, not {value!r}"
+            )
+        return number
+
+    return datatype
+
+
 def _group(value: str) -> int:
     """A group name or number of this host: the group id. Whether this user
     may give files to it is checked when the cache opens, so that read-only
@@ -196,9 +214,9 @@ cache_dir = _keyed("cache-dir", _cache_dir)
 cache_size = _keyed("cache-size", _positive_byte_size)
 download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
 cache_group = _keyed("cache-group", _group)
-cache_min_age = _keyed("cache-min-age", _seconds)
+cache_min_age = _keyed("cache-min-age", _waited(_seconds))
 metrics_file = _keyed("metrics-file", _metrics_file)
-metrics_interval = _keyed("metrics-interval", _positive_float)
+metrics_interval = _keyed("metrics-interval", _waited(_positive_float))
 fallback_blob_dir = _keyed("fallback-blob-dir", _existing_directory)
 fallback_blob_chunk = _keyed("fallback-blob-chunk", stock_datatypes["boolean"])
 fallback_upload = _keyed("fallback-upload", stock_datatypes["boolean"])
