@@ -27,7 +27,10 @@ COUNTERS = {
     "cache_evicted_bytes": "Bytes of the cached files this process removed.",
     "uploads": "Blob files uploaded to S3 for committing transactions.",
     "upload_bytes": "Bytes of the blob files uploaded to S3.",
-    "aborted_deletes": "Objects deleted from S3 because their transaction aborted.",
+    "aborted_deletes": (
+        "Keys an aborted transaction sent to DELETE (every key its uploads "
+        "were started for, failed uploads included), once the DELETE succeeded."
+    ),
     "orphans_found": "Objects no revision needs, found by pack or gc.",
     "orphans_deleted": "Orphaned objects deleted by pack or gc.",
     "lazy_unghosts": (
@@ -42,8 +45,14 @@ COUNTERS = {
 }
 #: Gauges: name -> meaning (read when the figures are taken, not counted).
 GAUGES = {
-    "cache_bytes": "Bytes of the blob files in the cache directory (all processes).",
-    "cache_files": "Blob files in the cache as this process's index knows them.",
+    "cache_bytes": (
+        "Bytes of the blob files in the cache directory (all processes: the "
+        "same in each; aggregate with max, not sum)."
+    ),
+    "cache_files": (
+        "Blob files in the cache as this process's index knows them (its "
+        "last scan and its own changes since)."
+    ),
 }
 #: What an S3 request did, from botocore's operation (see s3metrics).
 OPERATIONS = (
