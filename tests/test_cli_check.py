@@ -218,15 +218,20 @@ def test_a_cache_dir_others_can_read_fails(tmp_path):
     ]
 
 
+def cache_group_config(tmp_path, group: str | int) -> Path:
+    """CONFIG of an existing FileStorage with ``cache-group GROUP``."""
+    return clitools.write_config(
+        tmp_path,
+        existing_filestorage(tmp_path / "x.fs"),
+        extra=f"cache-group {group}",
+    )
+
+
 def test_a_cache_set_up_for_cache_group_passes(tmp_path):
     """cache-group makes cache-dir and its blob directories 0750 of that
     group; tmp/ and locks/ stay 0700: what the storage set up passes."""
     group = other_group()
-    config = clitools.write_config(
-        tmp_path,
-        existing_filestorage(tmp_path / "x.fs"),
-        extra=f"cache-group {group.gr_name}",
-    )
+    config = cache_group_config(tmp_path, group.gr_name)
     db = ZODB.DB(ZODB.config.storageFromString(config.read_text()))
     with db.transaction() as conn:
         conn.root()["blob"] = Blob(b"served by the web server")
@@ -256,11 +261,7 @@ def test_a_cache_group_cache_fails_what_the_group_may_not(tmp_path, where, mode,
     """With cache-group, the group may read cache-dir and the blob
     directories, never write them, and never read tmp/ or locks/."""
     group = other_group()
-    config = clitools.write_config(
-        tmp_path,
-        existing_filestorage(tmp_path / "x.fs"),
-        extra=f"cache-group {group.gr_gid}",
-    )
+    config = cache_group_config(tmp_path, group.gr_gid)
     cache = tmp_path / "cache"
     for directory in (cache, cache / "tmp", cache / "locks", cache / "ab"):
         directory.mkdir(mode=0o700)
@@ -277,11 +278,7 @@ def test_a_cache_group_cache_fails_what_the_group_may_not(tmp_path, where, mode,
 
 def test_a_cache_dir_of_another_group_fails(tmp_path):
     group = other_group()
-    config = clitools.write_config(
-        tmp_path,
-        existing_filestorage(tmp_path / "x.fs"),
-        extra=f"cache-group {group.gr_gid}",
-    )
+    config = cache_group_config(tmp_path, group.gr_gid)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o750)
     cache.chmod(0o750)

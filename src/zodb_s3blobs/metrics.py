@@ -156,23 +156,29 @@ class Metrics:
                 self._counts[name] += amount
 
     def hit(self, oid: bytes, tid: bytes, size: int) -> None:
-        """A read served from the cache (the hot path: one lock, no kwargs);
-        a lazily loaded blob opened from the cache downloaded nothing."""
-        with self._lock:
-            self._counts["cache_hits"] += 1
-            self._counts["cache_hit_bytes"] += size
-            if self._lazy and self._lazy.get((oid, tid)):
-                del self._lazy[(oid, tid)]
+        """A read served from the cache (the hot path: one lock, no kwargs)."""
+        self._read("cache_hits", "cache_hit_bytes", (oid, tid), size, False)
 
     def miss(self, oid: bytes, tid: bytes, size: int) -> None:
-        """A read that downloaded *size* bytes into the cache; counts the
-        first opening of a lazily loaded blob that downloads it."""
+        """A read that downloaded *size* bytes into the cache."""
+        self._read("cache_misses", "download_bytes", (oid, tid), size, True)
+
+    def _read(
+        self,
+        reads: str,
+        read_bytes: str,
+        revision: tuple[bytes, bytes],
+        size: int,
+        downloaded: bool,
+    ) -> None:
+        """Count a read of *size* bytes; the first opening of a lazily loaded
+        blob counts as opened only if it *downloaded* the file."""
         with self._lock:
-            self._counts["cache_misses"] += 1
-            self._counts["download_bytes"] += size
-            if self._lazy and self._lazy.get((oid, tid)):
-                del self._lazy[(oid, tid)]
-                self._counts["lazy_unghosts_opened"] += 1
+            self._counts[reads] += 1
+            self._counts[read_bytes] += size
+            if self._lazy and self._lazy.get(revision):
+                del self._lazy[revision]
+                self._counts["lazy_unghosts_opened"] += downloaded
 
     def request(self, operation: str, seconds: float) -> None:
         """An S3 request of *operation* (one of :data:`OPERATIONS`) answered,
