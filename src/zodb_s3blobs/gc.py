@@ -18,11 +18,12 @@ on a history-free base. Safety rules:
   an orphan by the same age rule: a young one is still left alone, since a
   process whose clock is ahead may be voting it);
 - keys that do not match the layout exactly are never touched;
-- staging objects (``staging/``: uploads made before their transaction's id
-  was known, copied to their revision's key at vote and deleted after the
-  transaction ends) are orphans once S3 last modified them more than the same
-  grace period ago: no vote lasts a day, and nothing ever reads them
-  otherwise. Younger ones are never touched;
+- staging objects (``staging/{32 hex digits}.blob``: uploads made before
+  their transaction's id was known, copied to their revision's key at vote
+  and deleted after the transaction ends) are orphans once S3 last modified
+  them more than the same grace period ago: no vote lasts a day, and nothing
+  ever reads them otherwise. Younger ones are never touched, nor any other
+  key under ``staging/`` (foreign);
 - an MVCC base (RelStorage) is read through a new instance synced to its
   latest commit: the main instance, which ``pack()`` runs on, keeps the
   snapshot it last polled, and its ``lastTransaction()`` would hide every
@@ -190,7 +191,10 @@ def collect_orphans(
                 report.orphans.append(key)
                 report.orphan_bytes += size
     for key, size, last_modified in store.list_objects(layout.staging_root):
-        if last_modified > now - grace:
+        report.scanned += 1
+        if not layout.is_staging_key(key):
+            report.foreign += 1
+        elif last_modified > now - grace:
             report.staging += 1
         else:
             report.staging_expired += 1

@@ -18,6 +18,7 @@ BLOBS_FOLDER = "blobs"
 STAGING_FOLDER = "staging"
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9._\-/]+")
 _KEY = re.compile(r"blobs/([0-9a-f]{1,16})/([0-9a-f]{1,16})\.blob")
+_STAGING_KEY = re.compile(r"staging/[0-9a-f]{32}\.blob")
 
 
 def validate_prefix(prefix: str) -> str:
@@ -64,6 +65,15 @@ class KeyLayout:
     def staging_key(self) -> str:
         """A new, unguessable key under :attr:`staging_root`."""
         return f"{self.staging_root}{secrets.token_hex(16)}.blob"
+
+    def is_staging_key(self, key: str) -> bool:
+        """Is *key* exactly one :meth:`staging_key` makes? Other keys under
+        the staging folder (another database's prefix ``{prefix}/staging``,
+        a file put there by hand) are not ours."""
+        top = len(self.staging_root) - len(STAGING_FOLDER) - 1
+        return key.startswith(self.staging_root) and bool(
+            _STAGING_KEY.fullmatch(key, top)
+        )
 
     def parse(self, key: str) -> tuple[bytes, bytes] | None:
         """Return (oid, tid) for a key of this layout, or None for any other key.
