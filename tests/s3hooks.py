@@ -66,12 +66,12 @@ def failing(
 
 
 @contextlib.contextmanager
-def calling(store, operation: str, callback: Callable[[str], None]) -> Iterator[None]:
-    """Call *callback* with the URL of each of *store*'s *operation* requests
-    just before it is sent."""
+def calling(store, operation: str, callback: Callable[..., None]) -> Iterator[None]:
+    """Call *callback* with each of *store*'s *operation* requests (a
+    botocore AWSPreparedRequest: url, headers) just before it is sent."""
 
     def call(request, **_kw):
-        callback(unquote(request.url))
+        callback(request)
 
     with _hooked(store, f"before-send.s3.{operation}", call):
         yield

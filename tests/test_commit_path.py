@@ -17,14 +17,14 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.DemoStorage import DemoStorage
 from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
-from ZODB.utils import z64
+from ZODB.utils import p64, z64
 
 import s3env
 from dbprocess import DatabaseProcess
 from deploy import payload, relstorage_section
 from s3hooks import calling, failing, holding, requests
 from test_storage import commit_blobs
-from zodb_s3blobs import ObjectStoreError, S3BlobStorage, gc
+from zodb_s3blobs import ObjectStoreError, S3BlobStorage, gc, staging
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
 from zodb_s3blobs.keys import KeyLayout, hex_id
 from zodb_s3blobs.objectstore import CHECKSUM_METADATA
@@ -139,7 +139,9 @@ def test_a_base_vote_failing_after_the_uploads_leaves_nothing(pipelined, monkeyp
     assert all_keys(storage) == []
 
 
-def test_abort_cancels_queued_uploads_and_deletes_those_that_ran(pipelined):
+def test_abort_cancels_queued_uploads_and_deletes_those_that_ran(
+    pipelined, monkeypatch
+):
     storage = pipelined
     running = storage._store.settings.max_concurrency
     with requests(storage._store) as seen, holding(storage._store, "PutObject") as gate:
@@ -148,9 +150,15 @@ def test_abort_cancels_queued_uploads_and_deletes_those_that_ran(pipelined):
         for _ in range(running + 3):
             store_blob(storage, txn, payload())
         eventually(lambda: len(gate.held) == running)
-        # The uploads that run are let through only once the abort waits for
-        # them: a DELETE sent earlier would leave their objects behind.
-        threading.Timer(0.5, gate.open).start()
+
+        def open_then_wait(futures):
+            # The uploads that run are let through only once the abort has
+            # cancelled the queued ones and waits: a DELETE sent earlier
+            # would leave their objects behind.
+            gate.open()
+            return concurrent.futures.wait(futures)
+
+        monkeypatch.setattr(staging, "wait", open_then_wait)
         storage.tpc_abort(txn)
     puts = [url for op, url in seen if op == "PutObject"]
     assert len(puts) == running, "the queued uploads were never sent"
@@ -159,14 +167,21 @@ def test_abort_cancels_queued_uploads_and_deletes_those_that_ran(pipelined):
 
 def test_a_blob_stored_twice_in_one_transaction_keeps_the_second(pipelined):
     storage = pipelined
-    with holding(storage._store, "PutObject") as gate:
+    first = iter([True])
+    with holding(storage._store, "PutObject", lambda url: next(first, False)) as gate:
         txn = TransactionMetaData()
         storage.tpc_begin(txn)
         oid = store_blob(storage, txn, b"first version")
-        gate.arrived.wait(30)
-        # Storing it again waits for the first upload to the same key.
-        threading.Timer(0.5, gate.open).start()
-        store_blob(storage, txn, b"second version", oid)
+        assert gate.arrived.wait(30)
+        again = concurrent.futures.ThreadPoolExecutor(1)
+        stored = again.submit(store_blob, storage, txn, b"second version", oid)
+        # Storing it again waits for the first upload to the same key, held:
+        # the second must not be sent before the first has landed.
+        time.sleep(0.5)
+        assert not stored.done(), "stored again while the first upload ran"
+        gate.open()
+        stored.result(30)
+        again.shutdown()
     storage.tpc_vote(txn)
     tid = storage.tpc_finish(txn)
     assert read_back(storage, oid, tid) == b"second version"
@@ -204,10 +219,15 @@ def make_relstorage(tmp_path):
 def test_a_large_blob_is_staged_then_copied_keeping_its_checksum(make_relstorage):
     storage = make_relstorage(s3env.settings())
     data = payload(LARGE)
-    with requests(storage._store) as seen:
+    copies = []
+    with calling(storage._store, "CopyObject", copies.append):
         refs = commit_blobs(ZODB.DB(storage), {"large": data, "small": b"small"})
-    operations = [op for op, _url in seen]
-    assert operations.count("CopyObject") == 1, "only the large one is staged"
+    assert len(copies) == 1, "only the large one is staged"
+    headers = {k.lower(): v for k, v in copies[0].headers.items()}
+    # Recorded on the copy, not merely kept from the staging object.
+    assert headers["x-amz-metadata-directive"] in ("REPLACE", b"REPLACE")
+    crc = f"{zlib.crc32(data):08x}"
+    assert headers[f"x-amz-meta-{CHECKSUM_METADATA}"] in (crc, crc.encode())
     oid, tid = refs["large"]
     key = storage._layout.key(oid, tid)
     head = s3env.server().client().head_object(Bucket=s3env.BUCKET, Key=key)
@@ -269,7 +289,7 @@ def test_sse_s3_applies_to_staging_and_copied_objects(make_relstorage):
     client = s3env.server().client()
     staged = []
 
-    def look_at_the_staging_object(url: str) -> None:
+    def look_at_the_staging_object(request) -> None:
         for key in staging_keys(storage):
             head = client.head_object(Bucket=s3env.BUCKET, Key=key)
             staged.append(head.get("ServerSideEncryption"))
@@ -342,3 +362,204 @@ def test_another_process_commits_while_a_large_blob_uploads(relstorage_base, tmp
     finally:
         instance.release()
         storage.close()
+
+
+# -- what a commit lock never waits for; what an abort never deletes -----
+
+
+def test_gc_never_deletes_foreign_keys_under_staging(make_storage):
+    """With an empty s3-prefix the staging root is the bucket's top-level
+    ``staging/`` folder: the collector deletes only the keys it makes there,
+    never another object, however old (keys not of the layout are never
+    touched)."""
+    storage = make_storage(settings=s3env.settings(prefix=""))
+    client = s3env.server().client()
+    foreign = "staging/index.html"  # e.g. a website's staging copy
+    client.put_object(Bucket=s3env.BUCKET, Key=foreign, Body=b"<html>")
+    try:
+        # grace=0 stands for "a day later" (what pack() does then).
+        gc.collect_orphans(
+            storage._base, storage._store, storage._layout, storage._cache, grace=0
+        )
+        keys = [k for k, _s in storage._store.list("staging/")]
+        assert foreign in keys, "gc deleted an object that is not a staging key"
+    finally:
+        client.delete_object(Bucket=s3env.BUCKET, Key=foreign)
+
+
+def test_gc_of_one_database_never_deletes_another_databases_committed_blobs(
+    make_storage, tmp_path
+):
+    """Database A (prefix P) and database B (prefix P/staging) in one bucket:
+    B's committed blobs lie under A's staging folder, and A's collector
+    leaves them alone."""
+    top = s3env.new_prefix()
+    a = make_storage(settings=s3env.settings(prefix=top))
+    b = make_storage(settings=s3env.settings(prefix=f"{top}/staging"))
+    db = ZODB.DB(b)
+    refs = commit_blobs(db, {"x": b"committed in database B"})
+    key = b._layout.key(*refs["x"])
+    assert key.startswith(a._layout.staging_root)
+    gc.collect_orphans(a._base, a._store, a._layout, a._cache, grace=0)
+    still = [k for k, _s in b._store.list(b._layout.root)]
+    db.close()
+    assert key in still, f"A's collector deleted B's committed blob {key}"
+
+
+def test_many_small_blobs_upload_at_most_the_threshold_under_the_lock(
+    make_relstorage,
+):
+    """Blobs each under s3-staged-copy-threshold, but many: at most the
+    threshold's worth of bytes is uploaded while RelStorage's database-wide
+    commit lock is held; the rest is staged before it."""
+    storage = make_relstorage(s3env.settings())
+    instance = storage.new_instance()
+    under_the_lock = []
+
+    def look(request) -> None:
+        phase = instance._base._tpc_phase
+        if getattr(phase, "committing_tid_lock", None) is not None:
+            under_the_lock.append(int(request.headers["Content-Length"]))
+
+    try:
+        with calling(instance._store, "PutObject", look):
+            txn = TransactionMetaData()
+            instance.tpc_begin(txn)
+            for _ in range(8):
+                store_blob(instance, txn, payload(MiB - 1))
+            instance.tpc_vote(txn)
+        instance.tpc_finish(txn)
+    finally:
+        instance.release()
+    threshold = storage._store.settings.staged_copy_threshold
+    assert 0 < sum(under_the_lock) < threshold, under_the_lock
+
+
+def test_a_vote_time_transfer_does_not_wait_behind_ranged_downloads(make_storage):
+    """transfer(), run at vote (under RelStorage's commit lock), computes its
+    CRCs apart from the pool that fills with one job per range of every
+    download over a slow link: it never waits for other readers' bytes.
+    s3-max-concurrency 2 and 5MB parts, so that one download fills the pool."""
+    storage = make_storage(
+        settings=s3env.settings(max_concurrency=2, part_size=5 * MiB)
+    )
+    store = storage._store
+    part = store.settings.part_size
+    big = payload(part * (store.settings.max_concurrency + 4))
+    key = storage._layout.root + "big/1.blob"
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=key, Body=big)
+    store.fast_stream = float("inf")  # a slow (WAN) link: always ranged GETs
+    release = threading.Event()
+
+    def hold_ranges(request) -> None:
+        if request.headers.get("Range"):
+            release.wait(60)
+
+    small = os.path.join(storage.temporaryDirectory(), "small")
+    with open(small, "wb") as f:
+        f.write(b"small blob")
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    download = os.path.join(storage.temporaryDirectory(), "download")
+    with calling(store, "GetObject", hold_ranges), open(download, "wb+") as out:
+        reading = pool.submit(store.download, key, out)
+        time.sleep(2)  # the ranged GETs fill _pool
+        voting = pool.submit(
+            store.transfer, [(small, storage._layout.root + "small/1.blob")], []
+        )
+        try:
+            voting.result(10)
+            waited = False
+        except concurrent.futures.TimeoutError:
+            waited = True
+        release.set()
+        reading.result(60)
+        voting.result(60)
+    pool.shutdown()
+    assert not waited, "the vote's transfer waited behind another thread's download"
+
+
+def test_a_restore_under_the_lock_does_not_wait_behind_another_instances_upload(
+    make_relstorage,
+):
+    """RelStorage takes its commit lock in tpc_begin(txn, tid) when
+    restoring: the restored blob's upload must not queue behind another
+    instance's staged uploads (made with no lock held), which fill the
+    background pool and transfer queue here."""
+    storage = make_relstorage(s3env.settings())
+    other = storage.new_instance()
+    restorer = storage.new_instance()
+    n = storage._store.settings.max_concurrency
+    try:
+        txn = TransactionMetaData()
+        other.tpc_begin(txn)
+        with holding(storage._store, "PutObject", lambda url: "/staging/" in url) as g:
+            for _ in range(n + 2):
+                store_blob(other, txn, payload(LARGE))
+            deadline = time.monotonic() + 30
+            while len(g.held) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            rtxn = TransactionMetaData()
+            tid = p64(0x03E0000000000000)
+            restorer.tpc_begin(rtxn, tid)
+            # RelStorage's Restore phase locked the database in tpc_begin.
+            assert type(restorer._base._tpc_phase).__name__ == "Restore"
+            oid = p64(99)
+            path = os.path.join(restorer.temporaryDirectory(), "restored")
+            with open(path, "wb") as f:
+                f.write(b"restored")
+            restorer.restoreBlob(oid, tid, b"record", path, None, rtxn)
+            blob = restorer._commit.blobs[oid]
+            done = concurrent.futures.wait([blob.upload], timeout=5).done
+            g.open()
+            restorer.tpc_abort(rtxn)
+        other.tpc_abort(txn)
+    finally:
+        other.release()
+        restorer.release()
+    assert done, "the restore (holding the commit lock) waited behind staged uploads"
+
+
+def test_a_failed_head_does_not_make_the_abort_delete_an_existing_object(
+    make_storage, tmp_path
+):
+    """zodbconvert rerun: the revision's object is already in the bucket, and
+    the restore's HEAD fails: the vote fails, and the abort must not delete
+    the object, which this transaction cannot tell it created."""
+    storage = make_storage(base=FileStorage(str(tmp_path / "r.fs")))
+    tid = p64(0x03E0000000000000)
+    oid = p64(7)
+    key = storage._layout.key(oid, tid)
+    s3env.server().client().put_object(
+        Bucket=s3env.BUCKET, Key=key, Body=b"committed before"
+    )
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn, tid)
+    path = os.path.join(storage.temporaryDirectory(), "restored")
+    with open(path, "wb") as f:
+        f.write(b"committed before")
+    with failing(storage._store, "HeadObject", code="SlowDown", status=503):
+        storage.restoreBlob(oid, tid, b"record", path, None, txn)
+        with pytest.raises(ObjectStoreError):
+            storage.tpc_vote(txn)
+    storage.tpc_abort(txn)
+    assert all_keys(storage) == [key], "the abort deleted an object it did not create"
+
+
+def test_a_staged_copy_is_one_request_under_the_lock(make_relstorage):
+    """s3transfer's copy() would HEAD the source for its size and ETag before
+    CopyObject: learned before the lock, they spare that round trip under it."""
+    storage = make_relstorage(s3env.settings())
+    instance = storage.new_instance()
+    try:
+        txn = TransactionMetaData()
+        instance.tpc_begin(txn)
+        store_blob(instance, txn, payload(LARGE))
+        # The staged upload (and its HEAD) first: only the vote is recorded.
+        instance._commit.settle_uploads(cancel=False)
+        with requests(instance._store) as seen:
+            instance.tpc_vote(txn)
+        instance.tpc_finish(txn)
+    finally:
+        instance.release()
+    ops = [op for op, _u in seen]
+    assert ops == ["CopyObject"], ops

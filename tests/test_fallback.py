@@ -104,8 +104,14 @@ def switch_copy_verify_drop(tmp_path, config, revisions, *source: str) -> None:
         assert read_all(site, new) == new
     finally:
         db.close()
-    result = clitools.run("verify", config, "--all-revisions")
-    assert result.returncode == 0, result.stdout + result.stderr
+    code, report = clitools.run_json("verify", config, "--all-revisions")
+    assert code == 0, report
+    assert report["fallback_removable"] is True
+    code, report = clitools.run_json("verify", config, "--all-revisions", "--checksums")
+    assert code == 0, report
+    # Against the fallback: the old revisions match, the new ones are not there.
+    assert report["checksums"]["matching"] == len(revisions)
+    assert report["checksums"]["no_copy"] == len(new)
     after = without_fallback(config, tmp_path)
     everything = {**revisions, **new}
     assert clitools.read_through(after, everything) == everything

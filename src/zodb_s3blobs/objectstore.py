@@ -44,6 +44,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 from botocore.handlers import add_expect_header
+from s3transfer.subscribers import BaseSubscriber
 
 from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .metrics import Metrics
@@ -167,11 +168,36 @@ class ListedObject(NamedTuple):
 
 
 class ObjectInfo(NamedTuple):
-    """What a HEAD tells of an object: its size, and the CRC32 (8 hex digits)
-    recorded at upload, None for objects written without one (1.x)."""
+    """What a HEAD tells of an object: its size, the CRC32 (8 hex digits)
+    recorded at upload, None for objects written without one (1.x), and its
+    ETag."""
 
     size: int
     checksum: str | None
+    etag: str | None = None
+
+
+class Copy(NamedTuple):
+    """A server-side copy of *source* to *key*. With *checksum* the copy
+    records that CRC32 rather than keep the source's metadata; with *source*
+    known (*source_info*, from a HEAD made earlier) no HEAD is sent first."""
+
+    source: str
+    key: str
+    checksum: str | None = None
+    source_info: ObjectInfo | None = None
+
+
+class _KnownSource(BaseSubscriber):
+    """Tells s3transfer the size and ETag of a copy's source, which it would
+    otherwise learn with a HEAD before copying."""
+
+    def __init__(self, info: ObjectInfo) -> None:
+        self._info = info
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self._info.size)
+        future.meta.provide_object_etag(self._info.etag)
 
 
 class ObjectStore:
@@ -215,6 +241,12 @@ class ObjectStore:
         self.fast_stream = FAST_STREAM
         self._pool = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs"
+        )
+        # Work a transaction holding a commit lock waits for (checksums at
+        # vote, restores on a base locked since tpc_begin) never queues behind
+        # ranged GETs (_pool) or background uploads (_background).
+        self._urgent = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix="zodb-s3blobs-vote"
         )
         self._background = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs-upload"
@@ -425,14 +457,11 @@ class ObjectStore:
     # -- writing ---------------------------------------------------------
 
     def transfer(
-        self,
-        uploads: Iterable[tuple[str, str]],
-        copies: Iterable[tuple[str, str, str | None]],
+        self, uploads: Iterable[tuple[str, str]], copies: Iterable[Copy]
     ) -> None:
-        """Upload files ``(path, key)`` and copy objects ``(source_key, key,
-        checksum)`` in parallel (at most ``max_concurrency`` requests at once),
-        recording each upload's CRC32 in its metadata. A copy keeps its
-        source's metadata, or with a *checksum* records that one instead.
+        """Upload files ``(path, key)`` and make the server-side copies in
+        parallel (at most ``max_concurrency`` requests at once), recording
+        each upload's CRC32 in its metadata.
 
         Waits for every transfer, then raises an ObjectStoreError naming the first
         failure and how many failed; nothing is left running on return.
@@ -440,23 +469,26 @@ class ObjectStore:
         uploads = list(uploads)
         # Every checksum before the first upload: a file that cannot be read
         # fails the vote before anything is sent, not with uploads running.
-        checksums = list(self._pool.map(file_crc32, [path for path, _key in uploads]))
+        checksums = list(self._urgent.map(file_crc32, [path for path, _key in uploads]))
         futures: list[tuple[str, str, Future]] = []
         for (path, key), crc in zip(uploads, checksums, strict=True):
             future = self._start_upload(self._transfers, path, key, crc)
             futures.append(("upload", key, future))
-        for source, key, checksum in copies:
+        for copy in copies:
             args = dict(self._copy_args)
-            if checksum is not None:
-                args["Metadata"] = {CHECKSUM_METADATA: checksum}
+            if copy.checksum is not None:
+                args["Metadata"] = {CHECKSUM_METADATA: copy.checksum}
                 args["MetadataDirective"] = "REPLACE"
             future = self._transfers.copy(
-                {"Bucket": self.bucket, "Key": source},
+                {"Bucket": self.bucket, "Key": copy.source},
                 self.bucket,
-                key,
+                copy.key,
                 extra_args=args,
+                subscribers=[_KnownSource(copy.source_info)]
+                if copy.source_info
+                else None,
             )
-            futures.append(("copy", key, future))
+            futures.append(("copy", copy.key, future))
         failures = []
         for operation, key, future in futures:
             try:
@@ -472,18 +504,20 @@ class ObjectStore:
         args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
         return manager.upload(path, self.bucket, key, extra_args=args)
 
-    def submit(self, job: Callable[..., T], *args) -> Future[T]:
+    def submit(self, job: Callable[..., T], *args, urgent: bool = False) -> Future[T]:
         """Run ``job(*args)`` in the background, at most ``max_concurrency``
-        jobs at once; they are waited for when the store closes."""
-        return self._background.submit(job, *args)
+        jobs at once; they are waited for when the store closes. An *urgent*
+        job (one a commit lock waits for) queues apart from the others."""
+        return (self._urgent if urgent else self._background).submit(job, *args)
 
-    def upload(self, path: str, key: str) -> str:
+    def upload(self, path: str, key: str, urgent: bool = False) -> str:
         """Upload the file at *path* to *key*, recording its CRC32; return the
         CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
-        apart from those of :meth:`transfer`."""
+        apart from those of :meth:`transfer` unless *urgent*."""
         crc = file_crc32(path)
+        manager = self._transfers if urgent else self._background_transfers
         try:
-            self._start_upload(self._background_transfers, path, key, crc).result()
+            self._start_upload(manager, path, key, crc).result()
         except Exception as exc:
             raise self._error("upload", key, exc) from exc
         return crc
@@ -611,9 +645,11 @@ class ObjectStore:
         finally:
             body.close()
         if written != size:
-            raise ObjectStoreError(
+            short = ObjectStoreError(
                 "GET", self.url(key), f"got {written} of {size} bytes", True
             )
+            self.metrics.failed(failure_cause(short))  # answered: not the hook's
+            raise short
         if expected is not None:
             if crc is None:
                 crc = _written_crc32(out)
@@ -643,6 +679,9 @@ class ObjectStore:
                 crc = zlib.crc32(buffer[:n], crc)
                 copied += n
         except BotoCoreError as exc:
+            # A body that broke off or stalled: the hook counted the GET as
+            # answered when its headers came, so its failure is counted here.
+            self.metrics.failed(failure_cause(exc))
             raise self._error("GET", key, exc) from exc
         return copied, crc
 
@@ -711,6 +750,9 @@ class ObjectStore:
                         )
                     os.pwrite(target.fileno(), chunk, offset)
                     offset += len(chunk)
+            except BotoCoreError as exc:
+                self.metrics.failed(failure_cause(exc))  # answered: not the hook's
+                raise
             finally:
                 body.close()
         except (ClientError, BotoCoreError) as exc:
@@ -731,7 +773,9 @@ class ObjectStore:
             raise error from exc
         checksum = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
         return ObjectInfo(
-            int(response["ContentLength"]), checksum.lower() if checksum else None
+            int(response["ContentLength"]),
+            checksum.lower() if checksum else None,
+            response.get("ETag"),
         )
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
@@ -782,6 +826,7 @@ class ObjectStore:
 
     def close(self) -> None:
         self._background.shutdown()
+        self._urgent.shutdown()
         self._pool.shutdown()
         self._background_transfers.shutdown()
         self._transfers.shutdown()

@@ -7,6 +7,8 @@ import os
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
+from .objectstore import ObjectInfo
+
 
 @dataclass
 class StagedBlob:
@@ -30,6 +32,8 @@ class StagedBlob:
     preexisting: bool = False
     #: The CRC32 the finished upload recorded.
     checksum: str | None = None
+    #: A staged upload's object as a HEAD found it (size, ETag), for its copy.
+    source_info: ObjectInfo | None = None
 
 
 @dataclass
@@ -49,6 +53,18 @@ class PendingCommit:
     preexisting_keys: set[str] = field(default_factory=set)
     #: Staging keys written (or perhaps written): deleted after finish or abort.
     staging_keys: list[str] = field(default_factory=list)
+    #: Bytes of the blobs left to upload at vote (see upload_at_vote).
+    bytes_at_vote: int = 0
+
+    def upload_at_vote(self, size: int, budget: int) -> bool:
+        """Should a blob of *size* bytes wait for the vote (True), or be
+        staged now? At most *budget* bytes in all wait: where the vote holds
+        a database-wide lock, the uploads under it stay short however many
+        blobs the transaction has."""
+        if self.bytes_at_vote + size >= budget:
+            return False
+        self.bytes_at_vote += size
+        return True
 
     def stage(self, blob: StagedBlob) -> None:
         """Add *blob*; a blob stored again for the same oid replaces the

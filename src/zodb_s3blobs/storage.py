@@ -51,7 +51,7 @@ from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
-from .objectstore import ObjectStore, file_crc32, raise_first
+from .objectstore import Copy, ObjectStore, file_crc32, raise_first
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -369,30 +369,56 @@ class S3BlobStorage:
         """Stage *blob* and start its upload now, in the background, where its
         key allows: a restored revision's key is known; so is a new one's when
         the base fixed the tid in tpc_begin. On a base that chooses the tid at
-        vote (RelStorage, under its commit lock), a blob of at least
-        ``s3-staged-copy-threshold`` goes to a staging key now and is copied
-        to its revision's key at vote; a smaller one is uploaded at vote."""
+        vote (RelStorage, under its commit lock), a transaction uploads at
+        most ``s3-staged-copy-threshold`` bytes under the lock, in PUTs of
+        blobs smaller than that; every other blob goes to a staging key now
+        and is copied to its revision's key at vote."""
         commit = self._pending(transaction)
         commit.stage(blob)
         if blob.tid is not None:
-            blob.upload_key = self._layout.key(blob.oid, blob.tid)
-            blob.upload = self._store.submit(self._upload_restored, blob)
+            key = self._layout.key(blob.oid, blob.tid)
+            # Without a tid before vote, a base restoring has locked its
+            # database in tpc_begin already (RelStorage): the lock waits.
+            urgent = commit.tid is None
+            upload = self._store.submit(
+                self._upload_restored, blob, key, urgent, urgent=urgent
+            )
+        elif commit.tid is not None:
+            key = self._layout.key(blob.oid, commit.tid)
+            upload = self._store.submit(self._store.upload, blob.path, key)
+        elif commit.upload_at_vote(
+            os.path.getsize(blob.path), self._store.settings.staged_copy_threshold
+        ):
             return
-        if commit.tid is not None:
-            blob.upload_key = self._layout.key(blob.oid, commit.tid)
-        elif os.path.getsize(blob.path) >= self._store.settings.staged_copy_threshold:
-            blob.upload_key = self._layout.staging_key()
-            blob.staged = True
         else:
-            return
-        blob.upload = self._store.submit(self._store.upload, blob.path, blob.upload_key)
+            key = self._layout.staging_key()
+            blob.staged = True
+            upload = self._store.submit(self._upload_staged, blob, key)
+        # Only once submitted: a blob with an upload key counts as uploaded.
+        blob.upload_key, blob.upload = key, upload
 
-    def _upload_restored(self, blob: StagedBlob) -> str | None:
+    def _upload_restored(self, blob: StagedBlob, key: str, urgent: bool) -> str | None:
         """Upload a restored revision unless its key holds these bytes already
         (see _existing_restore_target); return the CRC32 recorded, if any."""
-        if self._existing_restore_target(blob) is _SAME_BYTES:
+        # Until a HEAD tells the key was free, an abort must not delete it: it
+        # may hold the revision already (a repeated zodbconvert).
+        blob.preexisting = True
+        existing = self._existing_restore_target(key, blob.path)
+        if existing is _SAME_BYTES:
             return None
-        return self._store.upload(blob.path, blob.upload_key)
+        if existing is _ABSENT:
+            blob.preexisting = False
+        return self._store.upload(blob.path, key, urgent)
+
+    def _upload_staged(self, blob: StagedBlob, key: str) -> str:
+        """Upload to a staging key; return the CRC32 recorded. Its size and
+        ETag, learned now, before any lock, spare the copy a HEAD under it."""
+        crc = self._store.upload(blob.path, key)
+        try:
+            blob.source_info = self._store.stat(key)
+        except ObjectStoreError:
+            blob.source_info = None  # the copy asks itself
+        return crc
 
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
         """Return the path of the cached, read-only file of this blob revision,
@@ -617,29 +643,29 @@ class S3BlobStorage:
         tid = commit.tid = commit.tid or tid_at_vote(self._base)
         key = self._layout.key
         uploads = [(b.path, key(b.oid, tid)) for b in later]
-        copies = [(b.upload_key, key(b.oid, tid), b.checksum) for b in staged]
+        copies = [
+            Copy(b.upload_key, key(b.oid, tid), b.checksum, b.source_info)
+            for b in staged
+        ]
         for oid, source in commit.copies.items():
             if self._in_fallback_only(oid, source):
                 # Not in S3 yet: upload the undone-to revision's file instead.
                 uploads.append((self.loadBlob(oid, source), key(oid, tid)))
             else:
-                copies.append((key(oid, source), key(oid, tid), None))
-        commit.attempted_keys += [k for _p, k in uploads] + [k for _s, k, _c in copies]
+                copies.append(Copy(key(oid, source), key(oid, tid)))
+        commit.attempted_keys += [k for _p, k in uploads] + [c.key for c in copies]
         self._store.transfer(uploads, copies)
 
-    def _existing_restore_target(self, blob: StagedBlob) -> object:
-        """What the key of *blob*, a restored revision, holds already (a
-        repeated zodbconvert, a rerun after a failure): _ABSENT; _SAME_BYTES
-        (same size and CRC32: not uploaded again); or _UNCHECKED (same size,
-        written without a CRC32, e.g. by 1.x: uploaded again, which records
-        one). Other bytes under a committed revision's key fail the vote
-        rather than be overwritten. Marks the blob preexisting if the key
-        exists: an abort never deletes what this transaction did not create."""
-        key, path = blob.upload_key, blob.path
+    def _existing_restore_target(self, key: str, path: str) -> object:
+        """What *key*, the target of the restored revision in *path*, holds
+        already (a repeated zodbconvert, a rerun after a failure): _ABSENT;
+        _SAME_BYTES (same size and CRC32: not uploaded again); or _UNCHECKED
+        (same size, written without a CRC32, e.g. by 1.x: uploaded again,
+        which records one). Other bytes under a committed revision's key fail
+        the vote rather than be overwritten."""
         existing = self._store.stat(key)
         if existing is None:
             return _ABSENT
-        blob.preexisting = True
         size = os.path.getsize(path)
         checksum = file_crc32(path)
         if existing.size == size and existing.checksum == checksum:
