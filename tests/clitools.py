@@ -9,11 +9,14 @@ import json
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import ZODB
@@ -36,6 +39,30 @@ def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def start(*args: str | Path) -> subprocess.Popen:
+    """Start ``python -m zodb_s3blobs.cli ARGS`` without waiting for it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "zodb_s3blobs.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def interrupt(*args: str | Path, once: Callable[[], bool]) -> tuple[int, str]:
+    """Start ``zodb-s3blobs ARGS``, press Ctrl-C (SIGINT) as soon as *once()*
+    is true, and return its exit code and stderr."""
+    process = start(*args)
+    deadline = time.monotonic() + 60
+    while not once():
+        assert process.poll() is None, "the command ended before it was interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=60)
+    return process.returncode, err
 
 
 def run_json(*args: str | Path) -> tuple[int, dict]:

@@ -5,8 +5,6 @@ blob_chunk table on SQLite, idempotent, and resumed after an interruption."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -153,21 +151,14 @@ def test_an_interrupted_migrate_resumes(tmp_path):
         slow.write_text(
             slow.read_text().replace(server.endpoint_url, line.endpoint_url)
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "zodb_s3blobs.cli", "migrate", str(slow)]
-            + ["--from-blob-dir", str(blob_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        code, err = clitools.interrupt(
+            "migrate",
+            slow,
+            "--from-blob-dir",
+            blob_dir,
+            once=lambda: len(clitools.s3_objects(fast)) >= 16,
         )
-        deadline = time.monotonic() + 60
-        while len(clitools.s3_objects(fast)) < 16:
-            assert process.poll() is None, "migrate ended before it was interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
-        _out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert code == 130, err
     assert err.splitlines()[-1] == "zodb-s3blobs: interrupted"
     done = len(clitools.s3_objects(fast))
     assert 16 <= done < count

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -382,20 +379,11 @@ def test_a_run_interrupted_with_ctrl_c_resumes(tmp_path):
     clitools.commit_blobs(clitools.open_storage(config), [1] * count)
     state = tmp_path / "verify.state"
     args = ["verify", str(config), "--checksums", "--download", "--state", str(state)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zodb_s3blobs.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, err = clitools.interrupt(
+        *args,
+        once=lambda: state.exists() and len(state.read_text().splitlines()) >= 11,
     )
-    deadline = time.monotonic() + 60
-    while not state.exists() or len(state.read_text().splitlines()) < 11:
-        assert process.poll() is None, "verify ended before it was interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    _out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert code == 130, err
     done = len(state_lines(state)) - 1  # after the header line
     assert 10 <= done < count
 

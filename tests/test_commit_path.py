@@ -246,41 +246,38 @@ def test_under_the_threshold_a_blob_is_one_put_under_the_lock(make_relstorage):
     assert [op for op, _url in seen if op != "ListObjectsV2"] == ["PutObject"]
 
 
-def test_a_failed_staged_upload_fails_the_vote_before_the_lock(make_relstorage):
-    storage = make_relstorage(s3env.settings())
+def failed_vote(storage, operation: str) -> tuple[ObjectStoreError, bool]:
+    """Store one large blob and vote with *operation* failing, then abort:
+    the vote's error, and whether RelStorage's commit lock was taken."""
     instance = storage.new_instance()
     try:
         txn = TransactionMetaData()
         instance.tpc_begin(txn)
-        with failing(instance._store, "PutObject"):
+        with failing(instance._store, operation):
             store_blob(instance, txn, payload(LARGE))
             with pytest.raises(ObjectStoreError) as info:
                 instance.tpc_vote(txn)
-        assert "/staging/" in str(info.value)
         phase = instance._base._tpc_phase
-        assert getattr(phase, "committing_tid_lock", None) is None, "not locked"
+        locked = getattr(phase, "committing_tid_lock", None) is not None
         instance.tpc_abort(txn)
     finally:
         instance.release()
+    return info.value, locked
+
+
+def test_a_failed_staged_upload_fails_the_vote_before_the_lock(make_relstorage):
+    storage = make_relstorage(s3env.settings())
+    error, locked = failed_vote(storage, "PutObject")
+    assert "/staging/" in str(error)
+    assert not locked
     assert all_keys(storage) == []
 
 
 def test_a_failed_copy_fails_the_vote_and_the_abort_leaves_nothing(make_relstorage):
     storage = make_relstorage(s3env.settings())
-    instance = storage.new_instance()
-    try:
-        txn = TransactionMetaData()
-        instance.tpc_begin(txn)
-        store_blob(instance, txn, payload(LARGE))
-        with (
-            failing(instance._store, "CopyObject"),
-            pytest.raises(ObjectStoreError) as info,
-        ):
-            instance.tpc_vote(txn)
-        assert "copy" in str(info.value)
-        instance.tpc_abort(txn)
-    finally:
-        instance.release()
+    error, locked = failed_vote(storage, "CopyObject")
+    assert "copy" in str(error)
+    assert locked
     eventually(lambda: all_keys(storage) == [])
 
 

@@ -3,8 +3,10 @@ key, naming that key, before anything is opened."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 
 import pytest
 import ZConfig
@@ -184,18 +186,26 @@ def test_full_section_builds_the_storage(tmp_path):
         storage.close()
 
 
-def test_environment_substitution(tmp_path, monkeypatch):
-    monkeypatch.setenv("S3BLOBS_TEST_PREFIX", "from-env")
+@contextlib.contextmanager
+def opened(tmp_path, **zconfig) -> Iterator:
+    """The storage a <s3blobstorage> around a MappingStorage opens, closed
+    after the block (keyword arguments as for s3env.zconfig)."""
     text = s3env.zconfig(
         "<mappingstorage>\n</mappingstorage>",
         cache_dir=str(tmp_path / "cache"),
-        prefix="$(S3BLOBS_TEST_PREFIX)",
+        **zconfig,
     )
     storage = ZODB.config.storageFromString(text)
     try:
-        assert storage._layout.root == "from-env/blobs/"
+        yield storage
     finally:
         storage.close()
+
+
+def test_environment_substitution(tmp_path, monkeypatch):
+    monkeypatch.setenv("S3BLOBS_TEST_PREFIX", "from-env")
+    with opened(tmp_path, prefix="$(S3BLOBS_TEST_PREFIX)") as storage:
+        assert storage._layout.root == "from-env/blobs/"
 
 
 def parsed_settings(lines: str):
@@ -246,13 +256,5 @@ def test_metrics_file_may_name_the_host(tmp_path):
 
 
 def test_cache_min_age_reaches_the_cache(tmp_path):
-    text = s3env.zconfig(
-        "<mappingstorage>\n</mappingstorage>",
-        cache_dir=str(tmp_path / "cache"),
-        extra="cache-min-age 2.5",
-    )
-    storage = ZODB.config.storageFromString(text)
-    try:
+    with opened(tmp_path, extra="cache-min-age 2.5") as storage:
         assert storage._cache.min_age == 2.5
-    finally:
-        storage.close()

@@ -4,8 +4,6 @@ where it kept them (a blob directory, RelStorage's blob_chunk table) while
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
@@ -66,16 +64,6 @@ def commit_new_blob(db, name: str, data: bytes) -> tuple[bytes, bytes]:
     return ref
 
 
-def start_migrate(config, *source: str) -> subprocess.Popen:
-    """``zodb-s3blobs migrate CONFIG SOURCE`` in another process."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "zodb_s3blobs.cli", "migrate", str(config), *source],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def without_fallback(config, tmp_path):
     """CONFIG's storage with the fallback removed and an empty cache."""
     text = "\n".join(
@@ -94,7 +82,7 @@ def switch_copy_verify_drop(tmp_path, config, revisions, *source: str) -> None:
     db = ZODB.DB(site)
     try:
         assert read_all(site, revisions) == revisions, "read through the fallback"
-        migrate = start_migrate(config, *source)
+        migrate = clitools.start("migrate", config, *source)
         new = {}
         for n in range(3):
             data = b"committed while migrate runs %d" % n
