@@ -38,6 +38,15 @@ def requests(store) -> Iterator[list[tuple[str, str]]]:
         yield seen
 
 
+def error_response(request, code: str = "AccessDenied", status: int = 403):
+    """An S3 error answer to *request*, for a before-send hook to return."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+        f"<Message>injected by the test</Message></Error>"
+    ).encode()
+    return AWSResponse(request.url, status, {}, _Body(body))
+
+
 @contextlib.contextmanager
 def failing(
     store,
@@ -49,16 +58,12 @@ def failing(
     """Answer *store*'s *operation* requests whose URL matches *when* with an
     S3 error."""
     failed: list[str] = []
-    body = (
-        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-        f"<Message>injected by the test</Message></Error>"
-    ).encode()
 
     def fail(request, **_kw):
         url = unquote(request.url)
         if when(url):
             failed.append(url)
-            return AWSResponse(request.url, status, {}, _Body(body))
+            return error_response(request, code, status)
         return None
 
     with _hooked(store, f"before-send.s3.{operation}", fail):
@@ -68,10 +73,11 @@ def failing(
 @contextlib.contextmanager
 def calling(store, operation: str, callback: Callable[..., None]) -> Iterator[None]:
     """Call *callback* with each of *store*'s *operation* requests (a
-    botocore AWSPreparedRequest: url, headers) just before it is sent."""
+    botocore AWSPreparedRequest: url, headers) just before it is sent; an
+    answer it returns (see error_response) is taken instead of sending."""
 
     def call(request, **_kw):
-        callback(request)
+        return callback(request)
 
     with _hooked(store, f"before-send.s3.{operation}", call):
         yield

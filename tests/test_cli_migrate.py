@@ -194,7 +194,7 @@ def test_migrate_from_relstorage_blob_chunk(request, tmp_path, backend, keep_his
 
     code, dry = run_json("migrate", config, "--from-relstorage", "--dry-run")
     assert code == 0
-    assert dry["source"].startswith("blob_chunk table of RelStorage")
+    assert dry["source"] == "RelStorage's blob_chunk table (" + backend + ")"
     assert {u["key"]: u["size"] for u in dry["uploads"]} == {
         clitools.layout(config).key(oid, tid): len(data)
         for (oid, tid), data in revisions.items()

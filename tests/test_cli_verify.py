@@ -15,6 +15,9 @@ import pytest
 import clitools
 import s3env
 from clitools import run, run_json
+from s3hooks import calling, error_response
+from test_downloads import PART, put_object, ranged_store
+from zodb_s3blobs.cli.checksums import Downloads, check_one
 from zodb_s3blobs.keys import hex_id
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
@@ -422,7 +425,7 @@ def test_checksums_against_relstorage_blob_chunk(request, tmp_path, backend):
     args = ("verify", config, "--all-revisions", "--checksums", "--from-relstorage")
     code, report = run_json(*args)
     assert code == 0, report
-    assert report["checksums"]["compared_with"].startswith("blob_chunk table of")
+    assert report["checksums"]["compared_with"].startswith("RelStorage's blob_chunk")
     assert report["checksums"]["matching"] == len(revisions)
 
     (oid, tid), data = min(revisions.items())
@@ -487,5 +490,51 @@ def test_a_history_free_base_needs_no_all_revisions(tmp_path):
     assert run("migrate", config, "--from-relstorage").returncode == 0
     code, report = run_json("verify", config, "--checksums")
     assert (code, report["fallback_removable"]) == (0, True)
-    assert report["checksums"]["compared_with"].startswith("blob_chunk table of")
+    assert report["checksums"]["compared_with"].startswith("RelStorage's blob_chunk")
     assert report["checksums"]["matching"] == len(SIZES)
+
+
+def test_a_download_that_fails_midway_is_unreadable_not_a_mismatch():
+    """verify --checksums --download: a ranged GET refused after a later
+    range was written leaves a file of full size with a hole; that is an
+    object that could not be checked, never one reported damaged."""
+    key = f"{s3env.new_prefix()}/blobs/1/123456789abcdef.blob"
+    put_object(key, os.urandom(3 * PART))
+    store = ranged_store(s3env.server().endpoint_url)
+    middle = f"bytes={PART}-{2 * PART - 1}"
+
+    def refuse_the_middle_range(request):
+        if request.headers.get("Range") in (middle, middle.encode()):
+            time.sleep(1.5)  # the last range is written meanwhile
+            return error_response(request)
+        return None
+
+    copies = Downloads()
+    try:
+        with (
+            calling(store, "GetObject", refuse_the_middle_range),
+            copies.files([None]) as paths,
+        ):
+            check = check_one(store, copies, key, paths[0])
+    finally:
+        store.close()
+    assert check.outcome == "unreadable", check
+
+
+def test_a_state_file_resumes_against_blob_chunk_on_postgresql(postgresql, tmp_path):
+    """The state file's header names the source: for RelStorage's blob_chunk
+    that name is the same in every run (and holds no DSN)."""
+    adapter = f"<postgresql>\n    dsn {postgresql.create_database()}\n  </postgresql>"
+    clitools.relstorage_with_blob_chunks(tmp_path, [10, 20, 30], adapter)
+    config = clitools.write_config(
+        tmp_path, clitools.relstorage(adapter), extra="fallback-blob-chunk true\n"
+    )
+    assert clitools.run("migrate", config, "--from-relstorage").returncode == 0
+    state = tmp_path / "verify.state"
+    args = ("verify", config, "--all-revisions", "--checksums", "--state", state)
+    code, first = run_json(*args)
+    assert code == 0, first
+    assert "dsn" not in state.read_text() and "password" not in state.read_text()
+    code, again = run_json(*args)
+    assert code == 0, again
+    assert again["checksums"]["verified_earlier"] == first["checksums"]["checked"]

@@ -4,6 +4,8 @@ where it kept them (a blob directory, RelStorage's blob_chunk table) while
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import time
 
 import pytest
@@ -11,12 +13,12 @@ import transaction
 import ZODB
 import ZODB.config
 from ZODB.blob import Blob
-from ZODB.POSException import POSKeyError
+from ZODB.POSException import POSKeyError, ReadConflictError
 
 import clitools
 import s3env
-from s3hooks import failing
-from zodb_s3blobs import BlobReadError
+from s3hooks import failing, holding, requests
+from zodb_s3blobs import BlobReadError, gc
 
 #: Blob sizes of the site before the switch: one empty, small ones, one in
 #: several parts.
@@ -171,7 +173,9 @@ def test_a_revision_in_neither_place_names_both(tmp_path):
 
 def test_only_a_404_reads_the_fallback(tmp_path):
     """S3 refusing access (403) or failing transiently is raised or retried,
-    never answered from the fallback as if the object did not exist."""
+    never answered from the fallback as if the object did not exist.
+    fallback-upload false: a wrong fallback read would otherwise also
+    overwrite S3's bytes, hiding which place answered."""
     revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
     (oid, tid), data = max(revisions.items(), key=lambda item: len(item[1]))
     key = clitools.layout(config).key(oid, tid)
@@ -211,7 +215,9 @@ def test_presigned_urls_wait_for_the_upload(tmp_path):
 
 
 def test_undo_copies_a_revision_still_in_the_fallback(tmp_path):
-    revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
+    """Nothing was read before the undo, so the undone-to revisions are only
+    in the fallback: the undo uploads them first, then copies them."""
+    revisions, config = filestorage_site(tmp_path)
     site = clitools.open_storage(config)
     db = ZODB.DB(site)
     try:
@@ -290,3 +296,100 @@ def test_lazily_loaded_blobs_open_through_the_fallback(tmp_path):
                     assert f.read() == appended[blob._p_oid]
     finally:
         db.close()
+
+
+def test_a_blob_dir_without_its_layout_file_is_read(tmp_path):
+    """A directory copied with ``cp -r dir/*`` has no .layout: ZODB would
+    guess lawn for it; the fallback looks in both layouts."""
+    revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
+    os.remove(tmp_path / "blobs" / ".layout")
+    site = clitools.open_storage(config)
+    try:
+        assert read_all(site, revisions) == revisions
+    finally:
+        site.close()
+
+
+def test_a_fifo_in_the_fallback_is_refused_without_hanging(tmp_path):
+    revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
+    (oid, tid), _data = next(iter(revisions.items()))
+    site = clitools.open_storage(config)
+    path = site._shared.fallback.where(oid, tid)
+    os.remove(path)
+    os.mkfifo(path)
+    loading = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        future = loading.submit(site.loadBlob, oid, tid)
+        try:
+            with pytest.raises(BlobReadError, match="not a regular file"):
+                future.result(10)
+        finally:
+            if not future.done():  # let a hung open return
+                with open(path, "wb"):
+                    pass
+    finally:
+        loading.shutdown()
+        site.close()
+
+
+def test_read_through_uploads_never_delay_a_commit_or_a_close(tmp_path):
+    """A backlog of read-through uploads (a crawler right after the switch)
+    never makes a commit wait at vote, and close() drops it: only the
+    uploads already running are finished."""
+    revisions, config = filestorage_site(tmp_path)
+    old_keys = {clitools.layout(config).key(*ref) for ref in revisions}
+    site = clitools.open_storage(config)
+    db = ZODB.DB(site)
+    held = lambda url: any(key in url for key in old_keys)  # noqa: E731
+    with holding(site._store, "PutObject", held) as gate:
+        read_all(site, revisions)  # one upload queued per old revision
+        assert gate.arrived.wait(10)
+        committing = concurrent.futures.ThreadPoolExecutor(1)
+        committed = committing.submit(commit_new_blob, db, "new", b"a new blob")
+        committed.result(10)  # raises TimeoutError if it waited for them
+        closing = committing.submit(db.close)
+        time.sleep(0.5)
+        gate.open()  # the running uploads end
+        closing.result(30)
+        committing.shutdown()
+    assert 0 < len(gate.held) < len(revisions), "the backlog was dropped"
+
+
+def test_a_packed_revision_is_never_served_from_the_fallback(tmp_path):
+    """After a pack removed an old revision (and its object), reading it
+    raises ReadConflictError as without a fallback, and nothing uploads it
+    again."""
+    revisions, config = filestorage_site(tmp_path)
+    site = clitools.open_storage(config)
+    db = ZODB.DB(site)
+    try:
+        read_all(site, revisions)
+        layout = clitools.layout(config)
+        expected = {layout.key(*ref) for ref in revisions}
+        eventually(lambda: set(clitools.s3_objects(config)) == expected)
+        db.pack(time.time() + 1)
+        packed = [ref for ref in revisions if not gc.revision_exists(site._base, *ref)]
+        assert packed, "the pack removed the old revisions"
+        site._cache.discard(*packed[0])
+        with pytest.raises(ReadConflictError):
+            site.loadBlob(*packed[0])
+        assert layout.key(*packed[0]) not in clitools.s3_objects(config)
+    finally:
+        db.close()
+
+
+def test_presigned_urls_ask_s3_once_and_never_raise(tmp_path):
+    revisions, config = filestorage_site(tmp_path)
+    (oid, tid), _data = next(iter(revisions.items()))
+    site = clitools.open_storage(config)
+    try:
+        with failing(site._store, "HeadObject", code="SlowDown", status=503):
+            assert site.presigned_url(oid, tid) is None, "S3 trouble: no URL"
+        site.loadBlob(oid, tid)
+        eventually(lambda: site.presigned_url(oid, tid) is not None)
+        with requests(site._store) as seen:
+            for _ in range(20):
+                assert site.presigned_url(oid, tid) is not None
+        assert [op for op, _url in seen] == [], "known to be in S3"
+    finally:
+        site.close()

@@ -36,3 +36,8 @@ class BlobReadError(S3BlobStorageError):
 
 class ObjectNotFound(ObjectStoreError):
     """The object does not exist (S3 answered 404 / NoSuchKey)."""
+
+
+class ChecksumMismatch(ObjectStoreError):
+    """A download's bytes do not match the CRC32 recorded at upload: the
+    whole object arrived, and it is not what was stored."""

@@ -16,7 +16,7 @@ import shutil
 import stat
 from typing import BinaryIO, Protocol
 
-from ZODB.blob import FilesystemHelper
+from ZODB.blob import LAYOUT_MARKER, FilesystemHelper
 from ZODB.utils import oid_repr, tid_repr, u64
 
 from .errors import S3BlobStorageError
@@ -51,7 +51,12 @@ class FallbackReadError(S3BlobStorageError):
 
 
 class BlobDirFallback:
-    """The blob files of a ZODB blob directory, read-only."""
+    """The blob files of a ZODB blob directory, read-only.
+
+    The layout is the one its ``.layout`` file names. Without that file (a
+    directory copied with ``cp -r dir/*``) ZODB would guess lawn for any
+    non-empty directory; here a revision is looked for in both layouts.
+    """
 
     def __init__(self, directory: str) -> None:
         if not os.path.isabs(directory):
@@ -60,40 +65,51 @@ class BlobDirFallback:
             )
         if not os.path.isdir(directory):
             raise ValueError(f"fallback-blob-dir {directory!r} is not a directory")
-        # Only reads .layout (or, without it, looks at the directory's
-        # entries); FilesystemHelper.create(), never called, would write.
-        helper = FilesystemHelper(directory)
-        if helper.layout_name == "zeocache":
+        # FilesystemHelper only reads .layout here; its create(), never
+        # called, would write.
+        if os.path.exists(os.path.join(directory, LAYOUT_MARKER)):
+            helpers = [FilesystemHelper(directory)]
+        else:
+            helpers = [FilesystemHelper(directory, name) for name in ("bushy", "lawn")]
+        if helpers[0].layout_name == "zeocache":
             raise ValueError(
                 f"fallback-blob-dir {directory!r} is a ZEO client's blob cache, "
                 "which holds only the blobs that client read: give the ZEO "
                 "server's blob directory"
             )
         self.directory = directory
-        self._helper = helper
+        self._helpers = helpers
 
     def describe(self) -> str:
         return f"fallback-blob-dir {self.directory}"
 
     def where(self, oid: bytes, tid: bytes) -> str:
-        return self._helper.getBlobFilename(oid, tid)
+        return " or ".join(h.getBlobFilename(oid, tid) for h in self._helpers)
 
     def read(self, oid: bytes, tid: bytes, out: BinaryIO) -> int | None:
-        path = self.where(oid, tid)
+        for helper in self._helpers:
+            size = self._read(helper.getBlobFilename(oid, tid), out)
+            if size is not None:
+                return size
+        return None
+
+    @staticmethod
+    def _read(path: str, out: BinaryIO) -> int | None:
         try:
-            # Not through a symbolic link: the directory is the Zope user's,
-            # and this copies the file into a cache that may be served.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # Not through a symbolic link (the directory is the Zope user's,
+            # and this copies the file into a cache that may be served), and
+            # not blocking on a FIFO before it is found not to be a file.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise FallbackReadError(f"Cannot read {path}: {exc}") from exc
         with open(fd, "rb") as source:
-            size = os.fstat(fd).st_size
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise FallbackReadError(f"{path} is not a regular file")
             shutil.copyfileobj(source, out, _COPY_BUFFER)
-        return _checked(out, size, path)
+        return _checked(out, st.st_size, path)
 
 
 class BlobChunkFallback:
@@ -116,18 +132,22 @@ class BlobChunkFallback:
             )
         self._adapter = adapter
         self._size_sql = CHUNK_SIZE_SQL[package[2]]
-        self._name = relstorage.getName()
+        # Not RelStorage's getName(): it holds the DSN, perhaps a password.
+        self._name = f"RelStorage's blob_chunk table ({package[2]})"
         self._temp_dir = temp_dir
 
     def describe(self) -> str:
-        return f"the blob_chunk table of {self._name}"
+        return self._name
 
     def where(self, oid: bytes, tid: bytes) -> str:
-        return f"blob_chunk row zoid={u64(oid)} tid={u64(tid)} of {self._name}"
+        return f"blob_chunk rows zoid={u64(oid)} tid={u64(tid)}"
 
     def read(self, oid: bytes, tid: bytes, out: BinaryIO) -> int | None:
         connmanager = self._adapter.connmanager
-        conn, cursor = connmanager.open_for_load()
+        try:
+            conn, cursor = connmanager.open_for_load()
+        except Exception as exc:  # the database driver's own errors
+            raise FallbackReadError(f"Cannot reach {self._name}: {exc}") from exc
         try:
             cursor.execute(
                 f"SELECT COUNT(*), SUM({self._size_sql}) FROM blob_chunk "
@@ -138,6 +158,12 @@ class BlobChunkFallback:
             if not chunks:
                 return None
             return self._download(cursor, oid, tid, out, int(size))
+        except FallbackReadError:
+            raise
+        except Exception as exc:  # the database driver's own errors
+            raise FallbackReadError(
+                f"Cannot read {self.where(oid, tid)}: {exc}"
+            ) from exc
         finally:
             connmanager.close(conn, cursor)
 

@@ -46,7 +46,12 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 from s3transfer.subscribers import BaseSubscriber
 
-from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
+from .errors import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    ObjectStoreError,
+    S3BlobStorageError,
+)
 from .metrics import Metrics
 from .redact import PresignedURL, protect
 from .s3metrics import failure_cause, instrument
@@ -62,6 +67,8 @@ from .settings import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: How many uploads :meth:`ObjectStore.upload_soon` lets wait at most.
+SPARE_QUEUE = 200
 #: S3 accepts at most this many keys in one DeleteObjects request.
 DELETE_BATCH = 1000
 #: Object metadata holding the CRC32 of the blob, recorded at upload
@@ -91,12 +98,6 @@ _TRANSIENT_CODES = {
 }
 
 __all__ = ["ListedObject", "ObjectStore", "S3Settings"]
-
-
-class _ChecksumMismatch(ObjectStoreError):
-    """The bytes read differ from the CRC32 recorded at upload: retried once
-    (they may have been damaged in transit), not until the deadline (a second
-    mismatch means the stored object is damaged)."""
 
 
 def file_crc32(path: str) -> str:
@@ -236,8 +237,8 @@ class ObjectStore:
         # Two transfer managers with their own queues: transfers made at vote,
         # perhaps under a base's commit lock, never wait behind the parts of
         # uploads started in the background for other transactions.
-        self._transfers = self._transfer_manager()
-        self._background_transfers = self._transfer_manager()
+        self._transfers = self._transfer_manager(settings.max_concurrency)
+        self._background_transfers = self._transfer_manager(settings.max_concurrency)
         self.fast_stream = FAST_STREAM
         self._pool = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs"
@@ -251,6 +252,12 @@ class ObjectStore:
         self._background = ThreadPoolExecutor(
             settings.max_concurrency, thread_name_prefix="zodb-s3blobs-upload"
         )
+        # Uploads nobody waits for (revisions read from a fallback): two at a
+        # time, queue bounded, on a transfer queue of their own, so that a
+        # backlog of them never delays a commit or a close.
+        self._spare = ThreadPoolExecutor(2, thread_name_prefix="zodb-s3blobs-spare")
+        self._spare_transfers = self._transfer_manager(2)
+        self._spare_queued = threading.BoundedSemaphore(SPARE_QUEUE)
         self._get_args: dict[str, object] = {}
         self._put_args: dict[str, object] = {}
         self._copy_args: dict[str, object] = {}
@@ -268,12 +275,12 @@ class ObjectStore:
                 self._put_args["SSEKMSKeyId"] = settings.sse_kms_key_id
             self._copy_args = self._put_args
 
-    def _transfer_manager(self):
+    def _transfer_manager(self, concurrency: int):
         settings = self.settings
         return create_transfer_manager(
             self._client,
             TransferConfig(
-                max_concurrency=settings.max_concurrency,
+                max_concurrency=concurrency,
                 multipart_threshold=(
                     settings.multipart_threshold if settings.multipart else MAX_PUT_SIZE
                 ),
@@ -510,6 +517,30 @@ class ObjectStore:
         job (one a commit lock waits for) queues apart from the others."""
         return (self._urgent if urgent else self._background).submit(job, *args)
 
+    def upload_soon(self, path: str, key: str) -> bool:
+        """Upload the file at *path* to *key* in the background, if fewer than
+        :data:`SPARE_QUEUE` such uploads wait; a failure is logged. Returns
+        whether the upload was queued. Uploads still queued when the store
+        closes are dropped."""
+        if not self._spare_queued.acquire(blocking=False):
+            return False
+
+        def upload() -> None:
+            try:
+                crc = file_crc32(path)
+                self._start_upload(self._spare_transfers, path, key, crc).result()
+            except Exception as exc:
+                log.warning("Could not upload %s: %s", self.url(key), exc)
+            finally:
+                self._spare_queued.release()
+
+        try:
+            self._spare.submit(upload)
+        except RuntimeError:  # closing
+            self._spare_queued.release()
+            return False
+        return True
+
     def upload(self, path: str, key: str, urgent: bool = False) -> str:
         """Upload the file at *path* to *key*, recording its CRC32; return the
         CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
@@ -589,13 +620,14 @@ class ObjectStore:
                     raise
                 pause = _backoff(attempt)
                 now = time.monotonic()
-                mismatches += isinstance(exc, _ChecksumMismatch)
+                mismatches += isinstance(exc, ChecksumMismatch)
                 if (
                     (limit is not None and attempt >= limit)
                     or now + pause + stall > deadline
                     or mismatches > 1
                 ):
-                    raise ObjectStoreError(
+                    # A mismatch stays one: the caller can tell bad bytes.
+                    raise type(exc)(
                         exc.operation,
                         exc.key,
                         f"{exc.cause} (gave up after {attempt} "
@@ -605,7 +637,7 @@ class ObjectStore:
                         + (f", s3-download-max-attempts {limit})" if limit else ")"),
                         exc.transient,
                     ) from exc
-                mismatch = isinstance(exc, _ChecksumMismatch)
+                mismatch = isinstance(exc, ChecksumMismatch)
                 self.metrics.retried(
                     "checksum_mismatch" if mismatch else failure_cause(exc)
                 )
@@ -655,7 +687,7 @@ class ObjectStore:
                 crc = _written_crc32(out)
             if f"{crc:08x}" != expected.lower():
                 self.metrics.failed("checksum_mismatch")
-                raise _ChecksumMismatch(
+                raise ChecksumMismatch(
                     "GET",
                     self.url(key),
                     f"checksum mismatch: CRC32 {crc:08x}, recorded {expected}",
@@ -759,13 +791,12 @@ class ObjectStore:
             raise self._error("GET", key, exc) from exc
         return offset - start
 
-    def stat(self, key: str) -> ObjectInfo | None:
+    def stat(self, key: str, quick: bool = False) -> ObjectInfo | None:
         """The object's size and recorded CRC32, or None when it does not exist
-        (HEAD)."""
+        (HEAD); *quick* tries once, with the download timeouts."""
+        client = self._reader if quick else self._client
         try:
-            response = self._client.head_object(
-                Bucket=self.bucket, Key=key, **self._get_args
-            )
+            response = client.head_object(Bucket=self.bucket, Key=key, **self._get_args)
         except (ClientError, BotoCoreError) as exc:
             error = self._error("HEAD", key, exc)
             if isinstance(error, ObjectNotFound):
@@ -825,9 +856,11 @@ class ObjectStore:
         return PresignedURL(url)
 
     def close(self) -> None:
+        self._spare.shutdown(cancel_futures=True)
         self._background.shutdown()
         self._urgent.shutdown()
         self._pool.shutdown()
+        self._spare_transfers.shutdown()
         self._background_transfers.shutdown()
         self._transfers.shutdown()
         self._client.close()

@@ -17,7 +17,6 @@ deletes every object this transaction created.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -25,7 +24,7 @@ import sys
 import threading
 from base64 import decodebytes
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zope.interface
 from ZODB.blob import BlobFile, copyTransactionsFromTo, is_blob_record
@@ -65,6 +64,8 @@ DEFAULT_METRICS_INTERVAL = 15.0
 #: How often openCommittedBlobFile reloads a file evicted before it was opened.
 _OPEN_ATTEMPTS = 5
 
+#: How many revisions found in S3 are remembered while a fallback is set.
+_IN_S3_KEPT = 100_000
 #: What a restored revision's key holds already (see _existing_restore_target).
 _ABSENT, _SAME_BYTES, _UNCHECKED = object(), object(), object()
 
@@ -114,6 +115,8 @@ class _Shared:
     fallback: Fallback | None = None
     #: Upload what was read from the fallback to its S3 key.
     fallback_upload: bool = True
+    #: Revisions a HEAD found in S3 while a fallback is configured.
+    in_s3: set = field(default_factory=set)
 
 
 class _FilesystemView:
@@ -477,7 +480,9 @@ class S3BlobStorage:
             return self._store.download(key, out)
         except ObjectNotFound:
             fallback = self._shared.fallback
-            if fallback is None:
+            # A revision packed away is gone from S3 too: never served (and
+            # uploaded again) from the fallback, which pack never touches.
+            if fallback is None or not gc.revision_exists(self._base, oid, serial):
                 raise
             out.seek(0)
             out.truncate()
@@ -492,23 +497,23 @@ class S3BlobStorage:
         the background: the bucket fills as the site is used. Best effort:
         until it succeeds (or ``migrate`` copies it), reads find it in the
         fallback. A migrate uploading the same revision writes the same bytes."""
+        if not self._store.upload_soon(path, key):
+            log.debug("Not uploading %s now: too many uploads wait", key)
 
-        def upload() -> None:
-            try:
-                self._store.upload(path, key)
-            except (OSError, S3BlobStorageError) as exc:
-                log.warning("Could not upload %s from the fallback: %s", key, exc)
-
-        with contextlib.suppress(RuntimeError):  # the store is closing
-            self._store.submit(upload)
-
-    def _in_fallback_only(self, oid: bytes, serial: bytes) -> bool:
+    def _in_fallback_only(self, oid: bytes, serial: bytes, quick: bool = False) -> bool:
         """Is this committed revision absent from S3 while a fallback is
-        configured (so that it can only be read from there)?"""
-        return (
-            self._shared.fallback is not None
-            and self._store.stat(self._layout.key(oid, serial)) is None
-        )
+        configured (so that it can only be read from there)? Asked of S3 with
+        a HEAD (*quick*: one try, the download timeouts) until it is there;
+        a committed revision's object stays until pack, so the answer is kept."""
+        shared = self._shared
+        if shared.fallback is None or (oid, serial) in shared.in_s3:
+            return False
+        if self._store.stat(self._layout.key(oid, serial), quick) is None:
+            return True
+        if len(shared.in_s3) >= _IN_S3_KEPT:
+            shared.in_s3.clear()
+        shared.in_s3.add((oid, serial))
+        return False
 
     def openCommittedBlobFile(self, oid, serial, blob=None):
         for _attempt in range(_OPEN_ATTEMPTS):
@@ -549,7 +554,12 @@ class S3BlobStorage:
             or not gc.revision_exists(self._base, oid, serial)
         ):
             return None
-        if self._in_fallback_only(oid, serial):
+        try:
+            only_in_fallback = self._in_fallback_only(oid, serial, quick=True)
+        except ObjectStoreError as exc:
+            log.warning("No presigned URL for %s: %s", oid_repr(oid), exc)
+            return None
+        if only_in_fallback:
             log.info(
                 "No presigned URL for blob %s revision %s: it is not in S3 yet, "
                 "only in %s",
@@ -571,9 +581,11 @@ class S3BlobStorage:
         """Undo through the base; each undone blob revision's object is copied
         (server-side, at vote) to the new revision's key, as ZODB's
         ``BlobStorage.undo`` copies the file."""
+        undone_tid = decodebytes(transaction_id + b"\n")
+        if self._shared.fallback is not None:
+            self._upload_undo_sources(undone_tid)
         result = self._base.undo(transaction_id, transaction)
         oids = result[1] if isinstance(result, tuple) else result
-        undone_tid = decodebytes(transaction_id + b"\n")
         if oids is None:
             oids = _oids_stored_by(self._base, undone_tid)
         pending = self._pending(transaction)
@@ -582,6 +594,17 @@ class S3BlobStorage:
             if source is not None:
                 pending.copies[oid] = source
         return result
+
+    def _upload_undo_sources(self, undone_tid: bytes) -> None:
+        """Upload the revisions undoing *undone_tid* restores that are still
+        only in the fallback, to their own keys, so that the vote copies them
+        as any other. Before the base's undo, which takes RelStorage's
+        database-wide commit lock."""
+        for oid in _oids_stored_by(self._base, undone_tid):
+            source = self._undo_source(oid, undone_tid)
+            if source is not None and self._in_fallback_only(oid, source):
+                path = self.loadBlob(oid, source)
+                self._store.upload(path, self._layout.key(oid, source), urgent=True)
 
     def _undo_source(self, oid: bytes, undone_tid: bytes) -> bytes | None:
         """The tid of the blob revision that undoing *undone_tid* restores."""
@@ -647,12 +670,10 @@ class S3BlobStorage:
             Copy(b.upload_key, key(b.oid, tid), b.checksum, b.source_info)
             for b in staged
         ]
-        for oid, source in commit.copies.items():
-            if self._in_fallback_only(oid, source):
-                # Not in S3 yet: upload the undone-to revision's file instead.
-                uploads.append((self.loadBlob(oid, source), key(oid, tid)))
-            else:
-                copies.append(Copy(key(oid, source), key(oid, tid)))
+        copies += [
+            Copy(key(oid, source), key(oid, tid))
+            for oid, source in commit.copies.items()
+        ]
         commit.attempted_keys += [k for _p, k in uploads] + [c.key for c in copies]
         self._store.transfer(uploads, copies)
 

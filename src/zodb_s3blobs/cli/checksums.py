@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import IO, TYPE_CHECKING, Protocol
 
 from ..cache import revision_path
-from ..errors import ObjectStoreError
+from ..errors import ChecksumMismatch, ObjectStoreError
 from ..objectstore import ObjectInfo, file_crc32
 from . import UsageError
 from .migrate import BATCH_PER_SLOT, batches
@@ -163,17 +163,16 @@ class Downloads:
         """Download *key* into *path* and measure what arrived.
 
         ``download`` refuses bytes whose CRC32 is not the recorded one (after
-        one more try): what it wrote is then all of the object's bytes, and
-        measuring them turns the refusal into a mismatch naming both CRC32s.
-        A download that got fewer bytes failed for another reason: raised."""
+        one more try) with ChecksumMismatch: what it wrote is then all of the
+        object's bytes, and measuring them turns the refusal into a mismatch
+        naming both CRC32s. Any other failure (a ranged GET refused, leaving
+        a hole) is raised: the object could not be checked."""
         try:
             with open(path, "wb") as out:
                 try:
                     store.download(key, out)
-                except ObjectStoreError:
+                except ChecksumMismatch:
                     out.flush()  # ranges were written through another descriptor
-                    if os.fstat(out.fileno()).st_size != info.size:
-                        raise
             return measure_file(path, info.checksum is not None)
         finally:
             with contextlib.suppress(FileNotFoundError):

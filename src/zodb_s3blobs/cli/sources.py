@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ZODB.blob import BLOB_SUFFIX, LAYOUT_MARKER, LAYOUTS, auto_layout_select
 from ZODB.utils import p64, repr_to_oid, u64
 
+from ..fallback import CHUNK_SIZE_SQL
 from . import UsageError
 
 
@@ -305,16 +306,6 @@ class BlobDirSource:
             yield paths
 
 
-#: SQL for a blob's size in blob_chunk, by RelStorage adapter package. In
-#: PostgreSQL each blob is one large object, whose end a seek finds.
-_CHUNK_SIZE_SQL = {
-    "sqlite": "LENGTH(chunk)",
-    "mysql": "LENGTH(chunk)",
-    "postgresql": "lo_lseek64(lo_open(chunk, 262144), 0, 2)",
-    "oracle": "DBMS_LOB.GETLENGTH(chunk)",
-}
-
-
 class RelStorageSource:
     """The blob revisions RelStorage keeps in its ``blob_chunk`` table (with
     ``shared-blob-dir false``), read over one loading connection."""
@@ -330,18 +321,20 @@ class RelStorageSource:
                 f"--from-relstorage: the base storage is {type(storage).__name__}, "
                 "not RelStorage"
             )
-        if package[2] not in _CHUNK_SIZE_SQL:
+        if package[2] not in CHUNK_SIZE_SQL:
             raise UsageError(
                 f"--from-relstorage: RelStorage's {package[2]} adapter is not supported"
             )
-        self._size_sql = _CHUNK_SIZE_SQL[package[2]]
+        self._size_sql = CHUNK_SIZE_SQL[package[2]]
         self._adapter = adapter
-        self._name = storage.getName()
+        # Not RelStorage's getName(): it holds the DSN, perhaps a password,
+        # and an id() that differs in every run (--state compares this).
+        self._name = f"RelStorage's blob_chunk table ({package[2]})"
         self._conn, self._cursor = adapter.connmanager.open_for_load()
 
     def describe(self) -> str:
         """The source in words, for reports."""
-        return f"blob_chunk table of RelStorage {self._name}"
+        return self._name
 
     def revisions(self) -> Iterator[BlobRevision]:
         """Every blob revision in blob_chunk with its size, from one query."""
