@@ -44,3 +44,21 @@ def test_parse_rejects_foreign_keys(key):
 def test_bad_prefixes_are_refused_naming_the_key(bad):
     with pytest.raises(ValueError, match="s3-prefix"):
         validate_prefix(bad)
+
+
+@pytest.mark.parametrize("prefix", ["", "site", "site/staging", "staging"])
+def test_only_keys_made_as_staging_keys_are_staging_keys(prefix):
+    layout = KeyLayout(prefix)
+    made = layout.staging_key()
+    assert layout.is_staging_key(made)
+    root = layout.staging_root
+    for other in [
+        root + "index.html",
+        root + "A" * 32 + ".blob",  # upper-case hex
+        root + "a" * 31 + ".blob",
+        root + "a" * 33 + ".blob",
+        root + "blobs/1/2.blob",  # another database's prefix .../staging
+        root + "staging/" + "a" * 32 + ".blob",
+        made.replace(root, "elsewhere/"),
+    ]:
+        assert not layout.is_staging_key(other), other

@@ -258,6 +258,8 @@ class ObjectStore:
         self._spare = ThreadPoolExecutor(2, thread_name_prefix="zodb-s3blobs-spare")
         self._spare_transfers = self._transfer_manager(2)
         self._spare_queued = threading.BoundedSemaphore(SPARE_QUEUE)
+        self._spare_running: set = set()  # their transfers, cancelled at close
+        self._spare_lock = threading.Lock()
         self._get_args: dict[str, object] = {}
         self._put_args: dict[str, object] = {}
         self._copy_args: dict[str, object] = {}
@@ -526,12 +528,18 @@ class ObjectStore:
             return False
 
         def upload() -> None:
+            transfer = None
             try:
                 crc = file_crc32(path)
-                self._start_upload(self._spare_transfers, path, key, crc).result()
+                transfer = self._start_upload(self._spare_transfers, path, key, crc)
+                with self._spare_lock:
+                    self._spare_running.add(transfer)
+                transfer.result()
             except Exception as exc:
                 log.warning("Could not upload %s: %s", self.url(key), exc)
             finally:
+                with self._spare_lock:
+                    self._spare_running.discard(transfer)
                 self._spare_queued.release()
 
         try:
@@ -856,11 +864,17 @@ class ObjectStore:
         return PresignedURL(url)
 
     def close(self) -> None:
-        self._spare.shutdown(cancel_futures=True)
+        # Uploads nobody waits for: the queued ones are dropped, the running
+        # ones cancelled (a multipart upload stops after its current part).
+        self._spare.shutdown(wait=False, cancel_futures=True)
+        with self._spare_lock:
+            for transfer in self._spare_running:
+                transfer.cancel()
+        self._spare.shutdown()
+        self._spare_transfers.shutdown()
         self._background.shutdown()
         self._urgent.shutdown()
         self._pool.shutdown()
-        self._spare_transfers.shutdown()
         self._background_transfers.shutdown()
         self._transfers.shutdown()
         self._client.close()

@@ -442,7 +442,7 @@ class S3BlobStorage:
                 lambda out: self._download(oid, serial, key, out, from_fallback),
             )
         except ObjectNotFound as exc:
-            if not gc.revision_exists(self._base, oid, serial):
+            if not gc.revision_held_now(self._base, oid, serial):
                 # Packed away (with its object) since the caller loaded it:
                 # lazy loading defers the download, so a connection may hold a
                 # revision a pack has since removed. A conflict makes Zope
@@ -482,7 +482,7 @@ class S3BlobStorage:
             fallback = self._shared.fallback
             # A revision packed away is gone from S3 too: never served (and
             # uploaded again) from the fallback, which pack never touches.
-            if fallback is None or not gc.revision_exists(self._base, oid, serial):
+            if fallback is None or not gc.revision_held_now(self._base, oid, serial):
                 raise
             out.seek(0)
             out.truncate()
@@ -855,7 +855,14 @@ class S3BlobStorage:
                 self._shared.metrics.add(
                     orphans_found=len(report.orphans), orphans_deleted=report.deleted
                 )
+                if report.deleted:
+                    self._forget_deleted(report.orphans)
         return report
+
+    def _forget_deleted(self, keys: list[str]) -> None:
+        """Forget that the revisions of deleted *keys* were in S3."""
+        for key in keys:
+            self._shared.in_s3.discard(self._layout.parse(key))
 
     # -- lifecycle -------------------------------------------------------------
 
