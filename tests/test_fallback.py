@@ -46,6 +46,14 @@ def filestorage_site(tmp_path, **options) -> tuple[dict, object]:
     return revisions, config
 
 
+def open_one_revision(tmp_path) -> tuple[object, bytes, bytes]:
+    """The switched site of filestorage_site, opened, and one of its old
+    revisions: (storage, oid, tid)."""
+    revisions, config = filestorage_site(tmp_path)
+    (oid, tid), _data = next(iter(revisions.items()))
+    return clitools.open_storage(config), oid, tid
+
+
 def read_all(storage, revisions) -> dict:
     read = {}
     for oid, tid in revisions:
@@ -157,9 +165,7 @@ def test_fallback_upload_false_uploads_nothing(tmp_path):
 
 
 def test_a_revision_in_neither_place_names_both(tmp_path):
-    revisions, config = filestorage_site(tmp_path)
-    (oid, tid), _data = next(iter(revisions.items()))
-    site = clitools.open_storage(config)
+    site, oid, tid = open_one_revision(tmp_path)
     try:
         path = site._shared.fallback.where(oid, tid)
         (tmp_path / path).unlink()
@@ -200,18 +206,6 @@ def test_only_a_404_reads_the_fallback(tmp_path):
     finally:
         site.close()
     assert data != b"in S3"
-
-
-def test_presigned_urls_wait_for_the_upload(tmp_path):
-    revisions, config = filestorage_site(tmp_path)
-    (oid, tid), _data = next(iter(revisions.items()))
-    site = clitools.open_storage(config)
-    try:
-        assert site.presigned_url(oid, tid) is None, "only in the fallback"
-        site.loadBlob(oid, tid)  # read through, and uploaded
-        eventually(lambda: site.presigned_url(oid, tid) is not None)
-    finally:
-        site.close()
 
 
 def test_undo_copies_a_revision_still_in_the_fallback(tmp_path):
@@ -311,9 +305,7 @@ def test_a_blob_dir_without_its_layout_file_is_read(tmp_path):
 
 
 def test_a_fifo_in_the_fallback_is_refused_without_hanging(tmp_path):
-    revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
-    (oid, tid), _data = next(iter(revisions.items()))
-    site = clitools.open_storage(config)
+    site, oid, tid = open_one_revision(tmp_path)
     path = site._shared.fallback.where(oid, tid)
     os.remove(path)
     os.mkfifo(path)
@@ -378,14 +370,13 @@ def test_a_packed_revision_is_never_served_from_the_fallback(tmp_path):
         db.close()
 
 
-def test_presigned_urls_ask_s3_once_and_never_raise(tmp_path):
-    revisions, config = filestorage_site(tmp_path)
-    (oid, tid), _data = next(iter(revisions.items()))
-    site = clitools.open_storage(config)
+def test_presigned_urls_wait_for_the_upload_ask_s3_once_and_never_raise(tmp_path):
+    site, oid, tid = open_one_revision(tmp_path)
     try:
         with failing(site._store, "HeadObject", code="SlowDown", status=503):
             assert site.presigned_url(oid, tid) is None, "S3 trouble: no URL"
-        site.loadBlob(oid, tid)
+        assert site.presigned_url(oid, tid) is None, "only in the fallback"
+        site.loadBlob(oid, tid)  # read through, and uploaded
         eventually(lambda: site.presigned_url(oid, tid) is not None)
         with requests(site._store) as seen:
             for _ in range(20):
