@@ -384,3 +384,40 @@ def test_presigned_urls_wait_for_the_upload_ask_s3_once_and_never_raise(tmp_path
         assert [op for op, _url in seen] == [], "known to be in S3"
     finally:
         site.close()
+
+
+def test_on_relstorage_a_revision_another_instance_packed_is_a_read_conflict(
+    tmp_path,
+):
+    """RelStorage's loadSerial answers from its local cache, where a blob
+    loaded lazily keeps the revision alive after another instance packed it:
+    the storage asks the database itself, so the reader gets a
+    ReadConflictError (Zope retries) and the fallback's copy is neither
+    served nor uploaded again."""
+    adapter = clitools.sqlite3(tmp_path / "rs")
+    clitools.relstorage_with_blob_chunks(tmp_path, SIZES, adapter, keep_history=True)
+    config = clitools.write_config(
+        tmp_path, clitools.relstorage(adapter, True), extra="fallback-blob-chunk true\n"
+    )
+    writer_config = tmp_path / "writer.conf"
+    writer_config.write_text(
+        config.read_text().replace(str(tmp_path / "cache"), str(tmp_path / "writer"))
+    )
+    reader = ZODB.DB(clitools.open_storage(config))
+    writer = ZODB.DB(clitools.open_storage(writer_config))
+    tm = transaction.TransactionManager()
+    try:
+        blob = reader.open(tm).root()["blobs"][2]
+        blob._p_activate()  # loaded lazily: nothing read yet
+        with writer.transaction() as conn, conn.root()["blobs"][2].open("w") as f:
+            f.write(b"a new revision")
+        writer.pack(time.time() + 1)
+        with pytest.raises(ReadConflictError):
+            blob.open().close()
+        old_key = clitools.layout(config).key(blob._p_oid, blob._p_serial)
+        time.sleep(0.5)
+        assert old_key not in clitools.s3_objects(config)
+    finally:
+        tm.abort()
+        reader.close()
+        writer.close()
