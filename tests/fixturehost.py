@@ -12,6 +12,17 @@ def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def owner_gone(owner_file: str) -> bool:
+    """Whether the process whose pid *owner_file* holds no longer runs (a
+    file that cannot be read, or holds no pid, is not known to be gone)."""
+    try:
+        with open(owner_file) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return False
+    return not process_alive(pid)
+
+
 def process_alive(pid: int) -> bool:
     """Whether process *pid* exists (possibly another user's)."""
     try:

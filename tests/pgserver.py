@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixturehost import process_alive, under_ci
+from fixturehost import owner_gone, under_ci
 from ports import HOST, free_port
 
 INSTALL_HINT = "install Debian's postgresql package (apt-get install postgresql)"
@@ -156,12 +156,7 @@ def stop_abandoned_clusters(bindir: str) -> None:
     """Stop and remove the clusters of test sessions that no longer run."""
     pattern = os.path.join(tempfile.gettempdir(), _PREFIX + "*", _OWNER)
     for owner in glob.glob(pattern):
-        try:
-            with open(owner) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
-            continue
-        if not process_alive(pid):
+        if owner_gone(owner):
             _Cluster(bindir, os.path.dirname(owner)).stop()
 
 

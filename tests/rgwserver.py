@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixturehost import process_alive, under_ci
+from fixturehost import owner_gone, under_ci
 from ports import HOST, free_port, wait_for_port
 
 INSTALL_HINT = (
@@ -399,12 +399,7 @@ def stop_abandoned_clusters() -> None:
                 continue
         except OSError:
             continue
-        try:
-            with open(owner) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
-            continue
-        if not process_alive(pid):
+        if owner_gone(owner):
             _Cluster(os.path.dirname(owner)).stop()
 
 

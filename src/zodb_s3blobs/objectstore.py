@@ -18,6 +18,7 @@ within the deadline (see :meth:`ObjectStore.download` for the exact bound).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -189,6 +190,29 @@ class Copy(NamedTuple):
     source_info: ObjectInfo | None = None
 
 
+class _Running:
+    """The transfers running now, for cancelling them all at once."""
+
+    def __init__(self) -> None:
+        self._transfers: set = set()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, transfer) -> Iterator[None]:
+        with self._lock:
+            self._transfers.add(transfer)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._transfers.discard(transfer)
+
+    def cancel(self) -> None:
+        with self._lock:
+            for transfer in self._transfers:
+                transfer.cancel()
+
+
 class _KnownSource(BaseSubscriber):
     """Tells s3transfer the size and ETag of a copy's source, which it would
     otherwise learn with a HEAD before copying."""
@@ -258,8 +282,7 @@ class ObjectStore:
         self._spare = ThreadPoolExecutor(2, thread_name_prefix="zodb-s3blobs-spare")
         self._spare_transfers = self._transfer_manager(2)
         self._spare_queued = threading.BoundedSemaphore(SPARE_QUEUE)
-        self._spare_running: set = set()  # their transfers, cancelled at close
-        self._spare_lock = threading.Lock()
+        self._spare_running = _Running()  # their transfers, cancelled at close
         self._get_args: dict[str, object] = {}
         self._put_args: dict[str, object] = {}
         self._copy_args: dict[str, object] = {}
@@ -528,18 +551,11 @@ class ObjectStore:
             return False
 
         def upload() -> None:
-            transfer = None
             try:
-                crc = file_crc32(path)
-                transfer = self._start_upload(self._spare_transfers, path, key, crc)
-                with self._spare_lock:
-                    self._spare_running.add(transfer)
-                transfer.result()
-            except Exception as exc:
-                log.warning("Could not upload %s: %s", self.url(key), exc)
+                self._upload(self._spare_transfers, path, key, self._spare_running)
+            except ObjectStoreError as exc:
+                log.warning("Could not upload: %s", exc)
             finally:
-                with self._spare_lock:
-                    self._spare_running.discard(transfer)
                 self._spare_queued.release()
 
         try:
@@ -553,10 +569,19 @@ class ObjectStore:
         """Upload the file at *path* to *key*, recording its CRC32; return the
         CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
         apart from those of :meth:`transfer` unless *urgent*."""
-        crc = file_crc32(path)
         manager = self._transfers if urgent else self._background_transfers
+        return self._upload(manager, path, key)
+
+    def _upload(
+        self, manager, path: str, key: str, running: _Running | None = None
+    ) -> str:
+        """Upload through *manager* and wait; return the CRC32 recorded. The
+        transfer is in *running* meanwhile, if given."""
         try:
-            self._start_upload(manager, path, key, crc).result()
+            crc = file_crc32(path)
+            transfer = self._start_upload(manager, path, key, crc)
+            with running.holding(transfer) if running else contextlib.nullcontext():
+                transfer.result()
         except Exception as exc:
             raise self._error("upload", key, exc) from exc
         return crc
@@ -867,9 +892,7 @@ class ObjectStore:
         # Uploads nobody waits for: the queued ones are dropped, the running
         # ones cancelled (a multipart upload stops after its current part).
         self._spare.shutdown(wait=False, cancel_futures=True)
-        with self._spare_lock:
-            for transfer in self._spare_running:
-                transfer.cancel()
+        self._spare_running.cancel()
         self._spare.shutdown()
         self._spare_transfers.shutdown()
         self._background.shutdown()

@@ -442,17 +442,6 @@ class S3BlobStorage:
                 lambda out: self._download(oid, serial, key, out, from_fallback),
             )
         except ObjectNotFound as exc:
-            if not gc.revision_held_now(self._base, oid, serial):
-                # Packed away (with its object) since the caller loaded it:
-                # lazy loading defers the download, so a connection may hold a
-                # revision a pack has since removed. A conflict makes Zope
-                # retry the request in a new transaction, which sees the
-                # current revision.
-                raise ReadConflictError(
-                    f"blob revision {tid_repr(serial)} was removed by a pack "
-                    f"after it was loaded ({exc.key})",
-                    oid=oid,
-                ) from exc
             fallback = self._shared.fallback
             raise POSKeyError(
                 not_in_either(exc.key, fallback, oid, serial)
@@ -478,11 +467,21 @@ class S3BlobStorage:
         noting that in *from_fallback*."""
         try:
             return self._store.download(key, out)
-        except ObjectNotFound:
+        except ObjectNotFound as exc:
+            if not gc.revision_held_now(self._base, oid, serial):
+                # Packed away (with its object) since the caller loaded it:
+                # lazy loading defers the download, so a connection may hold a
+                # revision a pack has since removed. A conflict makes Zope
+                # retry the request in a new transaction, which sees the
+                # current revision; the fallback, which pack never touches,
+                # must not serve it (nor upload it again).
+                raise ReadConflictError(
+                    f"blob revision {tid_repr(serial)} was removed by a pack "
+                    f"after it was loaded ({exc.key})",
+                    oid=oid,
+                ) from exc
             fallback = self._shared.fallback
-            # A revision packed away is gone from S3 too: never served (and
-            # uploaded again) from the fallback, which pack never touches.
-            if fallback is None or not gc.revision_held_now(self._base, oid, serial):
+            if fallback is None:
                 raise
             out.seek(0)
             out.truncate()
@@ -582,29 +581,38 @@ class S3BlobStorage:
         (server-side, at vote) to the new revision's key, as ZODB's
         ``BlobStorage.undo`` copies the file."""
         undone_tid = decodebytes(transaction_id + b"\n")
+        sources = None
         if self._shared.fallback is not None:
-            self._upload_undo_sources(undone_tid)
+            # Before the base's undo, which takes RelStorage's database-wide
+            # commit lock: the sources still only in the fallback are
+            # uploaded to their own keys, so that the vote copies them.
+            sources = self._undo_sources(undone_tid)
+            self._upload_from_fallback(sources)
         result = self._base.undo(transaction_id, transaction)
-        oids = result[1] if isinstance(result, tuple) else result
+        if sources is None:
+            oids = result[1] if isinstance(result, tuple) else result
+            sources = self._undo_sources(undone_tid, oids)
+        self._pending(transaction).copies.update(sources)
+        return result
+
+    def _undo_sources(self, undone_tid: bytes, oids=None) -> dict[bytes, bytes]:
+        """oid -> tid of the blob revision that undoing *undone_tid* restores,
+        for the *oids* it stored (read from the base if not given)."""
         if oids is None:
             oids = _oids_stored_by(self._base, undone_tid)
-        pending = self._pending(transaction)
+        sources = {}
         for oid in oids:
             source = self._undo_source(oid, undone_tid)
             if source is not None:
-                pending.copies[oid] = source
-        return result
+                sources[oid] = source
+        return sources
 
-    def _upload_undo_sources(self, undone_tid: bytes) -> None:
-        """Upload the revisions undoing *undone_tid* restores that are still
-        only in the fallback, to their own keys, so that the vote copies them
-        as any other. Before the base's undo, which takes RelStorage's
-        database-wide commit lock."""
-        for oid in _oids_stored_by(self._base, undone_tid):
-            source = self._undo_source(oid, undone_tid)
-            if source is not None and self._in_fallback_only(oid, source):
-                path = self.loadBlob(oid, source)
-                self._store.upload(path, self._layout.key(oid, source), urgent=True)
+    def _upload_from_fallback(self, revisions: dict[bytes, bytes]) -> None:
+        """Upload those of *revisions* (oid -> tid) still only in the fallback."""
+        for oid, tid in revisions.items():
+            if self._in_fallback_only(oid, tid):
+                path = self.loadBlob(oid, tid)
+                self._store.upload(path, self._layout.key(oid, tid), urgent=True)
 
     def _undo_source(self, oid: bytes, undone_tid: bytes) -> bytes | None:
         """The tid of the blob revision that undoing *undone_tid* restores."""
