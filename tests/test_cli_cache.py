@@ -149,7 +149,9 @@ def wait_for_counts(config, hits: int, misses: int) -> dict:
 
 def test_stats_sums_the_counters_of_the_processes_using_the_cache(tmp_path):
     """Two OS processes read through one cache-dir, each writing its metrics
-    file (every 0.1 seconds: metrics-interval, to keep the test short);
+    file (every 0.1 seconds: metrics-interval, so that the counts show while
+    the processes run; with the default 15 s a process writes its figures
+    at the latest when it closes, see tests/test_exposition.py);
     cache stats sums their hits, misses and bytes, and leaves out the files
     of processes that have stopped."""
     metrics = tmp_path / "metrics"

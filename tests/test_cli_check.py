@@ -4,12 +4,14 @@ storage that does not open each fail with what and why."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -323,6 +325,38 @@ def test_a_bad_key_is_a_configuration_error(tmp_path):
     assert result.stdout == ""
 
 
+@contextlib.contextmanager
+def stalled_endpoint_config(tmp_path, extra: str = "") -> Iterator[tuple]:
+    """CONFIG on an endpoint that accepts connections but never answers (a
+    fault server stalling every request), and that server."""
+    from faultserver import Faults, faulty_s3
+
+    with faulty_s3(Faults(stall=30)) as server:
+        config = clitools.write_config(
+            tmp_path, existing_filestorage(tmp_path / "x.fs"), extra=extra
+        )
+        endpoint = clitools.s3env.server().endpoint_url
+        config.write_text(config.read_text().replace(endpoint, server.endpoint_url))
+        yield config, server
+
+
+def check_timed(config) -> tuple[float, int, dict]:
+    """Run ``check --json`` on CONFIG: seconds taken, exit code, report."""
+    started = time.monotonic()
+    code, report = run_json("check", config)
+    return time.monotonic() - started, code, report
+
+
+@pytest.mark.s3_servers("moto")
+def test_a_stalled_endpoint_fails_check_within_the_default_deadline(tmp_path):
+    """The defaults: two LIST attempts of the 10 s download read timeout."""
+    with stalled_endpoint_config(tmp_path) as (config, _server):
+        elapsed, code, report = check_timed(config)
+    assert elapsed < 45
+    assert code == 1
+    assert statuses(report)["bucket"] == "failed"
+
+
 @pytest.mark.s3_servers("moto")
 def test_a_stalled_endpoint_fails_check_within_seconds(tmp_path):
     """An endpoint that accepts connections but never answers: check gives up
@@ -333,22 +367,11 @@ def test_a_stalled_endpoint_fails_check_within_seconds(tmp_path):
     DELETE) waited s3-read-timeout, 300 s, times 5 attempts each.
 
     A 1 s download read timeout and a 3 s deadline keep the test short: the
-    probes obey those keys, and test_downloads.py holds a stalled read to the
-    deadline with the defaults."""
-    from faultserver import Faults, faulty_s3
-
-    faults = Faults(stall=30)
-    with faulty_s3(faults) as server:
-        config = clitools.write_config(
-            tmp_path,
-            existing_filestorage(tmp_path / "x.fs"),
-            extra="s3-download-read-timeout 1\ns3-download-deadline 3",
-        )
-        endpoint = clitools.s3env.server().endpoint_url
-        config.write_text(config.read_text().replace(endpoint, server.endpoint_url))
-        started = time.monotonic()
-        code, report = run_json("check", config)
-        assert time.monotonic() - started < 25
+    probes obey those keys (the test above runs check with the defaults)."""
+    extra = "s3-download-read-timeout 1\ns3-download-deadline 3"
+    with stalled_endpoint_config(tmp_path, extra) as (config, server):
+        elapsed, code, report = check_timed(config)
+        assert elapsed < 25
         assert code == 1
         assert statuses(report)["bucket"] == "failed"
         assert statuses(report)["round trip"] == "skipped"
