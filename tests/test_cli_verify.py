@@ -372,7 +372,8 @@ def test_a_run_resumes_from_its_state_file(database, tmp_path):
 def test_a_run_interrupted_with_ctrl_c_resumes(tmp_path):
     """Ctrl-C in the middle of a run: what it checked is in the state file,
     and the rerun checks only the rest. (s3-max-concurrency 1 and many small
-    objects make the run last long enough to be interrupted.)"""
+    objects make the run last long enough to be interrupted; the other
+    --state tests run at the default concurrency.)"""
     count = 300
     config = clitools.write_config(
         tmp_path,

@@ -436,7 +436,9 @@ def test_a_vote_time_transfer_does_not_wait_behind_ranged_downloads(make_storage
     """transfer(), run at vote (under RelStorage's commit lock), computes its
     CRCs apart from the pool that fills with one job per range of every
     download over a slow link: it never waits for other readers' bytes.
-    s3-max-concurrency 2 and 5MB parts, so that one download fills the pool."""
+    s3-max-concurrency 2 and 5MB parts, so that one 30 MB download fills the
+    pool; with the defaults a 112 MB one would, and the vote's checksums run
+    on threads of their own whatever the pools' sizes."""
     storage = make_storage(
         settings=s3env.settings(max_concurrency=2, part_size=5 * MiB)
     )

@@ -263,6 +263,4 @@ def test_with_the_default_interval_close_writes_the_figures_at_once(
     started = time.monotonic()
     storage.close()
     assert time.monotonic() - started < 5, "close did not wait out 15 seconds"
-    assert "zodb_s3blobs_cache_hits" in families(
-        process_path(template, os.getpid())
-    )
+    assert "zodb_s3blobs_cache_hits" in families(process_path(template, os.getpid()))
