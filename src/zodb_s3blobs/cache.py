@@ -83,8 +83,9 @@ ABANDONED_AFTER = 24 * 3600
 SIZE_ATTRIBUTE = "user.zodb_s3blobs.size"
 #: How often a waiting eviction check retries ``evict.lock`` (seconds).
 _LOCK_POLL = 0.02
-#: A file whose atime is this much newer (seconds) than this process's last
-#: use of it was used by another process since: eviction keeps it.
+#: A file whose last use (see last_used) is this much newer (seconds) than
+#: this process's last use of it was used by another process since: eviction
+#: keeps it.
 _USED_ELSEWHERE = 1.0
 #: Eviction leaves files used within this many seconds. A path handed out
 #: (loadBlob, committed()) is opened right after: Blob.open('r+'/'a') has
@@ -258,6 +259,16 @@ def _recorded_size(target: str | int) -> int | None:
         raise
     except (OSError, ValueError):
         return None
+
+
+def last_used(st: os.stat_result) -> float:
+    """When a cached file was last used, by any process: the later of its
+    access time (a hit's ``utime``, a plain read) and its modification time
+    (set to the moment of install, and by every hit). Eviction and the
+    lock-free hit path judge by this one time, so that a file fresh enough
+    for the one is young enough for the other, whatever the mount's atime
+    policy."""
+    return max(st.st_atime, st.st_mtime)
 
 
 def _seal(fd: int, size: int) -> None:
@@ -456,8 +467,10 @@ class BlobCache:
         of ``min_age`` needs no lock: an eviction deciding on it, now or
         before this looked, sees that recent use and keeps it (the hot path of
         a warm read). Freshness is judged by the modification time, which only
-        the cache sets (the files are read-only), never by the access time,
-        which any plain read of the file may move without the lock."""
+        the cache sets (at install and on each hit; the files are read-only),
+        never by the access time, which any plain read of the file may move
+        without the lock; eviction judges by :func:`last_used`, never earlier
+        than the modification time, so what is fresh here is young there."""
         try:
             st = os.lstat(self.path(oid, tid))
         except FileNotFoundError:
@@ -565,6 +578,10 @@ class BlobCache:
         return the ledger's new total."""
         os.chmod(source, FILE_MODE)
         self._share(source, GROUP_FILE_MODE)
+        # Used from the moment it is installed, as every process sees it: the
+        # file's times are those of the download's start or of storeBlob, and
+        # a path handed out must not look evictable (MIN_AGE).
+        os.utime(source)
         try:
             replaced = os.lstat(path).st_size
         except FileNotFoundError:
@@ -741,13 +758,13 @@ class BlobCache:
             self._during_scan = []
         try:
             recorded_before = self._ledger.read()
-            found = sorted(self._walk(), key=lambda item: item[2].st_atime)
+            found = sorted(self._walk(), key=lambda item: last_used(item[2]))
         except BaseException:
             with self._state_lock:
                 self._during_scan = None
             raise
         index = LRUIndex(
-            (revision, st.st_size, st.st_atime) for revision, _path, st in found
+            (revision, st.st_size, last_used(st)) for revision, _path, st in found
         )
         total = self._ledger.rewrite(index.total, recorded_before)
         with self._state_lock:
@@ -839,10 +856,11 @@ class BlobCache:
     def _evict_one(
         self, oid: bytes, tid: bytes, used: float | None
     ) -> tuple[int | None, tuple[int, float] | None, int | None]:
-        """Remove (oid, tid) under its stripe lock unless its access time says
-        another process used it after *used* (None: whenever), or within
-        ``min_age`` seconds. Returns (bytes removed or None, (size, atime) if
-        kept, new total)."""
+        """Remove (oid, tid) under its stripe lock unless its last use
+        (:func:`last_used`) says another process used it after *used* (None:
+        whenever), or within
+        ``min_age`` seconds. Returns (bytes removed or None, (size, last use)
+        if kept, new total)."""
         path = self.path(oid, tid)
         with (
             _flock(self._lock_path(oid, tid)),
@@ -852,10 +870,11 @@ class BlobCache:
                 st = os.lstat(path)
             except FileNotFoundError:
                 return None, None, None
+            used_at = last_used(st)
             if (
-                used is not None and st.st_atime > used + _USED_ELSEWHERE
-            ) or st.st_atime > time.time() - self.min_age:
-                return None, (st.st_size, st.st_atime), None
+                used is not None and used_at > used + _USED_ELSEWHERE
+            ) or used_at > time.time() - self.min_age:
+                return None, (st.st_size, used_at), None
             try:
                 os.remove(path)
             except FileNotFoundError:

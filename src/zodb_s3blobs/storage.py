@@ -345,16 +345,18 @@ class S3BlobStorage:
     # -- IBlobStorage --------------------------------------------------------
 
     def temporaryDirectory(self) -> str:
-        if not self._shared.download_on_unghost:
-            # Blob.open('r+'/'a') is about to copy a lazily loaded blob's file.
-            # Only a committed revision is fetched: after a savepoint
-            # _p_blob_committed is the savepoint's file (a new blob's serial is
-            # z64), which ZODB copies from disk.
-            blob = unghost.blob_about_to_copy(sys._getframe(1))
-            if blob is not None and blob._p_blob_committed == self._cache.path(
-                blob._p_oid, blob._p_serial
-            ):
-                self.loadBlob(blob._p_oid, blob._p_serial)
+        # Blob.open('r+'/'a') is about to copy the committed file by path.
+        # Fetch it (a lazily loaded blob's file is not cached yet), or mark it
+        # used if it is, in whatever mode: eviction then keeps it for
+        # cache-min-age, while ZODB's copy runs (a copy that found no file
+        # would leave an empty working file, see cache.MIN_AGE). Only a
+        # committed revision: after a savepoint _p_blob_committed is the
+        # savepoint's file (a new blob's serial is z64), copied from disk.
+        blob = unghost.blob_about_to_copy(sys._getframe(1))
+        if blob is not None and blob._p_blob_committed == self._cache.path(
+            blob._p_oid, blob._p_serial
+        ):
+            self.loadBlob(blob._p_oid, blob._p_serial)
         return self._cache.temp_dir
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
