@@ -14,9 +14,7 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import ZODB
@@ -24,6 +22,7 @@ import ZODB.config
 from ZODB.blob import Blob, FilesystemHelper
 
 import s3env
+from faultserver import Gate
 from zodb_s3blobs.keys import KeyLayout
 from zodb_s3blobs.objectstore import CHECKSUM_METADATA
 
@@ -51,17 +50,19 @@ def start(*args: str | Path) -> subprocess.Popen:
     )
 
 
-def interrupt(*args: str | Path, once: Callable[[], bool]) -> tuple[int, str]:
-    """Start ``zodb-s3blobs ARGS``, press Ctrl-C (SIGINT) as soon as *once()*
-    is true, and return its exit code and stderr."""
+def interrupt(*args: str | Path, gate: Gate) -> tuple[int, str]:
+    """Start ``zodb-s3blobs ARGS`` against a fault server holding requests at
+    *gate*, press Ctrl-C (SIGINT) once the command waits there, then open the
+    gate; return its exit code and stderr. The command cannot have finished
+    before the interrupt, however busy the machine."""
     process = start(*args)
-    deadline = time.monotonic() + 60
-    while not once():
+    try:
+        assert gate.reached.wait(120), "the command never reached the gate"
         assert process.poll() is None, "the command ended before it was interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    _out, err = process.communicate(timeout=60)
+        process.send_signal(signal.SIGINT)
+    finally:
+        gate.open()
+    _out, err = process.communicate(timeout=120)
     return process.returncode, err
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import ipaddress
 import random
 import re
@@ -34,6 +35,34 @@ MAX_STALL = 30.0
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
 
 
+class Gate:
+    """Lets the first *after* requests that *applies(method, path)* accepts
+    through, then holds every further one until :meth:`open` (at most
+    MAX_STALL seconds): a command under test cannot finish before the test
+    has done what it must mid-run (a Ctrl-C), however busy the machine."""
+
+    def __init__(self, after: int, applies: Callable[[str, str], bool]) -> None:
+        self.after = after
+        self.applies = applies
+        self.reached = threading.Event()  # a request is held
+        self._opened = threading.Event()
+        self._lock = threading.Lock()
+        self._passed = 0
+
+    def wait(self, method: str, path: str) -> None:
+        if not self.applies(method, path):
+            return
+        with self._lock:
+            self._passed += 1
+            if self._passed <= self.after:
+                return
+        self.reached.set()
+        self._opened.wait(MAX_STALL)
+
+    def open(self) -> None:
+        self._opened.set()
+
+
 @dataclass
 class Faults:
     """What to inject, into requests for which *applies(method, path)* is true."""
@@ -50,6 +79,15 @@ class Faults:
     when: Callable[[dict], bool] = lambda environ: True
     seed: int = 1
     injected: list[str] = field(default_factory=list)
+    #: Writes S3 carries out late: the first request *late(method, path)*
+    #: accepts is answered 500 at once and kept, to reach the server only at
+    #: :meth:`release` (a write the client gave up on, carried out later).
+    late: Callable[[str, str], bool] = lambda method, path: False
+    #: Writes whose answer is lost: the first request *lost(method, path)*
+    #: accepts reaches the server, but the client is answered 500.
+    lost: Callable[[str, str], bool] = lambda method, path: False
+    held: list[Callable[[], str]] = field(default_factory=list)
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -62,6 +100,12 @@ class Faults:
     def note(self, what: str) -> None:
         with self._lock:
             self.injected.append(what)
+
+    def release(self) -> list[str]:
+        """Carry out the held writes now; return the status of each."""
+        with self._lock:
+            held, self.held = self.held, []
+        return [replay() for replay in held]
 
 
 def _error(status: str, code: str) -> tuple[str, list, bytes]:
@@ -88,6 +132,18 @@ class FaultyApp:
             status, headers, body = _error("403 Forbidden", "InvalidAccessKeyId")
             start_response(status, headers)
             return [body]
+        if faults.gate is not None:
+            faults.gate.wait(method, path)
+        if faults.late(method, path):
+            faults.late = lambda method, path: False
+            faults.note(f"held {method} {path}")
+            faults.held.append(self._replay_later(environ))
+            return self._internal_error(start_response)
+        if faults.lost(method, path):
+            faults.lost = lambda method, path: False
+            faults.note(f"lost the answer to {method} {path}")
+            b"".join(self.app(environ, lambda status, headers, exc_info=None: None))
+            return self._internal_error(start_response)
         if not (faults.applies(method, path) and faults.when(environ)):
             return self.app(environ, start_response)
         if faults.stall:
@@ -118,6 +174,31 @@ class FaultyApp:
             faults.note(f"stalled the body of {method} {path}")
             return self._stall_body(environ, start_response)
         return self.app(environ, start_response)
+
+    @staticmethod
+    def _internal_error(start_response):
+        status, headers, body = _error("500 Internal Server Error", "InternalError")
+        start_response(status, headers)
+        return [body]
+
+    def _replay_later(self, environ) -> Callable[[], str]:
+        """The request of *environ*, read now, to be sent to the server by the
+        returned function, which gives the status it answered."""
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        kept = {k: v for k, v in environ.items() if isinstance(v, str | int | tuple)}
+
+        def replay() -> str:
+            answered = []
+            request = dict(kept, **{"wsgi.input": io.BytesIO(body)})
+            b"".join(
+                self.app(
+                    request,
+                    lambda status, headers, exc_info=None: answered.append(status),
+                )
+            )
+            return answered[0]
+
+        return replay
 
     def _reset(self, environ, start_response):
         """Close the client's connection without an answer (werkzeug's server

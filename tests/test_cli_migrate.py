@@ -16,9 +16,9 @@ from ZODB.FileStorage import FileStorage
 import clitools
 import s3env
 from clitools import run, run_json
+from faultserver import Faults, Gate, faulty_s3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from delayline import DelayLine  # noqa: E402
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
@@ -133,44 +133,44 @@ def test_a_source_is_required(tmp_path):
     assert "one of the arguments --from-blob-dir --from-relstorage" in result.stderr
 
 
+@pytest.mark.s3_servers("moto")  # the gate is the fault server's, over moto
 def test_an_interrupted_migrate_resumes(tmp_path):
-    """Ctrl-C in the middle, then run again: only the rest is uploaded."""
+    """Ctrl-C in the middle, then run again: only the rest is uploaded. The
+    server holds the uploads after the 16th until the command has been
+    interrupted, so it cannot finish first; default settings throughout."""
     count = 120
     data_fs, blob_dir = tmp_path / "Data.fs", tmp_path / "blobs"
     storage = FileStorage(str(data_fs), blob_dir=str(blob_dir))
     revisions = clitools.commit_blobs(storage, [1024] * count)
     prefix = s3env.new_prefix()
     section = clitools.filestorage(data_fs)
-    fast = clitools.write_config(tmp_path, section, prefix=prefix)
-    server = s3env.server()
-    host, port = server.endpoint_url.removeprefix("http://").split(":")
-    with DelayLine(target=(host, int(port)), delay=0.02) as line:
-        slow = clitools.write_config(
-            tmp_path, section, prefix, "s3-max-concurrency 2", name="slow.conf"
-        )
-        slow.write_text(
-            slow.read_text().replace(server.endpoint_url, line.endpoint_url)
+    config = clitools.write_config(tmp_path, section, prefix=prefix)
+    gate = Gate(after=16, applies=blob_puts)
+    with faulty_s3(Faults(gate=gate)) as server:
+        gated = clitools.write_config(tmp_path, section, prefix, name="gated.conf")
+        gated.write_text(
+            gated.read_text().replace(s3env.server().endpoint_url, server.endpoint_url)
         )
         code, err = clitools.interrupt(
-            "migrate",
-            slow,
-            "--from-blob-dir",
-            blob_dir,
-            once=lambda: len(clitools.s3_objects(fast)) >= 16,
+            "migrate", gated, "--from-blob-dir", blob_dir, gate=gate
         )
     assert code == 130, err
     assert err.splitlines()[-1] == "zodb-s3blobs: interrupted"
-    done = len(clitools.s3_objects(fast))
+    done = len(clitools.s3_objects(config))
     assert 16 <= done < count
 
-    code, report = run_json("migrate", fast, "--from-blob-dir", blob_dir)
+    code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
     assert code == 0
     assert report["present"]["count"] == done
     assert report["uploaded"]["count"] == count - done
-    assert clitools.s3_objects(fast) == {
-        clitools.layout(fast).key(oid, tid): len(data)
+    assert clitools.s3_objects(config) == {
+        clitools.layout(config).key(oid, tid): len(data)
         for (oid, tid), data in revisions.items()
     }
+
+
+def blob_puts(method: str, path: str) -> bool:
+    return method == "PUT" and path.endswith(".blob")
 
 
 @pytest.mark.parametrize(

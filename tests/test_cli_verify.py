@@ -15,6 +15,7 @@ import pytest
 import clitools
 import s3env
 from clitools import run, run_json
+from faultserver import Faults, Gate, faulty_s3
 from s3hooks import calling, error_response
 from test_downloads import PART, put_object, ranged_store
 from zodb_s3blobs.cli.checksums import Downloads, check_one
@@ -369,28 +370,34 @@ def test_a_run_resumes_from_its_state_file(database, tmp_path):
     )
 
 
+@pytest.mark.s3_servers("moto")  # the gate is the fault server's, over moto
 def test_a_run_interrupted_with_ctrl_c_resumes(tmp_path):
     """Ctrl-C in the middle of a run: what it checked is in the state file,
-    and the rerun checks only the rest. (s3-max-concurrency 1 and many small
-    objects make the run last long enough to be interrupted; the other
-    --state tests run at the default concurrency.)"""
+    and the rerun checks only the rest. The server holds the downloads after
+    the 20th until the command has been interrupted, so it cannot finish
+    first; default settings throughout."""
     count = 300
-    config = clitools.write_config(
-        tmp_path,
-        clitools.filestorage(tmp_path / "Data.fs"),
-        extra="s3-max-concurrency 1",
-    )
+    section = clitools.filestorage(tmp_path / "Data.fs")
+    config = clitools.write_config(tmp_path, section)
     clitools.commit_blobs(clitools.open_storage(config), [1] * count)
     state = tmp_path / "verify.state"
-    args = ["verify", str(config), "--checksums", "--download", "--state", str(state)]
-    code, err = clitools.interrupt(
-        *args,
-        once=lambda: state.exists() and len(state.read_text().splitlines()) >= 11,
+    gate = Gate(
+        after=20,
+        applies=lambda method, path: method == "GET" and path.endswith(".blob"),
     )
+    with faulty_s3(Faults(gate=gate)) as server:
+        gated = tmp_path / "gated.conf"
+        gated.write_text(
+            config.read_text().replace(s3env.server().endpoint_url, server.endpoint_url)
+        )
+        code, err = clitools.interrupt(
+            "verify", gated, "--checksums", "--download", "--state", state, gate=gate
+        )
     assert code == 130, err
     done = len(state_lines(state)) - 1  # after the header line
-    assert 10 <= done < count
+    assert 0 < done < count
 
+    args = ["verify", str(config), "--checksums", "--download", "--state", str(state)]
     code, report = run_json(*args)
     assert code == 0
     assert report["checksums"]["verified_earlier"] == done

@@ -92,6 +92,13 @@ def _addressing_style(value: str) -> str:
     return value
 
 
+def _conditional_writes(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"must be auto, true or false, not {value!r}")
+    return value
+
+
 def _sse_customer_key(value: str) -> str:
 
     from .redact import protect
@@ -210,6 +217,7 @@ multipart = _keyed("s3-multipart", stock_datatypes["boolean"])
 multipart_threshold = _keyed("s3-multipart-threshold", _positive_byte_size)
 part_size = _keyed("s3-part-size", _part_size)
 staged_copy_threshold = _keyed("s3-staged-copy-threshold", _positive_byte_size)
+conditional_writes = _keyed("s3-conditional-writes", _conditional_writes)
 cache_dir = _keyed("cache-dir", _cache_dir)
 cache_size = _keyed("cache-size", _positive_byte_size)
 download_on_unghost = _keyed("download-on-unghost", stock_datatypes["boolean"])
@@ -254,6 +262,7 @@ class S3BlobStorageFactory(BaseConfig):
             multipart_threshold=c.s3_multipart_threshold,
             part_size=c.s3_part_size,
             staged_copy_threshold=c.s3_staged_copy_threshold,
+            conditional_writes=c.s3_conditional_writes,
         )
 
     def open(self):

@@ -19,6 +19,7 @@ within the deadline (see :meth:`ObjectStore.download` for the exact bound).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -47,12 +48,14 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 from s3transfer.subscribers import BaseSubscriber
 
+from .conditional import WriteGuard, refused_as_existing
 from .errors import (
     ChecksumMismatch,
     ObjectNotFound,
     ObjectStoreError,
     S3BlobStorageError,
 )
+from .keys import KeyLayout
 from .metrics import Metrics
 from .redact import PresignedURL, protect
 from .s3metrics import failure_cause, instrument
@@ -110,7 +113,7 @@ def file_crc32(path: str) -> str:
     return f"{crc:08x}"
 
 
-def _written_crc32(out: BinaryIO) -> int:
+def written_crc32(out: BinaryIO) -> int:
     """The CRC32 of what *out* holds: read again by its name, or, for a file
     opened from a descriptor (no name), through that descriptor with
     ``pread``, which changes neither its position nor its life (it must be
@@ -123,6 +126,11 @@ def _written_crc32(out: BinaryIO) -> int:
         crc = zlib.crc32(chunk, crc)
         offset += len(chunk)
     return crc
+
+
+def _file_info(path: str, crc: str | None) -> ObjectInfo:
+    """What uploading the file at *path*, of CRC32 *crc*, writes."""
+    return ObjectInfo(os.path.getsize(path), crc)
 
 
 def raise_first(failures: list[BaseException], attempted: int) -> None:
@@ -258,6 +266,13 @@ class ObjectStore:
         )
         instrument(self.metrics, self._client, self._reader)
         self._check_transport()
+        #: ``If-None-Match: *`` on writes to revisions' keys (conditional.py).
+        self.guard = WriteGuard(
+            self._client,
+            self.bucket,
+            KeyLayout(settings.prefix),
+            settings.conditional_writes,
+        )
         # Two transfer managers with their own queues: transfers made at vote,
         # perhaps under a base's commit lock, never wait behind the parts of
         # uploads started in the background for other transactions.
@@ -502,10 +517,11 @@ class ObjectStore:
         # Every checksum before the first upload: a file that cannot be read
         # fails the vote before anything is sent, not with uploads running.
         checksums = list(self._urgent.map(file_crc32, [path for path, _key in uploads]))
-        futures: list[tuple[str, str, Future]] = []
+        futures: list[tuple[str, str, Future, Callable[[], ObjectInfo]]] = []
         for (path, key), crc in zip(uploads, checksums, strict=True):
             future = self._start_upload(self._transfers, path, key, crc)
-            futures.append(("upload", key, future))
+            meant = functools.partial(_file_info, path, crc)
+            futures.append(("upload", key, future, meant))
         for copy in copies:
             args = dict(self._copy_args)
             if copy.checksum is not None:
@@ -520,17 +536,61 @@ class ObjectStore:
                 if copy.source_info
                 else None,
             )
-            futures.append(("copy", copy.key, future))
+            meant = functools.partial(self._copied_info, copy)
+            futures.append(("copy", copy.key, future, meant))
         failures = []
-        for operation, key, future in futures:
+        for operation, key, future, meant in futures:
             try:
                 future.result()
             except Exception as exc:
                 # Whatever a transfer raised, the others are waited for: a
                 # vote that failed while uploads still ran would have its
                 # abort delete keys that those uploads then write again.
-                failures.append(self._error(operation, key, exc))
+                failure = self._refusal(operation, key, exc, meant)
+                if failure is not None:
+                    failures.append(failure)
         raise_first(failures, len(futures))
+
+    def _copied_info(self, copy: Copy) -> ObjectInfo:
+        """What *copy* writes: its source's size, and the CRC32 it records."""
+        source = copy.source_info or self.stat(copy.source)
+        if source is None:
+            return ObjectInfo(-1, None)
+        return ObjectInfo(source.size, copy.checksum or source.checksum)
+
+    def _refusal(
+        self, operation: str, key: str, exc: Exception, meant: Callable[[], ObjectInfo]
+    ) -> ObjectStoreError | None:
+        """The error for a failed write of *key*; None when S3 refused it only
+        because the key exists (conditional writes) and holds what *meant*
+        says was written: this write's own earlier attempt, whose answer was
+        lost and which botocore sent again."""
+        if not refused_as_existing(exc):
+            return self._error(operation, key, exc)
+        try:
+            wanted, found = meant(), self.stat(key)
+        except ObjectStoreError as error:
+            return error
+        if (
+            found is not None
+            and wanted.checksum is not None
+            and (found.size, found.checksum) == (wanted.size, wanted.checksum)
+        ):
+            return None
+        held = (
+            "nothing (deleted since)"
+            if found is None
+            else f"{found.size} bytes, CRC32 {found.checksum or 'unknown'}"
+        )
+        return ObjectStoreError(
+            operation,
+            self.url(key),
+            f"refused: the key exists already, holding {held}, not the "
+            f"{wanted.size} bytes, CRC32 {wanted.checksum or 'unknown'} written "
+            "(s3-conditional-writes: an earlier write of this key, such as a "
+            "late one of an aborted transaction, landed first; nothing was "
+            "overwritten)",
+        )
 
     def _start_upload(self, manager, path: str, key: str, crc: str):
         args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
@@ -542,21 +602,36 @@ class ObjectStore:
         job (one a commit lock waits for) queues apart from the others."""
         return (self._urgent if urgent else self._background).submit(job, *args)
 
-    def upload_soon(self, path: str, key: str) -> bool:
-        """Upload the file at *path* to *key* in the background, if fewer than
-        :data:`SPARE_QUEUE` such uploads wait; a failure is logged. Returns
-        whether the upload was queued. Uploads still queued when the store
-        closes are dropped."""
+    def upload_soon(
+        self, key: str, prepare: Callable[[], tuple[str, str] | None]
+    ) -> bool:
+        """Upload to *key* in the background, if fewer than
+        :data:`SPARE_QUEUE` such uploads wait; a failure is logged. There,
+        *prepare*() gives the path of a private file and its CRC32, proven
+        equal to what is to be uploaded (or None: nothing to upload); the file
+        is removed afterwards. Returns whether the upload was queued. Uploads
+        still queued when the store closes are dropped."""
         if not self._spare_queued.acquire(blocking=False):
             return False
 
         def upload() -> None:
+            prepared = None
             try:
-                self._upload(self._spare_transfers, path, key, self._spare_running)
+                prepared = prepare()
+                if prepared is not None:
+                    path, crc = prepared
+                    self._upload(
+                        self._spare_transfers, path, key, self._spare_running, crc
+                    )
             except ObjectStoreError as exc:
                 log.warning("Could not upload: %s", exc)
+            except Exception:
+                log.exception("Could not upload %s", self.url(key))
             finally:
                 self._spare_queued.release()
+                if prepared is not None:
+                    with contextlib.suppress(OSError):
+                        os.remove(prepared[0])
 
         try:
             self._spare.submit(upload)
@@ -565,25 +640,42 @@ class ObjectStore:
             return False
         return True
 
-    def upload(self, path: str, key: str, urgent: bool = False) -> str:
+    def upload(
+        self, path: str, key: str, urgent: bool = False, replace: bool = False
+    ) -> str:
         """Upload the file at *path* to *key*, recording its CRC32; return the
         CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
-        apart from those of :meth:`transfer` unless *urgent*."""
+        apart from those of :meth:`transfer` unless *urgent*. Only with
+        *replace* may it overwrite an object under ``blobs/`` (conditional
+        writes)."""
         manager = self._transfers if urgent else self._background_transfers
-        return self._upload(manager, path, key)
+        if not replace:
+            return self._upload(manager, path, key)
+        with self.guard.replacing(key):
+            return self._upload(manager, path, key)
 
     def _upload(
-        self, manager, path: str, key: str, running: _Running | None = None
+        self,
+        manager,
+        path: str,
+        key: str,
+        running: _Running | None = None,
+        crc: str | None = None,
     ) -> str:
-        """Upload through *manager* and wait; return the CRC32 recorded. The
-        transfer is in *running* meanwhile, if given."""
+        """Upload through *manager* and wait; return the CRC32 recorded (*crc*,
+        if the caller has measured it). The transfer is in *running*
+        meanwhile, if given."""
         try:
-            crc = file_crc32(path)
+            crc = crc or file_crc32(path)
             transfer = self._start_upload(manager, path, key, crc)
             with running.holding(transfer) if running else contextlib.nullcontext():
                 transfer.result()
         except Exception as exc:
-            raise self._error("upload", key, exc) from exc
+            failure = self._refusal(
+                "upload", key, exc, functools.partial(_file_info, path, crc)
+            )
+            if failure is not None:
+                raise failure from exc
         return crc
 
     def delete(self, keys: Iterable[str], quick: bool = False) -> int:
@@ -717,7 +809,7 @@ class ObjectStore:
             raise short
         if expected is not None:
             if crc is None:
-                crc = _written_crc32(out)
+                crc = written_crc32(out)
             if f"{crc:08x}" != expected.lower():
                 self.metrics.failed("checksum_mismatch")
                 raise ChecksumMismatch(

@@ -19,6 +19,8 @@ MAX_PUT_SIZE = 5 << 30
 #: S3's largest multipart part (5 GiB).
 MAX_PART_SIZE = 5 << 30
 ADDRESSING_STYLES = ("auto", "path", "virtual")
+#: s3-conditional-writes: probe the provider once, always, or never.
+CONDITIONAL_WRITES = ("auto", "true", "false")
 #: s3-sse values: S3-managed keys, or keys in AWS KMS.
 SSE_MODES = ("AES256", "aws:kms")
 #: A region name: letters, digits and inner hyphens. It becomes part of the
@@ -152,6 +154,10 @@ class S3Settings:
     #: blob of at least this size is uploaded before the lock to a staging key
     #: and copied server-side to its revision's key once the tid is known.
     staged_copy_threshold: int = 1 * MiB
+    #: Writes to a revision's key carry ``If-None-Match: *`` where the
+    #: provider honours it ("auto": probed once), so that a late write can
+    #: never replace a committed object (see objectstore.WriteGuard).
+    conditional_writes: str = "auto"
     #: Uploads, copies, deletes and listings: patient, many attempts. Providers
     #: under load (Hetzner, Ceph RGW) have been seen answering large PUTs after
     #: more than 60 s; a shorter read timeout retries every such upload.
@@ -176,6 +182,11 @@ class S3Settings:
             raise ValueError(
                 f"s3-addressing-style must be one of {', '.join(ADDRESSING_STYLES)},"
                 f" not {self.addressing_style!r}"
+            )
+        if self.conditional_writes not in CONDITIONAL_WRITES:
+            raise ValueError(
+                "s3-conditional-writes must be one of "
+                f"{', '.join(CONDITIONAL_WRITES)}, not {self.conditional_writes!r}"
             )
         if self.endpoint_url is not None:
             check_endpoint_url(self.endpoint_url)

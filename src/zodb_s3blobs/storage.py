@@ -50,7 +50,7 @@ from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
-from .objectstore import Copy, ObjectStore, file_crc32, raise_first
+from .objectstore import Copy, ObjectStore, file_crc32, raise_first, written_crc32
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -117,6 +117,9 @@ class _Shared:
     fallback_upload: bool = True
     #: Revisions a HEAD found in S3 while a fallback is configured.
     in_s3: set = field(default_factory=set)
+    #: The base storage the storage was opened with (not an MVCC instance of
+    #: it, which a connection may release): asked from background threads.
+    base: object = None
 
 
 class _FilesystemView:
@@ -146,6 +149,9 @@ def _reach_bucket(store: ObjectStore, settings: S3Settings) -> None:
     still be served, and reads and votes fail clearly until S3 is back."""
     try:
         store.check_bucket()
+        # Once the bucket answers, before any commit: the probe, if any, does
+        # not delay the first vote.
+        log.info("s3-conditional-writes %s", store.guard.describe())
     except ObjectStoreError as exc:
         if not exc.transient:
             raise
@@ -254,6 +260,7 @@ class S3BlobStorage:
             metrics,
             fallback,
             fallback_upload,
+            base=base,
         )
         self._setup(base, shared, True)
         if self._exporter:
@@ -390,7 +397,12 @@ class S3BlobStorage:
             )
         elif commit.tid is not None:
             key = self._layout.key(blob.oid, commit.tid)
-            upload = self._store.submit(self._store.upload, blob.path, key)
+            # A blob stored again in this transaction replaces the object the
+            # first one's upload wrote (conditional writes would refuse it).
+            replace = key in commit.attempted_keys
+            upload = self._store.submit(
+                self._store.upload, blob.path, key, False, replace
+            )
         elif commit.upload_at_vote(
             os.path.getsize(blob.path), self._store.settings.staged_copy_threshold
         ):
@@ -413,7 +425,10 @@ class S3BlobStorage:
             return None
         if existing is _ABSENT:
             blob.preexisting = False
-        return self._store.upload(blob.path, key, urgent)
+        # Only bytes without a CRC32 (1.x) are written over, to record one.
+        return self._store.upload(
+            blob.path, key, urgent, replace=existing is _UNCHECKED
+        )
 
     def _upload_staged(self, blob: StagedBlob, key: str) -> str:
         """Upload to a staging key; return the CRC32 recorded. Its size and
@@ -436,7 +451,7 @@ class S3BlobStorage:
             return self._cache.path(oid, serial)
         self._shared.metrics.opened(oid, serial)
         key = self._layout.key(oid, serial)
-        from_fallback: list[bool] = []
+        from_fallback: list[tuple[int, str]] = []
         try:
             path = self._cache.fetch(
                 oid,
@@ -458,7 +473,7 @@ class S3BlobStorage:
                 f"{exc}"
             ) from exc
         if from_fallback and self._shared.fallback_upload:
-            self._upload_later(path, key)
+            self._upload_later(oid, serial, key, *from_fallback[0])
         return path
 
     def _download(
@@ -466,7 +481,7 @@ class S3BlobStorage:
     ) -> int:
         """Download the revision into *out*; if S3 answers that it does not
         exist (a 404, never a transient failure), read it from the fallback,
-        noting that in *from_fallback*."""
+        noting the size and CRC32 of what it read in *from_fallback*."""
         try:
             return self._store.download(key, out)
         except ObjectNotFound as exc:
@@ -490,16 +505,57 @@ class S3BlobStorage:
             size = fallback.read(oid, serial, out)
             if size is None:
                 raise
-            from_fallback.append(True)
+            from_fallback.append((size, f"{written_crc32(out):08x}"))
             return size
 
-    def _upload_later(self, path: str, key: str) -> None:
-        """Upload a revision read from the fallback, from its cached file, in
-        the background: the bucket fills as the site is used. Best effort:
-        until it succeeds (or ``migrate`` copies it), reads find it in the
-        fallback. A migrate uploading the same revision writes the same bytes."""
-        if not self._store.upload_soon(path, key):
+    def _upload_later(
+        self, oid: bytes, serial: bytes, key: str, size: int, crc: str
+    ) -> None:
+        """Upload a revision read from the fallback (*size* bytes of CRC32
+        *crc* served) in the background: the bucket fills as the site is
+        used. Best effort: until it succeeds (or ``migrate`` copies it), reads
+        find it in the fallback. A migrate uploading the same revision writes
+        the same bytes."""
+        if not self._store.upload_soon(
+            key, functools.partial(self._read_again, oid, serial, size, crc)
+        ):
             log.debug("Not uploading %s now: too many uploads wait", key)
+
+    def _read_again(
+        self, oid: bytes, serial: bytes, size: int, crc: str
+    ) -> tuple[str, str] | None:
+        """For a read-through upload, when its turn comes: the revision read
+        from the fallback again into a private file, and its CRC32, if those
+        bytes are the *size* bytes of CRC32 *crc* first read, and a pack has
+        not removed the revision meanwhile (its key would be recreated for
+        nothing). Never the cached copy, which may have been damaged while the
+        upload waited."""
+        if not gc.revision_held_now(self._shared.base, oid, serial):
+            return None
+        temp = self._cache.new_temp_file("fallback-upload-")
+        try:
+            with open(temp, "w+b") as out:
+                again = self._shared.fallback.read(oid, serial, out)
+                measured = f"{written_crc32(out):08x}" if again is not None else None
+            if (again, measured) != (size, crc):
+                log.error(
+                    "Not uploading blob %s revision %s: %s now holds %s bytes "
+                    "of CRC32 %s, not the %d bytes of CRC32 %s read from it "
+                    "before",
+                    oid_repr(oid),
+                    tid_repr(serial),
+                    self._shared.fallback.describe(),
+                    again,
+                    measured,
+                    size,
+                    crc,
+                )
+                os.remove(temp)
+                return None
+        except BaseException:
+            os.remove(temp)
+            raise
+        return temp, crc
 
     def _in_fallback_only(self, oid: bytes, serial: bytes, quick: bool = False) -> bool:
         """Is this committed revision absent from S3 while a fallback is
