@@ -267,3 +267,27 @@ def test_the_collector_asks_the_database_not_relstorages_cache(
     assert report.orphans == [mine._layout.key(oid, first)]
     viewer.close()
     mine_db.close()
+
+
+def test_no_presigned_url_for_a_revision_another_process_packed(
+    relstorage_base, tmp_path
+):
+    """This process loaded revision 1 (RelStorage's local cache keeps it);
+    another one commits revision 2 and packs revision 1 away with its object.
+    Fails before the fix: ``presigned_url`` asked ``loadSerial``, which
+    answered from the local cache, and signed a URL for a deleted object."""
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    ((oid, first, _),) = blob_revisions(db, [b"revision 1"])
+    assert storage.presigned_url(oid, first, expires=60) is not None
+    other = ZODB.DB(
+        open_storage(relstorage_base.section, tmp_path / "other", prefix_of(storage))
+    )
+    with other.transaction() as conn:
+        with conn.root()["b"].open("w") as f:
+            f.write(b"revision 2")
+    other.pack(time.time() + 1)
+    other.close()
+    assert storage._layout.key(oid, first) not in bucket_keys(prefix_of(storage))
+    assert storage.presigned_url(oid, first, expires=60) is None
+    db.close()

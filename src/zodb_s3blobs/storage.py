@@ -605,10 +605,13 @@ class S3BlobStorage:
         a logged reason, for a revision still only in the fallback: serve it
         through Zope, which reads it from there (and uploads it).
         """
+        # Asked of the database as of now, not of loadSerial: RelStorage's
+        # answers from its local cache, which keeps a revision another
+        # process has packed away with its object (a URL that would 404).
         if (
             not serial
             or serial == z64
-            or not gc.revision_exists(self._base, oid, serial)
+            or not gc.revision_held_now(self._base, oid, serial)
         ):
             return None
         try:
