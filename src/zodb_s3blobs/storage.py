@@ -50,7 +50,13 @@ from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
-from .objectstore import Copy, ObjectStore, file_crc32, raise_first
+from .objectstore import (
+    Copy,
+    ObjectStore,
+    check_presign_arguments,
+    file_crc32,
+    raise_first,
+)
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -545,8 +551,12 @@ class S3BlobStorage:
         ``str()`` of the result is the URL; its repr hides the signature.
         Refused under SSE-C, where the reader would need the key. None, with
         a logged reason, for a revision still only in the fallback: serve it
-        through Zope, which reads it from there (and uploads it).
+        through Zope, which reads it from there (and uploads it). ValueError
+        for *expires* beyond 7 days (SigV4's limit) or below 1 second. A
+        *content_type* a browser would render as a page (HTML, SVG, XML) is
+        served as an attachment even without *filename*.
         """
+        check_presign_arguments(expires, content_type)
         if (
             not serial
             or serial == z64
