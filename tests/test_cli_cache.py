@@ -239,17 +239,23 @@ def test_stats_without_metrics_file_reports_the_counters_unknown(config):
     assert "set metrics-file" in run("cache", "stats", config).stdout
 
 
-def test_stats_shows_a_process_as_soon_as_its_storage_opened(tmp_path):
-    """A process is seen from its start, with the default metrics-interval
-    (15 s). Failed before the fix: the first write came one interval after
-    the open, so stats right after a restart showed no process."""
+def metrics_config(tmp_path):
+    """CONFIG of a MappingStorage whose processes write their metrics files,
+    at the default metrics-interval, in ``tmp_path/metrics``."""
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    config = clitools.write_config(
+    return clitools.write_config(
         tmp_path,
         "<mappingstorage>\n</mappingstorage>",
         extra=f"metrics-file {metrics}/zodb-{{pid}}.prom",
     )
+
+
+def test_stats_shows_a_process_as_soon_as_its_storage_opened(tmp_path):
+    """A process is seen from its start, with the default metrics-interval
+    (15 s). Failed before the fix: the first write came one interval after
+    the open, so stats right after a restart showed no process."""
+    config = metrics_config(tmp_path)
     child = start_reader(config)
     try:
         assert child.stdout.readline() == "ready\n"
@@ -266,13 +272,7 @@ def test_stats_says_when_no_process_runs_and_what_it_ignored(tmp_path):
     """Without a running process, the plain output says so and counts the
     files of processes that stopped. Failed before the fix: it said
     "processes 0", and only --json told of the stopped ones."""
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    config = clitools.write_config(
-        tmp_path,
-        "<mappingstorage>\n</mappingstorage>",
-        extra=f"metrics-file {metrics}/zodb-{{pid}}.prom",
-    )
+    config = metrics_config(tmp_path)
     children = [start_reader(config) for _ in range(2)]
     for child in children:  # both open, so neither sweeps the other's file
         assert child.stdout.readline() == "ready\n"
