@@ -134,6 +134,16 @@ storage.close()
 """
 
 
+def start_reader(config, *refs: str) -> subprocess.Popen:
+    """A process running READER on CONFIG and *refs*."""
+    return subprocess.Popen(
+        [sys.executable, "-c", READER, str(config), *refs],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def wait_for_counts(config, hits: int, misses: int) -> dict:
     """``cache stats --json`` once the processes' files count *hits* and
     *misses* (they are written every 0.1 seconds)."""
@@ -171,12 +181,7 @@ def test_stats_sums_the_counters_of_the_processes_using_the_cache(tmp_path):
     children = []
     try:
         for refs in ([first, first], [first, second]):
-            child = subprocess.Popen(
-                [sys.executable, "-c", READER, str(config), *refs],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            child = start_reader(config, *refs)
             children.append(child)
             assert child.stdout.readline() == "ready\n"
         stats = wait_for_counts(config, hits=2, misses=2)
@@ -232,3 +237,50 @@ def test_stats_without_metrics_file_reports_the_counters_unknown(config):
     assert code == 0
     assert stats["hits"] is None and stats["processes"] is None
     assert "set metrics-file" in run("cache", "stats", config).stdout
+
+
+def metrics_config(tmp_path):
+    """CONFIG of a MappingStorage whose processes write their metrics files,
+    at the default metrics-interval, in ``tmp_path/metrics``."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    return clitools.write_config(
+        tmp_path,
+        "<mappingstorage>\n</mappingstorage>",
+        extra=f"metrics-file {metrics}/zodb-{{pid}}.prom",
+    )
+
+
+def test_stats_shows_a_process_as_soon_as_its_storage_opened(tmp_path):
+    """A process is seen from its start, with the default metrics-interval
+    (15 s). Failed before the fix: the first write came one interval after
+    the open, so stats right after a restart showed no process."""
+    config = metrics_config(tmp_path)
+    child = start_reader(config)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        code, stats = run_json("cache", "stats", config)
+        result = run("cache", "stats", config)
+    finally:
+        child.communicate("close\n", timeout=60)
+    assert code == 0
+    assert [p["pid"] for p in stats["processes"]] == [child.pid]
+    assert "1 running" in result.stdout
+
+
+def test_stats_says_when_no_process_runs_and_what_it_ignored(tmp_path):
+    """Without a running process, the plain output says so and counts the
+    files of processes that stopped. Failed before the fix: it said
+    "processes 0", and only --json told of the stopped ones."""
+    config = metrics_config(tmp_path)
+    children = [start_reader(config) for _ in range(2)]
+    for child in children:  # both open, so neither sweeps the other's file
+        assert child.stdout.readline() == "ready\n"
+    for child in children:
+        child.communicate("close\n", timeout=60)
+    result = run("cache", "stats", config)
+    assert result.returncode == 0
+    [row] = [line for line in result.stdout.splitlines() if "processes" in line]
+    assert row.split(None, 1)[1] == (
+        "none running (ignored: 2 files of processes that stopped)"
+    )

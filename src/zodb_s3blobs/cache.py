@@ -732,7 +732,7 @@ class BlobCache:
         """
         cutoff = time.time() - ABANDONED_AFTER
         for entry in _entries(self.temp_dir):
-            if entry.name.startswith(("download-", "staged-")):
+            if entry.name.startswith(("download-", "staged-", "fallback-")):
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < cutoff:
                         os.remove(entry.path)

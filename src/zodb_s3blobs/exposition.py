@@ -5,13 +5,15 @@ Each process writes its own file, for node_exporter's textfile collector:
 ``metrics-file`` is a path whose file name holds ``{pid}``, replaced by the
 process id, so one configuration serves every process of a site (and
 perhaps ``{host}``, the host name, for a directory that hosts or containers
-with pid namespaces of their own share), and every ``metrics-interval``
-seconds a daemon thread replaces the file atomically (prometheus_client's
-``write_to_textfile``: a temporary file in the same directory, renamed over
-it). The thread stops when the storage closes, after
-a last write. Files (and temporary files) that processes no longer running
-on this host left are removed when a storage with the same ``metrics-file``
-opens; other hosts' files are left alone.
+with pid namespaces of their own share). The file is written when the
+storage opens, then every ``metrics-interval`` seconds by a daemon thread,
+and a last time when the storage closes; each write replaces it atomically.
+The directory is shared with node_exporter, often with other users too, so
+each write goes to a new file under an unpredictable name beside it, renamed
+over it (:mod:`zodb_s3blobs.safefiles`), and what is read there is read only
+from regular files of the expected user. Files (and temporary files) that
+processes no longer running on this host left are removed when a storage
+with the same ``metrics-file`` opens; other hosts' files are left alone.
 
 Every sample is labelled with the database (the name of the
 ``<s3blobstorage NAME>`` section, else where its blobs are:
@@ -35,6 +37,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import S3BlobStorageError
 from .metrics import COUNTERS, GAUGES, HISTOGRAM, HISTOGRAM_HELP, LABELLED
+from .safefiles import UnsafeFileError, read_checked, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,13 @@ PLACEHOLDER = "{pid}"
 #: may have the same pids (containers in pid namespaces of their own).
 HOST_PLACEHOLDER = "{host}"
 INSTALL_HINT = "pip install 'zodb-s3blobs[metrics]'"
+#: The mode of the metrics files: node_exporter, another user, reads them.
+FILE_MODE = 0o644
+#: The most bytes read from a metrics file: this package writes a few
+#: kilobytes; anything bigger is not one of its files.
+MAX_FILE_SIZE = 1 << 20
+#: Seconds close() waits for a write in progress before giving up on it.
+STOP_TIMEOUT = 10.0
 #: The files written by this process's open storages: two would overwrite
 #: each other's.
 _in_use: set[str] = set()
@@ -109,15 +119,15 @@ def _this_host(template: str) -> str:
 def process_files(template: str, temporary: bool = False) -> Iterator[tuple[int, str]]:
     """``(pid, path)`` of every existing file of *template*'s processes (of
     this host, if the template names it); with *temporary*, of the temporary
-    files ``write_to_textfile`` writes them through (``<file>.<pid>.<thread>``)
+    files they are written through (``<file>.<pid>.<random hex digits>``)
     instead."""
     directory, name = os.path.split(_this_host(template))
     before, _placeholder, after = name.partition(PLACEHOLDER)
     pattern = re.compile(
         re.escape(before)
-        + r"(\d+)"
+        + r"([0-9]+)"
         + re.escape(after)
-        + (r"\.(\d+)\.\d+" if temporary else "")
+        + (r"\.([0-9]+)\.[0-9a-f]+" if temporary else "")
     )
     found = glob.glob(os.path.join(glob.escape(directory), glob.escape(before) + "*"))
     for path in sorted(found):
@@ -127,21 +137,25 @@ def process_files(template: str, temporary: bool = False) -> Iterator[tuple[int,
 
 
 def _host_label(path: str) -> str | None:
-    """The host label of a metrics file, which may be a temporary file cut
-    off mid-write: its first samples carry it."""
+    """The host label of a metrics file of this user, which may be a
+    temporary file cut off mid-write (its first samples carry it); None for
+    anything else."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            found = _HOST_LABEL.search(file.read(4096))
-    except OSError:
+        data = read_checked(path, os.geteuid(), MAX_FILE_SIZE)
+    except (OSError, UnsafeFileError):
         return None
+    found = _HOST_LABEL.search(data.decode("utf-8", "replace"))
     return found.group(1) if found else None
 
 
 def running(pid: int) -> bool:
-    """Whether process *pid* runs on this host."""
+    """Whether process *pid* runs on this host (a number read from a file
+    name: 0, or one too big to be a pid, is no process)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's: it runs
         return True
@@ -251,12 +265,14 @@ class MetricsFile:
     def start(self) -> None:
         """Claim the file (checked free at construction, so that a storage
         that fails to open claims nothing), remove the files of processes
-        gone, then write every interval."""
+        gone, write the figures at once (``cache stats`` sees this process
+        from its start), then every interval."""
         with _in_use_lock:
             self._check_free()  # another storage of this process opened since
             _in_use.add(self.path)
             self._claimed = True
         self._remove_stale(self._template)
+        self._write_logged()
         self._thread.start()
 
     def __repr__(self) -> str:
@@ -273,11 +289,8 @@ class MetricsFile:
             for pid, path in process_files(template, temporary):
                 if pid == os.getpid() or running(pid):
                     continue
-                with contextlib.suppress(OSError):
-                    if (
-                        os.lstat(path).st_uid == os.geteuid()
-                        and _host_label(path) == host
-                    ):
+                if _host_label(path) == host:  # a regular file of this user
+                    with contextlib.suppress(OSError):
                         os.remove(path)
 
     def collect(self) -> list:
@@ -294,27 +307,40 @@ class MetricsFile:
         return [info, *families(self._figures(), labels)]
 
     def write(self) -> None:
-        """Replace the file with the figures of now, atomically."""
-        from prometheus_client import write_to_textfile
+        """Replace the file with the figures of now, atomically, through a
+        new file that nothing planted in the directory can redirect."""
+        from prometheus_client import generate_latest
 
-        write_to_textfile(self.path, self._registry)
+        replace_atomically(self.path, generate_latest(self._registry), FILE_MODE)
+
+    def _write_logged(self) -> None:
+        """:meth:`write`, logging a failure: figures are not worth stopping
+        the storage for."""
+        try:
+            self.write()
+        except Exception:
+            log.exception("Could not write the metrics file %s", self.path)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.write()
-            except Exception:
-                log.exception("Could not write the metrics file %s", self.path)
+            self._write_logged()
 
     def close(self) -> None:
-        """Stop the thread, then write the final figures (if it started)."""
+        """Stop the thread, then write the final figures (if it started).
+        Waits at most STOP_TIMEOUT seconds for a write in progress."""
         self._stop.set()
         try:
             if self._thread.is_alive():
-                self._thread.join()
-                self.write()
-        except Exception:
-            log.exception("Could not write the metrics file %s", self.path)
+                self._thread.join(STOP_TIMEOUT)
+                if self._thread.is_alive():
+                    log.error(
+                        "The metrics thread did not finish writing %s within "
+                        "%g seconds: closed without a last write",
+                        self.path,
+                        STOP_TIMEOUT,
+                    )
+                else:
+                    self._write_logged()
         finally:
             if self._claimed:
                 with _in_use_lock:
@@ -338,7 +364,10 @@ def read_cache_figures(template: str, cache_dir: str) -> dict:
     prometheus_client's parser: ``{"processes": [{"pid", "host",
     "database", "file"}], "stopped": files of processes gone, "skipped":
     files not counted and why, <counter>: sum}``. Files of other hosts do not
-    count: a cache directory is local to its host."""
+    count: a cache directory is local to its host. Only regular files of
+    the cache directory's owner (the processes' user), that no other user
+    may write, are read; the notes on the others quote none of their
+    content."""
     require_prometheus_client()
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -349,14 +378,21 @@ def read_cache_figures(template: str, cache_dir: str) -> dict:
         **dict.fromkeys(CACHE_COUNTERS, 0),
     }
     host = socket.gethostname()
+    owner = _owner(cache_dir)
     for pid, path in process_files(template):
         try:
-            with open(path, encoding="utf-8") as file:
-                found = {f.name: f for f in text_string_to_metric_families(file.read())}
-        except OSError:  # gone meanwhile
+            text = read_checked(path, owner, MAX_FILE_SIZE).decode("utf-8")
+            found = {f.name: f for f in text_string_to_metric_families(text)}
+        except FileNotFoundError:  # gone meanwhile
             continue
-        except ValueError as exc:
-            summed["skipped"].append(f"{path}: not in Prometheus' text format ({exc})")
+        except OSError as exc:
+            summed["skipped"].append(f"{path}: {exc.strerror}")
+            continue
+        except UnsafeFileError as exc:
+            summed["skipped"].append(str(exc))
+            continue
+        except ValueError:  # its content may be anyone's secret: not quoted
+            summed["skipped"].append(f"{path}: not in Prometheus' text format")
             continue
         info = found.get(INFO + "_info")
         labels = info.samples[0].labels if info and info.samples else {}
@@ -382,3 +418,12 @@ def read_cache_figures(template: str, cache_dir: str) -> dict:
             {"pid": pid, "host": host, "database": labels.get("database"), "file": path}
         )
     return summed
+
+
+def _owner(directory: str) -> int:
+    """The user whose processes write the metrics files of a cache: the
+    owner of the cache *directory*, or this user while there is none."""
+    try:
+        return os.stat(directory).st_uid
+    except OSError:
+        return os.geteuid()

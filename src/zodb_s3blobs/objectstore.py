@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import random
+import re
 import threading
 import time
 import zlib
@@ -90,6 +91,10 @@ _CHECK_ATTEMPTS = 2
 #: here: S3 asks clients it throttles to back off, and a web request waits.
 _MAX_BACKOFF = 2.0
 _FIRST_BACKOFF = 0.1
+#: The longest a presigned URL may live, in seconds: SigV4 signs for 7 days.
+MAX_PRESIGNED_EXPIRY = 7 * 24 * 3600
+#: Characters no header value or file name should hold: C0 and C1 controls.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -162,10 +167,46 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0, min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (attempt - 1)))
 
 
-def content_disposition(filename: str) -> str:
-    """An ``attachment`` Content-Disposition naming *filename* (RFC 6266)."""
-    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'")
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+def content_disposition(filename: str | None) -> str:
+    """An ``attachment`` Content-Disposition (RFC 6266) naming *filename*,
+    if any: the exact name in ``filename*`` (UTF-8, percent-encoded, RFC
+    8187), and for older clients a quoted ASCII ``filename`` in which
+    anything but printable ASCII, and quotes and backslashes (which would end
+    or break the quoting), is ``_``. Control characters, CR and LF among
+    them, are ``_`` in both: no file name holds them on purpose."""
+    if not filename:
+        return "attachment"
+    name = _CONTROL_CHARACTERS.sub("_", filename)
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def check_presign_arguments(expires: int, content_type: str | None) -> None:
+    """Raise ValueError, naming the argument and what it may be, unless
+    *expires* is a whole number of seconds SigV4 signs for and
+    *content_type* a header value."""
+    if (
+        isinstance(expires, bool)
+        or not isinstance(expires, int)
+        or not 0 < expires <= MAX_PRESIGNED_EXPIRY
+    ):
+        raise ValueError(
+            f"presigned_url: expires is {expires!r}: it must be a whole number "
+            f"of seconds from 1 to {MAX_PRESIGNED_EXPIRY} (7 days, the longest "
+            "a signature (SigV4) is valid)"
+        )
+    if content_type is not None and _CONTROL_CHARACTERS.search(content_type):
+        raise ValueError(
+            f"presigned_url: content_type {content_type!r} holds control "
+            "characters: give a media type such as application/pdf"
+        )
+
+
+def _renders_as_page(content_type: str | None) -> bool:
+    """Whether a browser shown *content_type* inline would render a page
+    (HTML, SVG, XML; scripts) with the bucket's origin."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return any(word in media for word in ("html", "xml", "script"))
 
 
 class ListedObject(NamedTuple):
@@ -965,18 +1006,20 @@ class ObjectStore:
 
         Refused under SSE-C: whoever follows the URL would need the key.
         """
+        check_presign_arguments(expires, content_type)
         if self._get_args:
             raise S3BlobStorageError(
                 "presigned URLs cannot serve objects encrypted with "
                 "s3-sse-customer-key: the reader would need the key"
             )
         params: dict[str, object] = {"Bucket": self.bucket, "Key": key}
-        if filename:
+        # A page shown inline would run with the bucket's origin: saved, never shown.
+        if filename or _renders_as_page(content_type):
             params["ResponseContentDisposition"] = content_disposition(filename)
         if content_type:
             params["ResponseContentType"] = content_type
         url = self._reader.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=int(expires)
+            "get_object", Params=params, ExpiresIn=expires
         )
         return PresignedURL(url)
 

@@ -50,7 +50,14 @@ from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
-from .objectstore import Copy, ObjectStore, file_crc32, raise_first, written_crc32
+from .objectstore import (
+    Copy,
+    ObjectStore,
+    check_presign_arguments,
+    file_crc32,
+    raise_first,
+    written_crc32,
+)
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -603,8 +610,12 @@ class S3BlobStorage:
         ``str()`` of the result is the URL; its repr hides the signature.
         Refused under SSE-C, where the reader would need the key. None, with
         a logged reason, for a revision still only in the fallback: serve it
-        through Zope, which reads it from there (and uploads it).
+        through Zope, which reads it from there (and uploads it). ValueError
+        for *expires* beyond 7 days (SigV4's limit) or below 1 second. A
+        *content_type* a browser would render as a page (HTML, SVG, XML) is
+        served as an attachment even without *filename*.
         """
+        check_presign_arguments(expires, content_type)
         # Asked of the database as of now, not of loadSerial: RelStorage's
         # answers from its local cache, which keeps a revision another
         # process has packed away with its object (a URL that would 404).

@@ -38,8 +38,10 @@ is left in tmp/ (files being written now, or left by processes that
 crashed). With metrics-file set, also the hits, misses, hit ratio, bytes
 served and downloaded, and evictions, summed over the running processes of
 this host that use this cache-dir, read from their metrics files (each counts
-since it started; a file whose figures are not numbers is skipped, with a
-note on stderr); without it they are unknown.
+since it started); the files of processes that stopped are counted apart.
+Only regular files of cache-dir's owner that no other user may write are
+read: any other file, or one whose figures are not numbers, is skipped, with
+a note on stderr. Without metrics-file the counters are unknown.
 """
 PRUNE_DESCRIPTION = """\
 Evict least recently used files from the local blob cache of CONFIG's
@@ -233,7 +235,7 @@ def _counter_rows(figures: dict) -> list[list]:
         return [["hits / misses", "unknown (set metrics-file to count them)"]]
     ratio = figures["hit_ratio"]
     return [
-        ["processes", len(figures["processes"])],
+        ["processes", _processes(figures)],
         [
             "hits / misses",
             f"{figures['hits']} / {figures['misses']}"
@@ -246,6 +248,17 @@ def _counter_rows(figures: dict) -> list[list]:
             f"{figures['evictions']} files, {human_size(figures['evicted_bytes'])}",
         ],
     ]
+
+
+def _processes(figures: dict) -> str:
+    """How many processes were counted, and how many stopped ones were not."""
+    running = len(figures["processes"])
+    text = f"{running} running" if running else "none running"
+    stopped = figures["stopped_processes"]
+    if stopped:
+        files = "file" if stopped == 1 else "files"
+        text += f" (ignored: {stopped} {files} of processes that stopped)"
+    return text
 
 
 def run_stats(args: argparse.Namespace) -> int:

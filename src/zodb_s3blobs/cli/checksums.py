@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 from ..cache import revision_path
 from ..errors import ChecksumMismatch, ObjectStoreError
 from ..objectstore import ObjectInfo, file_crc32
+from ..safefiles import UnsafeFileError, create_new, open_checked
 from . import UsageError
 from .migrate import BATCH_PER_SLOT, batches
 from .output import counter
@@ -218,35 +219,43 @@ class StateFile:
         self.header = {"state": STATE_HEADER, **header}
         #: Keys whose last recorded check passed: not checked again.
         self.passed: set[str] = set()
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[StateFile]:
         """Read what earlier runs recorded, then keep FILE open to append."""
-        text = self._read()
-        entries = _json_lines(text)
-        if entries:
-            self._check_header(entries[0])
-            outcomes = {entry.get("key"): entry.get("outcome") for entry in entries}
-            self.passed = {key for key, out in outcomes.items() if out in PASSED}
-        with contextlib.ExitStack() as stack:
-            try:
-                self._file = stack.enter_context(open(self.path, "a", encoding="utf-8"))
-            except OSError as exc:
-                raise UsageError(f"--state {self.path}: {exc.strerror}") from None
+        with open(self._open(), "r+b") as file:
+            text = file.read()
+            entries = _json_lines(text)
+            if entries:
+                self._check_header(entries[0])
+                outcomes = {entry.get("key"): entry.get("outcome") for entry in entries}
+                self.passed = {key for key, out in outcomes.items() if out in PASSED}
+            self._file = file
             if text and not text.endswith(b"\n"):
-                self._file.write("\n")  # end the torn line
+                file.write(b"\n")  # end the torn line
             if not entries:
                 self._write(self.header)
             yield self
 
-    def _read(self) -> bytes:
-        """What FILE holds (nothing if it does not exist yet)."""
+    def _open(self) -> int:
+        """A file descriptor of FILE, to read and append: a new file (mode
+        0600: it names keys and the bucket), or an existing regular file of
+        this user that no other user may write, never through a link. A file
+        another user could plant or change could make a rerun skip damaged
+        objects as verified."""
+        flags = os.O_RDWR | os.O_APPEND
         try:
-            with open(self.path, "rb") as file:
-                return file.read()
-        except FileNotFoundError:
-            return b""
+            try:
+                return create_new(self.path, flags, 0o600)
+            except FileExistsError:
+                return open_checked(self.path, flags, os.geteuid(), None)
+        except UnsafeFileError as exc:
+            raise UsageError(
+                f"--state {exc}: give a file of your own that no other user "
+                "may write, in a directory only you can write (not /tmp or "
+                "/var/tmp)"
+            ) from None
         except OSError as exc:
             raise UsageError(f"--state {self.path}: {exc.strerror}") from None
 
@@ -267,7 +276,7 @@ class StateFile:
                 )
 
     def _write(self, entry: dict) -> None:
-        self._file.write(json.dumps(entry) + "\n")
+        self._file.write(json.dumps(entry).encode() + b"\n")
         self._file.flush()
 
     def record(self, check: Check) -> None:
