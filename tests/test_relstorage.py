@@ -283,9 +283,8 @@ def test_no_presigned_url_for_a_revision_another_process_packed(
     other = ZODB.DB(
         open_storage(relstorage_base.section, tmp_path / "other", prefix_of(storage))
     )
-    with other.transaction() as conn:
-        with conn.root()["b"].open("w") as f:
-            f.write(b"revision 2")
+    with other.transaction() as conn, conn.root()["b"].open("w") as f:
+        f.write(b"revision 2")
     other.pack(time.time() + 1)
     other.close()
     assert storage._layout.key(oid, first) not in bucket_keys(prefix_of(storage))
