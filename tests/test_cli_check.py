@@ -523,3 +523,31 @@ def test_error_messages_are_redacted(monkeypatch, capsys):
     assert cli.main(["check", "x.conf", "--debug"]) == 1
     _out, err = capsys.readouterr()
     assert secret not in err and "0123abcdef" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["check"], ["init"], ["verify"], ["gc"], ["cache", "stats"]],
+    ids=lambda command: " ".join(command),
+)
+def test_an_unset_environment_variable_is_named(tmp_path, command):
+    """``$(NAME)`` of a variable that is not set (sudo dropped it): every
+    command names the variable and says to export it, as
+    docs/configuration.md says.
+
+    Fails before the fix: the message said that a '$' must be written '$$',
+    naming neither the variable nor $(NAME)."""
+    config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
+    lines = config.read_text().splitlines()
+    [number] = [n for n, line in enumerate(lines, 1) if "s3-secret-key" in line]
+    lines[number - 1] = "  s3-secret-key $(ZODB_S3BLOBS_UNSET_SECRET)"
+    config.write_text("\n".join(lines) + "\n")
+    result = run(*command, config)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"zodb-s3blobs: error: {config}, line {number}: no replacement for "
+        "'ZODB_S3BLOBS_UNSET_SECRET': the environment variable "
+        "ZODB_S3BLOBS_UNSET_SECRET of $(ZODB_S3BLOBS_UNSET_SECRET) is not set: "
+        "export it before running this command (sudo drops the environment: "
+        "sudo --preserve-env=ZODB_S3BLOBS_UNSET_SECRET)"
+    ]
