@@ -449,15 +449,23 @@ def test_usage_errors_print_json_under_json(args, message):
 def test_a_base_with_a_blob_dir_is_reported_without_creating_it(tmp_path, base):
     """A base section with a blob-dir of its own (the misconfiguration check
     is there to report) fails the storage check, and the blob directory is
-    not created (as root, it would belong to root).
+    not created (as root, it would belong to root). The advice for a
+    FileStorage is the documented path: that directory becomes
+    fallback-blob-dir.
 
     Fails before the fix: the base was opened first, and opening it created
-    the blob directory before it was refused."""
+    the blob directory before it was refused; then the advice was to upload
+    the files before switching, against docs/migration.md."""
     blob_dir = tmp_path / "blobs"
     if base == "filestorage":
         section = clitools.filestorage(tmp_path / "x.fs", blob_dir=blob_dir)
         ZODB.DB(FileStorage(str(tmp_path / "x.fs"))).close()
-        said = f"has blob-dir '{blob_dir}': remove blob-dir from its section"
+        said = (
+            f"has blob-dir '{blob_dir}': remove blob-dir from its section and "
+            "name the directory in <s3blobstorage> instead, as fallback-blob-dir "
+            f"{blob_dir}: its blobs are read from there until `zodb-s3blobs "
+            "migrate` has uploaded them (switch first, migrate later"
+        )
     else:
         data_dir = tmp_path / "sqlite"
         data_dir.mkdir()

@@ -124,7 +124,7 @@ class Target:
         for a base with a blob directory of its own, from its section alone:
         opening that base would create the directory (owned by root, when
         run as root) before the check could refuse it."""
-        from ..errors import S3BlobStorageError
+        from ..fallback import own_blob_dir_error
         from ..tids import UnsupportedBaseStorage
 
         config = self.section.config.base.config
@@ -132,11 +132,7 @@ class Target:
         if not blob_dir:
             return
         if self.base_type == "filestorage":
-            raise S3BlobStorageError(
-                f"The wrapped filestorage {config.path!r} has blob-dir "
-                f"{blob_dir!r}: remove blob-dir from its section; its blobs are "
-                "stored in S3 (upload existing blob files there before switching)"
-            )
+            raise own_blob_dir_error(config.path, blob_dir)
         if self.base_type == "relstorage":
             name = f" {config.name!r}" if getattr(config, "name", None) else ""
             raise UnsupportedBaseStorage(
