@@ -160,6 +160,17 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
+def _protect_found_credentials(core: botocore.session.Session) -> None:
+    """Mask in every log record the credentials botocore finds itself (the
+    environment, ~/.aws, a role), as those of ``s3-access-key`` are: botocore
+    logs the session token among the headers at DEBUG. The session keeps
+    what it found, so the client made from it resolves nothing again."""
+    credentials = core.get_credentials()
+    if credentials is not None:
+        found = credentials.get_frozen_credentials()
+        protect(found.access_key, found.secret_key, found.token)
+
+
 class ListedObject(NamedTuple):
     """One object of a listing: its key, size and LastModified (seconds since
     the epoch, by the S3 server's clock)."""
@@ -365,6 +376,8 @@ class ObjectStore:
         )
         core = botocore.session.get_session()
         verify = settings.ca_bundle or core.get_config_variable("ca_bundle") or True
+        if not settings.access_key:
+            _protect_found_credentials(core)
         client = boto3.session.Session(botocore_session=core).client(
             "s3",
             endpoint_url=settings.endpoint_url,
