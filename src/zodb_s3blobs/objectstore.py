@@ -901,6 +901,67 @@ class ObjectStore:
         )
         return PresignedURL(url)
 
+    # -- the bucket's set-up (zodb-s3blobs init and check) ------------------
+
+    def _bucket_call(self, operation: str, call: Callable[..., T], **args) -> T:
+        """One request about the bucket itself, its failure an ObjectStoreError
+        whose cause starts with S3's error code (``AccessDenied ...``)."""
+        try:
+            return call(Bucket=self.bucket, **args)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(operation, "", exc) from exc
+
+    def bucket_exists(self) -> bool:
+        """Does the bucket exist (HeadBucket: 404 is no, any other failure
+        raises)?"""
+        try:
+            self._bucket_call("HEAD bucket", self._client.head_bucket)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def create_bucket(self) -> None:
+        """Create the bucket in the client's region (AWS's us-east-1 is the
+        one that takes no location constraint)."""
+        region = self._client.meta.region_name
+        args = {}
+        if region and region != "us-east-1":
+            args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        self._bucket_call("CREATE bucket", self._client.create_bucket, **args)
+
+    def versioning(self) -> str | None:
+        """The bucket's versioning status: ``Enabled``, ``Suspended`` or None
+        (never enabled)."""
+        answer = self._bucket_call("GET versioning", self._client.get_bucket_versioning)
+        return answer.get("Status")
+
+    def enable_versioning(self) -> None:
+        self._bucket_call(
+            "PUT versioning",
+            self._client.put_bucket_versioning,
+            VersioningConfiguration={"Status": "Enabled"},
+        )
+
+    def lifecycle_rules(self) -> list[dict]:
+        """The bucket's lifecycle rules, in S3's format ([] when it has none)."""
+        try:
+            answer = self._bucket_call(
+                "GET lifecycle", self._client.get_bucket_lifecycle_configuration
+            )
+        except ObjectStoreError as exc:
+            if exc.cause.startswith("NoSuchLifecycleConfiguration"):
+                return []
+            raise
+        return answer.get("Rules", [])
+
+    def put_lifecycle_rules(self, rules: list[dict]) -> None:
+        """Replace the bucket's lifecycle configuration with *rules*."""
+        self._bucket_call(
+            "PUT lifecycle",
+            self._client.put_bucket_lifecycle_configuration,
+            LifecycleConfiguration={"Rules": rules},
+        )
+
     def close(self) -> None:
         # Uploads nobody waits for: the queued ones are dropped, the running
         # ones cancelled (a multipart upload stops after its current part).

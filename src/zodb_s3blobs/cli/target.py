@@ -258,9 +258,10 @@ def _substitution_error(
         lineno = _substitution_line(text)
     at = f", line {lineno}" if lineno else ""
     name = getattr(exc, "name", None)
-    if isinstance(exc, ZConfig.SubstitutionReplacementError) and getattr(
-        exc, "source", None
-    ) == f"$({name})":
+    if (
+        isinstance(exc, ZConfig.SubstitutionReplacementError)
+        and getattr(exc, "source", None) == f"$({name})"
+    ):
         return (
             f"{where}{at}: no replacement for {name!r}: the environment variable "
             f"{name} of $({name}) is not set: export it before running this "
