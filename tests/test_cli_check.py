@@ -371,6 +371,53 @@ def test_a_storage_that_does_not_open_fails(tmp_path):
     assert "has blob-dir" in failed_storage_check(tmp_path, section, "filestorage")
 
 
+def test_check_runs_the_validation_of_the_storage_s_start(tmp_path):
+    """metrics-file set and prometheus_client not installed: the storage
+    refuses to start, and so check fails, naming the key and the extra.
+
+    Fails before the fix: check said "would open"."""
+    hidden = tmp_path / "hidden"
+    (hidden / "prometheus_client").mkdir(parents=True)
+    (hidden / "prometheus_client" / "__init__.py").write_text(
+        "raise ImportError('not installed (hidden by the test)')\n"
+    )
+    config = clitools.write_config(
+        tmp_path,
+        existing_filestorage(tmp_path / "x.fs"),
+        extra=f"metrics-file {tmp_path}/zodb-{{pid}}.prom",
+    )
+    path = os.pathsep.join([str(hidden), *sys.path])
+    env = dict(os.environ, PYTHONPATH=path, NO_PROXY="127.0.0.1,localhost")
+    result = subprocess.run(
+        [sys.executable, "-m", "zodb_s3blobs.cli", "check", str(config), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
+    assert storage["status"] == "failed"
+    assert (
+        "metrics-file is set, but prometheus_client is not installed: install "
+        "the metrics extra" in storage["detail"]
+    )
+    opening = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, ZODB.config; ZODB.config.storageFromFile(open(sys.argv[1]))",
+            str(config),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "prometheus_client is not installed" in opening.stderr
+
+
 def test_a_bad_key_is_a_configuration_error(tmp_path):
     config = clitools.write_config(tmp_path, existing_filestorage(tmp_path / "x.fs"))
     config.write_text(config.read_text().replace("s3-region", "s3-regoin"))
@@ -406,12 +453,26 @@ def check_timed(config) -> tuple[float, int, dict]:
 
 @pytest.mark.s3_servers("moto")
 def test_a_stalled_endpoint_fails_check_within_the_default_deadline(tmp_path):
-    """The defaults: two LIST attempts of the 10 s download read timeout."""
-    with stalled_endpoint_config(tmp_path) as (config, _server):
-        elapsed, code, report = check_timed(config)
+    """The defaults: two LIST attempts of the 10 s download read timeout.
+    Piped, stderr names what check waits for (after 5 s), and the storage
+    check fails with the bucket's.
+
+    Fails before the fix: nothing was printed for 20 s when piped, and the
+    storage check said "ok"."""
+    with stalled_endpoint_config(tmp_path) as (config, server):
+        started = time.monotonic()
+        result = run("check", config, "--json")
+        elapsed = time.monotonic() - started
     assert elapsed < 45
-    assert code == 1
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
     assert statuses(report)["bucket"] == "failed"
+    assert statuses(report)["storage"] == "failed"
+    [storage] = [c for c in report["checks"] if c["name"] == "storage"]
+    assert "the bucket check failed" in storage["detail"]
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"zodb-s3blobs: waiting for {server.endpoint_url}: LIST")
+    assert first.endswith("(up to 26 s) ...")
 
 
 @pytest.mark.s3_servers("moto")

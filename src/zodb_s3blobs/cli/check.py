@@ -32,15 +32,26 @@ Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
 credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
 cache directory is writable and private (with cache-group: it and its blob
-directories readable by that group only, tmp/ and locks/ private), and the
+directories readable by that group only, tmp/ and locks/ private), the
+bucket's lifecycle rules, and the
 storage would open: its base storage opens read-only (a missing Data.fs is
 reported, never created), is one S3BlobStorage can serve, and the bucket
 answers the startup probe.
 Nothing is created: not cache-dir, not the base. Every request is bounded by
 the download timeouts (s3-download-connect-timeout and
 s3-download-read-timeout, two attempts), so an endpoint that never answers
-fails the check within seconds; on a terminal, a request slower than a second
-is named on stderr. Every check runs; exits 1 if any failed. The probe key is
+fails the check within (3 + 10) x 2 = 26 s with the defaults; a request
+slower than a second on a terminal, or five seconds when stderr is piped, is
+named on stderr, and the storage check then fails with the bucket's. The
+storage check also runs what opening the storage checks beyond the base
+(metrics-file: prometheus_client installed, its directory writable; the
+fallback); a Data.fs that does not exist yet is a warning (the first start
+creates it). cache-dir itself may have any mode but a writable one: the
+storage sets it (0700, or 0750 of cache-group) when it opens. The lifecycle
+check warns about missing rules zodb-s3blobs init adds, and fails on a
+rule that would expire blobs; it is skipped when the credentials may not
+read the lifecycle. Every check runs; exits 1 if any failed (a warning does
+not). The probe key is
 [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc leave
 alone should its deletion fail.
 """
