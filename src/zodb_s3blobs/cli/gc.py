@@ -22,8 +22,9 @@ Delete the S3 objects that no blob revision of the base storage in CONFIG
 needs (what pack does after packing the base, without packing), or with
 --dry-run only list them (--list lists those deleted). The rules are
 pack's: an object is kept while the base can load its revision; objects
-of transactions newer than the base's last commit (still being committed) and keys that are not of the
-[prefix/]blobs/OID/TID.blob layout are left alone; deleted objects' cached
+of transactions newer than the base's last commit (still being committed)
+and keys that are not of the [prefix/]blobs/OID/TID.blob layout are left
+alone; deleted objects' cached
 copies are removed from cache-dir if it exists and belongs to the user
 running gc (it is never created, and only the files of deleted orphans are
 removed; another user's cache is left to its own eviction). The base storage is opened
