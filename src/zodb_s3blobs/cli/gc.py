@@ -170,7 +170,6 @@ def _lines(
     else:
         lines += [
             "",
-            "The keys deleted: run with --list, or see orphans in the --json "
-            "document.",
+            "The keys deleted: run with --list, or see orphans in the --json document.",
         ]
     return lines
