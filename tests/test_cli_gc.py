@@ -74,6 +74,27 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     assert again["orphans"] == []
 
 
+def test_gc_says_where_the_list_is_and_lists_with_list(bucket):
+    """Without --list the summary says where the deleted keys are; with
+    --list it lists them.
+
+    Fails before the fix: only a dry run listed keys, and the summary did
+    not say where to find those deleted."""
+    config, keys = bucket
+    result = run("gc", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "The keys deleted: run with --list, or see orphans in the --json document."
+    )
+    orphan = clitools.layout(config).key(p64(0x997), p64(1))
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"1")
+    result = run("gc", config, "--list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[lines.index("Deleted:") + 1 :] == [f"  {orphan}"]
+    assert orphan not in clitools.s3_objects(config)
+
+
 def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
     """gc run as root must not create a missing cache-dir (owned by root,
     Zope could not start); without one there are no cached copies to drop.

@@ -93,6 +93,27 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
     assert b"B/s]" in shown
 
 
+def test_progress_lines_when_not_on_a_terminal(tmp_path):
+    """Piped (cron, CI), a long run prints a progress line every
+    --progress-interval seconds (default 60), so a log shows it is alive; 0
+    prints one per batch, which lets a short test see them. With the
+    default, a run shorter than a minute prints none.
+
+    Fails before the fix: nothing was printed until the end."""
+    _revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
+    config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))
+    result = clitools.run(
+        "migrate", config, "--from-blob-dir", blob_dir, "--progress-interval", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("zodb-s3blobs: upload: ")
+    assert "(100%) after " in line
+    result = clitools.run("migrate", config, "--from-blob-dir", blob_dir)
+    assert result.returncode == 0
+    assert result.stderr == ""
+
+
 def test_an_object_of_another_size_is_uploaded_again(tmp_path):
     revisions, data_fs, blob_dir = filestorage_with_blob_dir(tmp_path)
     config = clitools.write_config(tmp_path, clitools.filestorage(data_fs))

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "cli.md"
 COMMANDS = [
     ["demo"],
+    ["init"],
     ["check"],
     ["migrate"],
     ["verify"],

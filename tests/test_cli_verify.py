@@ -206,6 +206,21 @@ def test_verify_shows_progress_on_a_terminal(database):
     assert b"\rverify checksums: " in shown
 
 
+def test_verify_prints_progress_lines_when_not_on_a_terminal(database):
+    """Piped, --progress-interval 0 prints a line per step (the default, 60
+    seconds, prints none in a run this short).
+
+    Fails before the fix: nothing was printed until the end."""
+    config, _revisions = database
+    result = clitools.run("verify", config, "--checksums", "--progress-interval", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("zodb-s3blobs: read base: ") for line in lines)
+    assert any(line.startswith("zodb-s3blobs: verify checksums: ") for line in lines)
+    result = clitools.run("verify", config, "--checksums")
+    assert result.stderr == ""
+
+
 def other_bytes(data: bytes) -> bytes:
     """*data* with its first byte changed: the same size, another CRC32."""
     return bytes([data[0] ^ 0xFF]) + data[1:]

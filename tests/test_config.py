@@ -138,6 +138,10 @@ def test_unusable_cache_dir_fails_naming_the_key(tmp_path):
 
 
 def test_filestorage_with_its_own_blob_dir_is_refused_at_open(tmp_path):
+    """The refusal says to make the directory fallback-blob-dir (switch
+    first, migrate later, as docs/migration.md recommends).
+
+    Fails before the fix: it said to upload the files before switching."""
     base = (
         f"<filestorage>\npath {tmp_path}/Data.fs\n"
         f"blob-dir {tmp_path}/blobs\n</filestorage>"
@@ -145,7 +149,10 @@ def test_filestorage_with_its_own_blob_dir_is_refused_at_open(tmp_path):
     text = section(f"bucket-name b-1\ncache-dir {tmp_path}/cache", base=base)
     with pytest.raises(S3BlobStorageError) as info:
         ZODB.config.storageFromString(text)
-    assert "blob-dir" in str(info.value)
+    assert f"as fallback-blob-dir {tmp_path}/blobs: its blobs are read" in str(
+        info.value
+    )
+    assert "before switching" not in str(info.value)
     assert not os.path.exists(tmp_path / "cache"), "refused before the cache"
 
 

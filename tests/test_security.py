@@ -135,6 +135,46 @@ def test_non_canonical_sse_c_key_never_reaches_botocore_debug_logs(tmp_path, cap
         assert secret not in repr(settings)
 
 
+@pytest.mark.parametrize("where", ["environment", "s3-access-key"])
+def test_access_keys_are_masked_in_botocore_debug_logs(
+    tmp_path, caplog, monkeypatch, where
+):
+    """The access key id (in every Authorization header botocore logs at
+    DEBUG), the secret and the session token never reach a log record, be
+    they found by botocore in AWS_ACCESS_KEY_ID and friends (as the docs
+    recommend) or given as s3-access-key and s3-secret-key.
+
+    Fails before the fix: with credentials from the environment, botocore's
+    DEBUG records showed ``Credential=AKIA...``."""
+    caplog.set_level(logging.DEBUG)
+    # Credentials of this test alone: masking is process-wide, and another
+    # test registering them would hide a leak here.
+    key_id = "AKIA" + os.urandom(8).hex().upper()
+    secret = base64.b64encode(os.urandom(30)).decode()
+    token = base64.b64encode(os.urandom(60)).decode()
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    if where == "environment":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+        settings = s3env.settings(access_key=None, secret_key=None)
+    else:
+        settings = s3env.settings(access_key=key_id, secret_key=secret)
+    storage = S3BlobStorage(MappingStorage(), settings, str(tmp_path / "c"))
+    db = ZODB.DB(storage)
+    oid, tid = commit_blobs(db, {"b": b"logged"})["b"]
+    storage._cache.discard(oid, tid)
+    with open(storage.loadBlob(oid, tid), "rb") as f:
+        assert f.read() == b"logged"
+    db.close()
+    assert "Credential=***/" in caplog.text
+    if where == "environment":
+        assert "x-amz-security-token" in caplog.text.lower()
+    for value in (key_id, secret, token):
+        assert value not in caplog.text
+
+
 # -- 6. credentials in the endpoint; secrets and '$'; tracebacks -------------
 
 

@@ -356,7 +356,12 @@ class BlobCache:
         # Once at open: the hot path then trusts these three.
         for directory in (self.directory, self.temp_dir, self._locks_dir):
             check_trusted_directory(directory)
-        self._share(self.directory)  # once trusted: never hides a wrong mode
+        # Once trusted (never hiding a wrong owner or a writable mode): the
+        # storage's own mode, whoever made the directory (a deployment tool's
+        # mkdir under umask 022 makes it 0755), as zodb-s3blobs check expects.
+        if self.group is None:
+            os.chmod(self.directory, DIR_MODE)
+        self._share(self.directory)
         self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
         self._state_lock = threading.Lock()
         # Built by the check started at open (in the daemon thread, so opening

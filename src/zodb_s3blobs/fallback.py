@@ -50,6 +50,19 @@ class FallbackReadError(S3BlobStorageError):
     """The fallback holds the revision but it could not be read whole."""
 
 
+def own_blob_dir_error(name: str, blob_dir: str) -> S3BlobStorageError:
+    """The refusal of a ``<filestorage>`` named *name* that keeps a blob-dir of
+    its own, saying how to switch: that directory becomes the fallback, read
+    until ``zodb-s3blobs migrate`` has uploaded its files."""
+    return S3BlobStorageError(
+        f"The wrapped filestorage {name!r} has blob-dir {blob_dir!r}: remove "
+        "blob-dir from its section and name the directory in <s3blobstorage> "
+        f"instead, as fallback-blob-dir {blob_dir}: its blobs are read from "
+        "there until `zodb-s3blobs migrate` has uploaded them (switch first, "
+        "migrate later: see docs/migration.md)"
+    )
+
+
 class BlobDirFallback:
     """The blob files of a ZODB blob directory, read-only.
 

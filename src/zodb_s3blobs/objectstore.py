@@ -209,6 +209,17 @@ def _renders_as_page(content_type: str | None) -> bool:
     return any(word in media for word in ("html", "xml", "script"))
 
 
+def _protect_found_credentials(core: botocore.session.Session) -> None:
+    """Mask in every log record the credentials botocore finds itself (the
+    environment, ~/.aws, a role), as those of ``s3-access-key`` are: botocore
+    logs the session token among the headers at DEBUG. The session keeps
+    what it found, so the client made from it resolves nothing again."""
+    credentials = core.get_credentials()
+    if credentials is not None:
+        found = credentials.get_frozen_credentials()
+        protect(found.access_key, found.secret_key, found.token)
+
+
 class ListedObject(NamedTuple):
     """One object of a listing: its key, size and LastModified (seconds since
     the epoch, by the S3 server's clock)."""
@@ -421,6 +432,8 @@ class ObjectStore:
         )
         core = botocore.session.get_session()
         verify = settings.ca_bundle or core.get_config_variable("ca_bundle") or True
+        if not settings.access_key:
+            _protect_found_credentials(core)
         client = boto3.session.Session(botocore_session=core).client(
             "s3",
             endpoint_url=settings.endpoint_url,
@@ -1022,6 +1035,67 @@ class ObjectStore:
             "get_object", Params=params, ExpiresIn=expires
         )
         return PresignedURL(url)
+
+    # -- the bucket's set-up (zodb-s3blobs init and check) ------------------
+
+    def _bucket_call(self, operation: str, call: Callable[..., T], **args) -> T:
+        """One request about the bucket itself, its failure an ObjectStoreError
+        whose cause starts with S3's error code (``AccessDenied ...``)."""
+        try:
+            return call(Bucket=self.bucket, **args)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(operation, "", exc) from exc
+
+    def bucket_exists(self) -> bool:
+        """Does the bucket exist (HeadBucket: 404 is no, any other failure
+        raises)?"""
+        try:
+            self._bucket_call("HEAD bucket", self._client.head_bucket)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def create_bucket(self) -> None:
+        """Create the bucket in the client's region (AWS's us-east-1 is the
+        one that takes no location constraint)."""
+        region = self._client.meta.region_name
+        args = {}
+        if region and region != "us-east-1":
+            args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        self._bucket_call("CREATE bucket", self._client.create_bucket, **args)
+
+    def versioning(self) -> str | None:
+        """The bucket's versioning status: ``Enabled``, ``Suspended`` or None
+        (never enabled)."""
+        answer = self._bucket_call("GET versioning", self._client.get_bucket_versioning)
+        return answer.get("Status")
+
+    def enable_versioning(self) -> None:
+        self._bucket_call(
+            "PUT versioning",
+            self._client.put_bucket_versioning,
+            VersioningConfiguration={"Status": "Enabled"},
+        )
+
+    def lifecycle_rules(self) -> list[dict]:
+        """The bucket's lifecycle rules, in S3's format ([] when it has none)."""
+        try:
+            answer = self._bucket_call(
+                "GET lifecycle", self._client.get_bucket_lifecycle_configuration
+            )
+        except ObjectStoreError as exc:
+            if exc.cause.startswith("NoSuchLifecycleConfiguration"):
+                return []
+            raise
+        return answer.get("Rules", [])
+
+    def put_lifecycle_rules(self, rules: list[dict]) -> None:
+        """Replace the bucket's lifecycle configuration with *rules*."""
+        self._bucket_call(
+            "PUT lifecycle",
+            self._client.put_bucket_lifecycle_configuration,
+            LifecycleConfiguration={"Rules": rules},
+        )
 
     def close(self) -> None:
         # Uploads nobody waits for: the queued ones are dropped, the running

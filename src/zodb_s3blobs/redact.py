@@ -4,7 +4,8 @@ botocore logs request parameters and headers at DEBUG (the SSE-C key among
 them), and any library may put a URL into an exception that ends up logged.
 :func:`protect` registers secret values; from then on a log record factory
 rewrites every record created in this process (only those a logger emits) so
-that registered values and signatures read ``***``. :class:`PresignedURL` is a
+that registered values, access key ids after ``Credential=`` and signatures
+read ``***``. :class:`PresignedURL` is a
 ``str`` usable as the URL whose repr hides the signature.
 """
 
@@ -20,6 +21,10 @@ MASK = "***"
 #: tracebacks unreadable.
 MIN_SECRET_LENGTH = 8
 _SIGNATURE = re.compile(r"((?:X-Amz-)?Signature=)[0-9A-Za-z%/+]+", re.IGNORECASE)
+#: The access key id in a SigV4 Authorization header or presigned URL
+#: (``Credential=AKIA.../20260101/region/s3/aws4_request``), whatever found
+#: it: ``s3-access-key``, the environment, ~/.aws or a role.
+_CREDENTIAL = re.compile(r"((?:X-Amz-)?Credential=)[^/%\s,&]+", re.IGNORECASE)
 _secrets: tuple[str, ...] = ()  # replaced, never mutated: readers need no lock
 _lock = threading.Lock()
 _installed = False
@@ -30,6 +35,7 @@ def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
+    text = _CREDENTIAL.sub(lambda m: m.group(1) + MASK, text)
     return _SIGNATURE.sub(lambda m: m.group(1) + MASK, text)
 
 

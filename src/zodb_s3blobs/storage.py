@@ -141,13 +141,11 @@ class _FilesystemView:
 
 def check_base(base) -> None:
     """Refuse, when opening, a base whose blobs would silently go elsewhere."""
+    from .fallback import own_blob_dir_error
+
     check_supported(base)
     if isinstance(base, FileStorage) and base.blob_dir:
-        raise S3BlobStorageError(
-            f"The wrapped filestorage {base.getName()!r} has blob-dir "
-            f"{base.blob_dir!r}: remove blob-dir from its section; its blobs are "
-            "stored in S3 (upload existing blob files there before switching)"
-        )
+        raise own_blob_dir_error(base.getName(), base.blob_dir)
 
 
 def _reach_bucket(store: ObjectStore, settings: S3Settings) -> None:

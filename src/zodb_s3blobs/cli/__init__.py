@@ -39,6 +39,7 @@ PACKAGE_LOGGER = __name__.rpartition(".")[0]
 #: Modules of this subpackage that each define ``register(subparsers)``.
 COMMAND_MODULES = (
     "demo",
+    "init",
     "check",
     "migrate",
     "verify",

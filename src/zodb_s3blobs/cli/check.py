@@ -32,15 +32,26 @@ Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
 credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
 cache directory is writable and private (with cache-group: it and its blob
-directories readable by that group only, tmp/ and locks/ private), and the
+directories readable by that group only, tmp/ and locks/ private), the
+bucket's lifecycle rules, and the
 storage would open: its base storage opens read-only (a missing Data.fs is
 reported, never created), is one S3BlobStorage can serve, and the bucket
 answers the startup probe.
 Nothing is created: not cache-dir, not the base. Every request is bounded by
 the download timeouts (s3-download-connect-timeout and
 s3-download-read-timeout, two attempts), so an endpoint that never answers
-fails the check within seconds; on a terminal, a request slower than a second
-is named on stderr. Every check runs; exits 1 if any failed. The probe key is
+fails the check within (3 + 10) x 2 = 26 s with the defaults; a request
+slower than a second on a terminal, or five seconds when stderr is piped, is
+named on stderr, and the storage check then fails with the bucket's. The
+storage check also runs what opening the storage checks beyond the base
+(metrics-file: prometheus_client installed, its directory writable; the
+fallback); a Data.fs that does not exist yet is a warning (the first start
+creates it). cache-dir itself may have any mode but a writable one: the
+storage sets it (0700, or 0750 of cache-group) when it opens. The lifecycle
+check warns about missing rules zodb-s3blobs init adds, and fails on a
+rule that would expire blobs; it is skipped when the credentials may not
+read the lifecycle. Every check runs; exits 1 if any failed (a warning does
+not). The probe key is
 [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc leave
 alone should its deletion fail.
 """
@@ -70,7 +81,8 @@ def register(
 
 @dataclass
 class Check:
-    """One check's outcome: ``ok``, ``failed`` or ``skipped``, and why."""
+    """One check's outcome: ``ok``, ``failed``, ``warning`` (worth fixing,
+    not in the way of a start) or ``skipped``, and why."""
 
     name: str
     status: str
@@ -169,6 +181,43 @@ def check_round_trip(target: Target, store: ObjectStore) -> Check:
     )
 
 
+def check_lifecycle(target: Target, store: ObjectStore) -> Check:
+    """The lifecycle rules ``zodb-s3blobs init`` adds: missing ones are a
+    warning (the collector does their work too), a rule that would expire
+    blobs a failure; credentials that may not read the configuration
+    (the least-privilege policy) leave it unchecked."""
+    from ..lifecycle import plan, recommended
+
+    bucket = target.settings.bucket
+    try:
+        rules = store.lifecycle_rules()
+        versioning = store.versioning()
+    except ObjectStoreError as exc:
+        if _code(exc) in ("AccessDenied", "403"):
+            return Check(
+                "lifecycle",
+                "skipped",
+                f"these credentials may not read bucket {bucket!r}'s lifecycle "
+                f"or versioning ({exc.cause}): whoever may, can run "
+                f"zodb-s3blobs init {target.path}",
+            )
+        return Check("lifecycle", "warning", f"cannot read it: {exc}")
+    wanted = recommended(target.layout, versioning is not None)
+    found = plan(rules, wanted, target.layout)
+    if found.problems:
+        return Check("lifecycle", "failed", "; ".join(found.problems))
+    if found.missing:
+        return Check(
+            "lifecycle",
+            "warning",
+            f"bucket {bucket!r} lacks the recommended rules "
+            f"{', '.join(map(repr, found.missing))}: zodb-s3blobs init "
+            f"{target.path} adds them (pack and gc collect what they would)",
+        )
+    names = ", ".join(repr(rule["ID"]) for rule in found.present)
+    return Check("lifecycle", "ok", f"the recommended rules are set: {names}")
+
+
 def _existing_ancestor(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -208,7 +257,9 @@ def _group_name(gid: int) -> str:
 def check_cache_dir(path: str, group: int | None = None) -> Check:
     """cache-dir (and its tmp/ and locks/) is private and writable, or can be
     created; with cache-group (*group*, a gid), cache-dir and the blob
-    directories may be readable by that group."""
+    directories may be readable by that group. Only a writable mode of
+    cache-dir itself fails: the storage sets its mode (and group) at every
+    open, so a 0755 of a deployment tool's mkdir is fine."""
     if not os.path.exists(path):
         parent = _existing_ancestor(path)
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -227,8 +278,11 @@ def check_cache_dir(path: str, group: int | None = None) -> Check:
         return Check("cache-dir", "failed", f"{path} is not a directory")
     with os.scandir(path) as entries:
         blob_dirs = [e.path for e in entries if e.is_dir() and e.name not in RESERVED]
-    directories = [(path, True)]
-    directories += [(os.path.join(path, name), False) for name in RESERVED]
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        wrong = _mode_problem(path, True, group)
+        return Check("cache-dir", "failed", f"{path} {wrong}")
+    directories = [(os.path.join(path, name), False) for name in RESERVED]
     directories += [(directory, True) for directory in blob_dirs]
     for directory, shared in directories:
         if not os.path.isdir(directory):
@@ -244,26 +298,78 @@ def check_cache_dir(path: str, group: int | None = None) -> Check:
             file.flush()
     except OSError as exc:
         return Check("cache-dir", "failed", f"{probe_dir} is not writable: {exc}")
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    shared = mode & 0o070 and group is not None
-    who = f"readable by group {_group_name(group)}" if shared else "private"
+    who = "private" if group is None else f"readable by group {_group_name(group)}"
+    st = os.stat(path)
+    wanted = DIR_MODE if group is None else GROUP_DIR_MODE
+    if mode != wanted or (group is not None and st.st_gid != group):
+        # What BlobCache does at every open: cache-dir is the storage's own.
+        of = "" if group is None else f" of group {_group_name(group)}"
+        return Check(
+            "cache-dir",
+            "ok",
+            f"{path} is writable; it has mode {mode:#o} of group "
+            f"{_group_name(st.st_gid)} now, and the storage sets {wanted:o}{of} "
+            f"when it opens ({who})",
+        )
     return Check("cache-dir", "ok", f"{path} is {who} (mode {mode:#o}) and writable")
+
+
+def _startup_checks(target: Target, base: object | None) -> None:
+    """Raise what opening S3BlobStorage would raise beyond its base and its
+    bucket: the metrics file (prometheus_client installed, the directory
+    writable) and the fallback. Nothing is written or kept open."""
+    from ..exposition import MetricsFile
+    from ..fallback import open_fallback
+
+    config = target.section.config
+    if config.metrics_file:
+        MetricsFile(
+            config.metrics_file,
+            config.metrics_interval,
+            dict,
+            target.url(),
+            target.cache_dir,
+        ).close()  # never started: it claimed and wrote nothing
+    open_fallback(
+        config.fallback_blob_dir,
+        config.fallback_blob_chunk,
+        base,
+        tempfile.gettempdir(),
+    )
+
+
+def _data_fs_to_create(target: Target) -> str | None:
+    """The path of a FileStorage's Data.fs that does not exist yet in an
+    existing directory (FileStorage creates it at the first start), or None."""
+    if target.base_type != "filestorage":
+        return None
+    path = os.path.abspath(target.section.config.base.config.path)
+    if os.path.exists(path) or not os.path.isdir(os.path.dirname(path)):
+        return None
+    return path
 
 
 def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
     """What opening the storage checks, without opening it as Zope would:
     the base storage opens (read-only: a mistyped path is reported, not
-    created as an empty database) and is a base S3BlobStorage can serve, and
-    the bucket answers the startup probe (HeadBucket, bounded as the storage
-    bounds it). The cache is not opened, so cache-dir is never created here."""
+    created as an empty database) and is a base S3BlobStorage can serve, the
+    metrics file and the fallback are usable, and the bucket answers the
+    startup probe (HeadBucket, bounded as the storage bounds it). The cache
+    is not opened, so cache-dir is never created here. A Data.fs missing in
+    an existing directory is a warning: the first start creates it."""
     from ..storage import check_base  # what S3BlobStorage refuses at open
 
     around = f"<s3blobstorage> around <{target.base_type}> in {target.path}"
+    to_create = _data_fs_to_create(target)
     try:
         target.check_base_section()  # before opening creates its blob-dir
-        with target.base() as base:
-            check_base(base)
-            last = base.lastTransaction()
+        if to_create:
+            _startup_checks(target, None)
+        else:
+            with target.base() as base:
+                check_base(base)
+                _startup_checks(target, base)
+                last = base.lastTransaction()
     except UsageError as exc:  # a missing file, named by Target.base
         return Check("storage", "failed", str(exc))
     except Exception as exc:  # a preflight reports every failure, then goes on
@@ -272,14 +378,28 @@ def check_storage(target: Target, store: ObjectStore, bucket_ok: bool) -> Check:
             "failed",
             f"{around} does not open: {type(exc).__name__}: {exc}",
         )
-    if bucket_ok:
-        where = target.settings.endpoint_url or "AWS S3"
-        limit = target.settings.download_deadline
-        try:
-            with waiting(f"{where}: HEAD s3://{target.settings.bucket}", limit):
-                store.check_bucket()
-        except ObjectStoreError as exc:
-            return Check("storage", "failed", f"{around}: {exc}")
+    if not bucket_ok:
+        return Check(
+            "storage",
+            "failed",
+            f"{around}: its base opens, but the bucket check failed: the "
+            "storage would not start, or would serve only cached blobs",
+        )
+    where = target.settings.endpoint_url or "AWS S3"
+    limit = target.settings.download_deadline
+    try:
+        with waiting(f"{where}: HEAD s3://{target.settings.bucket}", limit):
+            store.check_bucket()
+    except ObjectStoreError as exc:
+        return Check("storage", "failed", f"{around}: {exc}")
+    if to_create:
+        return Check(
+            "storage",
+            "warning",
+            f"{to_create} does not exist yet: FileStorage creates it when the "
+            "storage first opens (if the database exists, check the path); "
+            f"<s3blobstorage> around <{target.base_type}> would open",
+        )
     when = "no transaction yet" if last == z64 else f"last commit {TimeStamp(last)}"
     return Check(
         "storage",
@@ -297,20 +417,30 @@ def run(args: argparse.Namespace) -> int:
         bucket_ok = all(check.status == "ok" for check in checks)
         if bucket_ok:
             checks.append(check_round_trip(target, store))
+            checks.append(check_lifecycle(target, store))
         else:
-            checks.append(Check("round trip", "skipped", "the bucket is not usable"))
+            unusable = "the bucket is not usable"
+            checks.append(Check("round trip", "skipped", unusable))
+            checks.append(Check("lifecycle", "skipped", unusable))
         checks.append(
             check_cache_dir(target.cache_dir, target.section.config.cache_group)
         )
         checks.append(check_storage(target, store, bucket_ok))
     failed = [check for check in checks if check.status == "failed"]
+    warned = [check for check in checks if check.status == "warning"]
     for check in failed:
         problem(f"check failed: {check.name}: {check.detail}")
+    for check in warned:
+        problem(f"check warning: {check.name}: {check.detail}")
     document = {"ok": not failed, "checks": [asdict(check) for check in checks]}
     lines = table(
         ["check", "result", "detail"],
         [[check.name, check.status, check.detail] for check in checks],
     )
-    lines += ["", f"{len(failed)} of {len(checks)} checks failed" if failed else "OK"]
+    if failed:
+        summary = f"{len(failed)} of {len(checks)} checks failed"
+    else:
+        summary = f"OK ({len(warned)} warning(s))" if warned else "OK"
+    lines += ["", summary]
     emit(args, document, lines)
     return EXIT_FAILED if failed else EXIT_OK

@@ -20,10 +20,11 @@ from .target import Target, load_target
 DESCRIPTION = """\
 Delete the S3 objects that no blob revision of the base storage in CONFIG
 needs (what pack does after packing the base, without packing), or with
---dry-run only list them. The rules are pack's: an object is kept while the
-base can load its revision; objects of transactions newer than the base's
-last commit (still being committed) and keys that are not of the
-[prefix/]blobs/OID/TID.blob layout are left alone; deleted objects' cached
+--dry-run only list them (--list lists those deleted). The rules are
+pack's: an object is kept while the base can load its revision; objects
+of transactions newer than the base's last commit (still being committed)
+and keys that are not of the [prefix/]blobs/OID/TID.blob layout are left
+alone; deleted objects' cached
 copies are removed from cache-dir if it exists and belongs to the user
 running gc (it is never created, and only the files of deleted orphans are
 removed; another user's cache is left to its own eviction). The base storage is opened
@@ -54,6 +55,12 @@ def register(
         "are more than a day old (left by a writer that never finished, or a "
         "far-future tid). Only from the live database: run from an older copy "
         "(a restored backup), this deletes the blobs committed since",
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the keys of the orphans deleted (a dry run always lists "
+        "those it would delete)",
     )
     parser.set_defaults(run=run)
     return parser
@@ -132,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
 def _lines(
     args: argparse.Namespace, report: CollectionReport, target: Target
 ) -> list[str]:
-    """The human report: the collector's counts, and with --dry-run the keys."""
+    """The human report: the collector's counts, and with --dry-run or
+    --list the keys (else where to find them)."""
     title = "Orphans in" if args.dry_run else "Orphan collection in"
     note = " (dry run: nothing deleted)" if args.dry_run else ""
     lines = [f"{title} {target.url()}{note}", ""]
@@ -154,6 +162,14 @@ def _lines(
             ["deleted", report.deleted],
         ],
     )
-    if args.dry_run and report.orphans:
-        lines += ["", "Would delete:", *(f"  {key}" for key in report.orphans)]
+    if not report.orphans:
+        return lines
+    if args.dry_run or args.list:
+        heading = "Would delete:" if args.dry_run else "Deleted:"
+        lines += ["", heading, *(f"  {key}" for key in report.orphans)]
+    else:
+        lines += [
+            "",
+            "The keys deleted: run with --list, or see orphans in the --json document.",
+        ]
     return lines

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ObjectStoreError
 from . import EXIT_FAILED, EXIT_OK, CommandError, add_operator_options
-from .output import emit, human_size, problem, progress, table
+from .output import (
+    add_progress_option,
+    emit,
+    human_size,
+    problem,
+    progress,
+    table,
+    use_progress_interval,
+)
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
 from .target import Target, load_target
 
@@ -56,6 +64,7 @@ def register(
         action="store_true",
         help="list what would be uploaded, upload nothing",
     )
+    add_progress_option(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -180,6 +189,7 @@ def upload(
 
 def run(args: argparse.Namespace) -> int:
     """Plan from one listing of S3, then upload (or with --dry-run list)."""
+    use_progress_interval(args)
     target = load_target(args.config, args.db)
     with open_source(args, target) as source, target.store() as store:
         existing = dict(store.list(target.layout.root))

@@ -1,6 +1,7 @@
 """How the operator commands speak: one JSON document with ``--json``, else a
 short table; problems as one line each on stderr; a progress bar on stderr
-only when it is a terminal, so piped and scripted runs stay clean."""
+when it is a terminal, and when it is not (a log), a progress line now and
+then, so a long run shows it is alive."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 
@@ -69,8 +71,74 @@ def timestamp(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
-def progress(total: int, description: str) -> tqdm:
-    """A byte progress bar on stderr, shown only when stderr is a terminal."""
+#: Seconds between two progress lines when stderr is not a terminal, by
+#: default; ``--progress-interval`` sets it for one run.
+PROGRESS_INTERVAL = 60.0
+_progress_interval = PROGRESS_INTERVAL
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--progress-interval`` to a command doing long work."""
+    parser.add_argument(
+        "--progress-interval",
+        metavar="SECONDS",
+        type=float,
+        default=PROGRESS_INTERVAL,
+        help="when stderr is not a terminal (cron, CI), print a progress line "
+        f"every SECONDS (default {PROGRESS_INTERVAL:g}; 0: after each step)",
+    )
+
+
+def use_progress_interval(args: argparse.Namespace) -> None:
+    """Make this run's progress lines follow ``--progress-interval``."""
+    global _progress_interval
+    _progress_interval = args.progress_interval
+
+
+class ProgressLines:
+    """Progress for a log (stderr not a terminal: cron, CI): one line every
+    *interval* seconds while the work goes on, counting what was done, so a
+    log shows that a run of hours is alive. Used like a tqdm bar."""
+
+    def __init__(
+        self, description: str, unit: str, total: int | None, interval: float
+    ) -> None:
+        self._description = description
+        self._unit = unit
+        self._total = total
+        self._interval = interval
+        self._done = 0
+        self._started = self._said = time.monotonic()
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def update(self, count: int = 1) -> None:
+        self._done += count
+        now = time.monotonic()
+        if now - self._said >= self._interval:
+            self._said = now
+            print(f"{PROG}: {self._description}: {self._line(now)}", file=sys.stderr)
+
+    def _line(self, now: float) -> str:
+        def amount(count: int) -> str:
+            return human_size(count) if self._unit == "B" else f"{count} {self._unit}"
+
+        done = amount(self._done)
+        if self._total:
+            share = 100 * self._done / self._total
+            done = f"{done} of {amount(self._total)} ({share:.0f}%)"
+        return f"{done} after {now - self._started:.0f} s"
+
+
+def progress(total: int, description: str) -> tqdm | ProgressLines:
+    """A byte progress bar on stderr when it is a terminal, else a line
+    every ``--progress-interval`` seconds."""
+    if not sys.stderr.isatty():
+        return ProgressLines(description, "B", total, _progress_interval)
     return tqdm(
         total=total,
         desc=description,
@@ -78,46 +146,50 @@ def progress(total: int, description: str) -> tqdm:
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
         leave=False,
     )
 
 
-def counter(description: str, unit: str, total: int | None = None) -> tqdm:
-    """A progress bar counting *unit* (keys, transactions) on stderr, shown
-    only when stderr is a terminal: for work whose length is known only at
-    its end, it shows the count and the rate."""
+def counter(
+    description: str, unit: str, total: int | None = None
+) -> tqdm | ProgressLines:
+    """A progress bar counting *unit* (keys, transactions) on stderr when it
+    is a terminal (for work whose length is known only at its end, it shows
+    the count and the rate), else a line every ``--progress-interval``
+    seconds."""
+    if not sys.stderr.isatty():
+        return ProgressLines(description, unit, total, _progress_interval)
     return tqdm(
         total=total,
         desc=description,
         unit=unit,
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
         leave=False,
     )
 
 
 #: A request that has not answered after this many seconds is named on a
-#: terminal, so that an operator sees what a silent command waits for.
+#: terminal, so that an operator sees what a silent command waits for; when
+#: stderr is piped (a log, CI), after :data:`WAITING_PIPED` seconds.
 WAITING_AFTER = 1.0
+WAITING_PIPED = 5.0
 
 
 @contextlib.contextmanager
 def waiting(what: str, limit: float) -> Iterator[None]:
     """Name *what* the command waits for, and for how long at most (*limit*
-    seconds), on stderr if it takes longer than :data:`WAITING_AFTER` and
-    stderr is a terminal; nothing is printed otherwise."""
-    if not sys.stderr.isatty():
-        yield
-        return
+    seconds), on stderr once it takes longer than :data:`WAITING_AFTER` (on a
+    terminal) or :data:`WAITING_PIPED` seconds (piped); nothing otherwise."""
+    delay = WAITING_AFTER if sys.stderr.isatty() else WAITING_PIPED
 
     def say() -> None:
         print(f"{PROG}: waiting for {what} (up to {limit:g} s) ...", file=sys.stderr)
 
-    timer = threading.Timer(WAITING_AFTER, say)
+    timer = threading.Timer(delay, say)
     timer.daemon = True
     timer.start()
     try:
         yield
     finally:
         timer.cancel()
+        timer.join()  # a line being printed ends before the command goes on

@@ -34,8 +34,9 @@ Every command:
   (on an error too: `{{"ok": false, "error": ...}}`);
 - reports each problem as one line on stderr, naming the bucket, key or path
   and the cause;
-- shows a progress bar on stderr for long work when stderr is a terminal,
-  and none when it is piped.
+- shows a progress bar on stderr for long work when stderr is a terminal;
+  when it is piped, `migrate` and `verify` print a progress line every
+  `--progress-interval` seconds (60 by default) instead.
 
 `-v`/`--debug`, before or after the command name, logs debug messages and
 shows the traceback of an error.

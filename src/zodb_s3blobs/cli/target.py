@@ -124,7 +124,7 @@ class Target:
         for a base with a blob directory of its own, from its section alone:
         opening that base would create the directory (owned by root, when
         run as root) before the check could refuse it."""
-        from ..errors import S3BlobStorageError
+        from ..fallback import own_blob_dir_error
         from ..tids import UnsupportedBaseStorage
 
         config = self.section.config.base.config
@@ -132,11 +132,7 @@ class Target:
         if not blob_dir:
             return
         if self.base_type == "filestorage":
-            raise S3BlobStorageError(
-                f"The wrapped filestorage {config.path!r} has blob-dir "
-                f"{blob_dir!r}: remove blob-dir from its section; its blobs are "
-                "stored in S3 (upload existing blob files there before switching)"
-            )
+            raise own_blob_dir_error(config.path, blob_dir)
         if self.base_type == "relstorage":
             name = f" {config.name!r}" if getattr(config, "name", None) else ""
             raise UnsupportedBaseStorage(
@@ -251,7 +247,9 @@ def _substitution_error(
 ) -> str:
     """A message for a ``$`` ZConfig could not substitute, naming the file and
     the line but never the value: ZConfig's own message quotes part of it,
-    and it may be a secret (a ``$`` in a secret key is not rare)."""
+    and it may be a secret (a ``$`` in a secret key is not rare). A whole
+    ``$(NAME)`` is an environment variable that is not set: named, since the
+    name is not the secret and exporting it is the fix."""
     where, lineno = path, getattr(exc, "lineno", None)
     exc_url = getattr(exc, "url", None)
     if exc_url and exc_url != url:  # in a file CONFIG %includes
@@ -259,6 +257,16 @@ def _substitution_error(
     elif lineno is None:
         lineno = _substitution_line(text)
     at = f", line {lineno}" if lineno else ""
+    name = getattr(exc, "name", None)
+    if (
+        isinstance(exc, ZConfig.SubstitutionReplacementError)
+        and getattr(exc, "source", None) == f"$({name})"
+    ):
+        return (
+            f"{where}{at}: no replacement for {name!r}: the environment variable "
+            f"{name} of $({name}) is not set: export it before running this "
+            f"command (sudo drops the environment: sudo --preserve-env={name})"
+        )
     return (
         f"{where}{at}: a '$' in a value starts a substitution ($name or "
         "${name} of a %define): a '$' in a value must be written '$$' (the "

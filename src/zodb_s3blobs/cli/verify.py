@@ -37,7 +37,14 @@ from .checksums import (
     check_all,
 )
 from .migrate import add_source_options, open_source
-from .output import counter, emit, problem, table
+from .output import (
+    add_progress_option,
+    counter,
+    emit,
+    problem,
+    table,
+    use_progress_interval,
+)
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
 from .target import Target, load_target
 
@@ -110,6 +117,7 @@ def register(
         help="with --checksums: record each object checked in FILE, and skip "
         "those an earlier run with this FILE verified (resumes a run)",
     )
+    add_progress_option(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -435,6 +443,7 @@ def _problems(report: Report, target: Target) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Verify, print the report, and name the problems on stderr."""
+    use_progress_interval(args)
     check_options(args)
     target = load_target(args.config, args.db)
     report = verify(args, target)
