@@ -25,7 +25,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .keys import KeyLayout
 
@@ -108,15 +108,16 @@ class WriteGuard:
         )
 
     @contextlib.contextmanager
-    def replacing(self, key: str) -> Iterator[None]:
-        """Let writes to *key* replace what it holds, within the block."""
+    def replacing(self, keys: Iterable[str]) -> Iterator[None]:
+        """Let writes to *keys* replace what they hold, within the block."""
+        keys = set(keys)
         with self._lock:
-            self._replacing.add(key)
+            self._replacing |= keys
         try:
             yield
         finally:
             with self._lock:
-                self._replacing.discard(key)
+                self._replacing -= keys
 
     def _add_condition(self, params: dict, model, **_kw) -> None:
         key = params.get("Key", "")

@@ -558,16 +558,23 @@ class ObjectStore:
     # -- writing ---------------------------------------------------------
 
     def transfer(
-        self, uploads: Iterable[tuple[str, str]], copies: Iterable[Copy]
+        self,
+        uploads: Iterable[tuple[str, str]],
+        copies: Iterable[Copy],
+        replace: Iterable[str] = (),
     ) -> None:
         """Upload files ``(path, key)`` and make the server-side copies in
         parallel (at most ``max_concurrency`` requests at once), recording
-        each upload's CRC32 in its metadata.
+        each upload's CRC32 in its metadata. Only the keys in *replace* may
+        be written over (conditional writes).
 
         Waits for every transfer, then raises an ObjectStoreError naming the first
         failure and how many failed; nothing is left running on return.
         """
-        uploads = list(uploads)
+        with self.guard.replacing(replace):
+            self._transfer(list(uploads), list(copies))
+
+    def _transfer(self, uploads: list[tuple[str, str]], copies: list[Copy]) -> None:
         # Every checksum before the first upload: a file that cannot be read
         # fails the vote before anything is sent, not with uploads running.
         checksums = list(self._urgent.map(file_crc32, [path for path, _key in uploads]))
@@ -705,7 +712,7 @@ class ObjectStore:
         manager = self._transfers if urgent else self._background_transfers
         if not replace:
             return self._upload(manager, path, key)
-        with self.guard.replacing(key):
+        with self.guard.replacing([key]):
             return self._upload(manager, path, key)
 
     def _upload(

@@ -175,7 +175,12 @@ def upload(
                         for path, (revision, key) in zip(paths, batch, strict=True)
                         if path is not None
                     ]
-                    store.transfer([(path, key) for path, _r, key in sent], [])
+                    # An object of another size (a partial upload, a stale
+                    # copy) is what migrate replaces; any other key in S3
+                    # by now holds the same bytes or stays.
+                    store.transfer(
+                        [(path, key) for path, _r, key in sent], [], todo.differing
+                    )
             except ObjectStoreError as exc:
                 raise CommandError(
                     f"{exc} (before this batch, {done} of {len(todo.uploads)} "
