@@ -140,15 +140,18 @@ def test_a_good_configuration_passes(tmp_path):
     assert f"zodb-s3blobs init {config} adds them" in warning
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["check", "result", "detail"]
-    assert [line.split()[:2] for line in lines[1:7]] == [
+    assert [line.split()[:2] for line in lines[1:8]] == [
         ["bucket", "ok"],
         ["credentials", "ok"],
         ["round", "trip"],
+        ["conditional", "writes"],
         ["lifecycle", "warning"],
         ["cache-dir", "ok"],
         ["storage", "ok"],
     ]
     assert lines[3].split()[2] == "ok"
+    # moto enforces If-None-Match on PUT and multipart completion, not copies
+    assert lines[4].split()[2:6] == ["ok", "auto:", "on", "for"]
     assert lines[-1] == "OK (1 warning(s))"
     assert clitools.s3_objects(config) == {}  # the probe object was deleted
 
@@ -161,7 +164,15 @@ def test_json_is_one_document(tmp_path):
     assert report["ok"] is True
     assert statuses(report) == {
         **dict.fromkeys(
-            ["bucket", "credentials", "round trip", "cache-dir", "storage"], "ok"
+            [
+                "bucket",
+                "credentials",
+                "round trip",
+                "conditional writes",
+                "cache-dir",
+                "storage",
+            ],
+            "ok",
         ),
         "lifecycle": "warning",
     }

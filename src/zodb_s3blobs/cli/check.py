@@ -32,8 +32,9 @@ Check that CONFIG's <s3blobstorage> can work: the bucket is reachable and the
 credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
 cache directory is writable and private (with cache-group: it and its blob
-directories readable by that group only, tmp/ and locks/ private), the
-bucket's lifecycle rules, and the
+directories readable by that group only, tmp/ and locks/ private), which
+writes carry If-None-Match (s3-conditional-writes: a warning where the
+provider enforces it on none), the bucket's lifecycle rules, and the
 storage would open: its base storage opens read-only (a missing Data.fs is
 reported, never created), is one S3BlobStorage can serve, and the bucket
 answers the startup probe.
@@ -179,6 +180,16 @@ def check_round_trip(target: Target, store: ObjectStore) -> Check:
         "ok",
         f"PUT, GET and DELETE of {store.url(key)}{sse} ({PROBE_SIZE} bytes intact)",
     )
+
+
+def check_conditional_writes(store: ObjectStore) -> Check:
+    """Which writes carry ``If-None-Match: *`` (s3-conditional-writes): a
+    warning where the provider enforces it on none, since a late write could
+    then replace a committed object (docs/reliability.md)."""
+    described = store.guard.describe()
+    operations = store.guard.operations()
+    status = "ok" if operations or described.startswith("false") else "warning"
+    return Check("conditional writes", status, described)
 
 
 def check_lifecycle(target: Target, store: ObjectStore) -> Check:
@@ -417,10 +428,12 @@ def run(args: argparse.Namespace) -> int:
         bucket_ok = all(check.status == "ok" for check in checks)
         if bucket_ok:
             checks.append(check_round_trip(target, store))
+            checks.append(check_conditional_writes(store))
             checks.append(check_lifecycle(target, store))
         else:
             unusable = "the bucket is not usable"
             checks.append(Check("round trip", "skipped", unusable))
+            checks.append(Check("conditional writes", "skipped", unusable))
             checks.append(Check("lifecycle", "skipped", unusable))
         checks.append(
             check_cache_dir(target.cache_dir, target.section.config.cache_group)
