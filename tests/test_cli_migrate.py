@@ -178,7 +178,7 @@ def test_an_interrupted_migrate_resumes(tmp_path):
     assert code == 130, err
     assert err.splitlines()[-1] == "zodb-s3blobs: interrupted"
     done = len(clitools.s3_objects(config))
-    assert 16 <= done < count
+    assert 0 < done < count
 
     code, report = run_json("migrate", config, "--from-blob-dir", blob_dir)
     assert code == 0
@@ -191,7 +191,8 @@ def test_an_interrupted_migrate_resumes(tmp_path):
 
 
 def blob_puts(method: str, path: str) -> bool:
-    return method == "PUT" and path.endswith(".blob")
+    """Uploads of revisions (not the conditional-write probe's staging keys)."""
+    return method == "PUT" and "/blobs/" in path and path.endswith(".blob")
 
 
 @pytest.mark.parametrize(

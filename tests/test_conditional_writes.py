@@ -8,11 +8,14 @@ and carries it out when the test says (``Faults.late``)."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
 import s3env
 from faultserver import Faults, faulty_s3
+from s3hooks import error_response
+from zodb_s3blobs import conditional
 from zodb_s3blobs.errors import ObjectStoreError
 from zodb_s3blobs.keys import KeyLayout
 from zodb_s3blobs.objectstore import ObjectStore
@@ -149,3 +152,51 @@ def test_the_mode_in_force_is_probed_and_described(mode, caplog):
 def test_an_unknown_mode_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="s3-conditional-writes"):
         s3env.settings(conditional_writes="sometimes")
+
+
+def test_a_provider_answering_501_to_one_kind_keeps_the_others(tmp_path):
+    """A provider that answers 501 NotImplemented to If-None-Match on a
+    multipart completion: the probe decides (it is not taken for an S3 that
+    did not answer), and PUTs carry the condition. Fails before the fix
+    (every 5xx made the probe undecided: no write carried it)."""
+    store = ObjectStore(s3env.settings(endpoint_url=s3env.server().endpoint_url))
+
+    def not_implemented(request, **_kw):
+        if "uploadId=" in request.url and request.headers.get("If-None-Match"):
+            return error_response(request, "NotImplemented", 501)
+        return None
+
+    conditional._probed.clear()  # this process has probed moto already
+    store._client.meta.events.register("before-send.s3", not_implemented)
+    try:
+        assert store.guard.describe() == (
+            "auto: on for PutObject (not enforced by the provider for "
+            "CopyObject, CompleteMultipartUpload)"
+        )
+    finally:
+        store.close()
+        conditional._probed.clear()
+
+
+def test_a_botocore_that_cannot_send_it_on_copies_guards_the_rest():
+    """Older botocore releases lack IfNoneMatch on CopyObject: sending it
+    would fail every copy with a parameter error, so it is never added
+    there, even with ``s3-conditional-writes true``."""
+
+    class Shape:
+        def __init__(self, operation):
+            self.members = {} if operation == "CopyObject" else {"IfNoneMatch": 1}
+
+    class Model:
+        def operation_model(self, operation):
+            return SimpleNamespace(input_shape=Shape(operation))
+
+    client = SimpleNamespace(
+        meta=SimpleNamespace(
+            service_model=Model(),
+            events=SimpleNamespace(register=lambda *args: None),
+        )
+    )
+    guard = conditional.WriteGuard(client, "b", KeyLayout(""), "true")
+    assert guard.operations() == {"PutObject", "CompleteMultipartUpload"}
+    assert "this botocore cannot send it on CopyObject" in guard.describe()

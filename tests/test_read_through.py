@@ -7,6 +7,7 @@ only when they say), do something meanwhile, then let it run to its end."""
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 
@@ -105,3 +106,33 @@ def test_a_read_through_upload_does_not_recreate_a_packed_revision(tmp_path):
 def ref(blob: Blob) -> tuple[bytes, bytes]:
     blob._p_activate()
     return blob._p_oid, blob._p_serial
+
+
+def test_undo_uploads_a_fallback_revision_from_the_fallback(tmp_path):
+    """Undoing back to a revision still only in the fallback uploads that
+    revision first; its cached copy was damaged meanwhile (same size, other
+    bytes). Fails before the fix: undo uploaded the cached copy with a
+    CRC32 of its own, and the undo's new revision copied those bytes."""
+    revisions, config = filestorage_site(tmp_path, **{"fallback-upload": "false"})
+    tids: dict[bytes, list[bytes]] = {}
+    for oid, tid in sorted(revisions, key=lambda ref: ref[1]):
+        tids.setdefault(oid, []).append(tid)
+    oid, (first, second) = next(
+        (oid, found[:2])
+        for oid, found in tids.items()
+        if len(found) >= 2 and revisions[oid, found[0]]
+    )
+    good = revisions[oid, first]
+    storage = clitools.open_storage(config)
+    db = ZODB.DB(storage)
+    try:
+        path = storage.loadBlob(oid, first)  # cached from the fallback
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        with open(path, "r+b") as f:
+            f.write(b"Z" * len(good))
+        db.undo(base64.encodebytes(second)[:-1])
+        transaction.commit()
+        key = storage._layout.key(oid, first)
+    finally:
+        db.close()
+    assert object_bytes(key) == good

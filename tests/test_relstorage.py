@@ -290,3 +290,30 @@ def test_no_presigned_url_for_a_revision_another_process_packed(
     assert storage._layout.key(oid, first) not in bucket_keys(prefix_of(storage))
     assert storage.presigned_url(oid, first, expires=60) is None
     db.close()
+
+
+def test_presigned_urls_share_one_view_of_the_database(
+    relstorage_base, tmp_path, monkeypatch
+):
+    """Fifty presigned URLs ask the database through one RelStorage instance
+    kept for that (polled each time), not a new instance, which on
+    PostgreSQL is a new database connection, per URL."""
+    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    db = ZODB.DB(storage)
+    ((oid, tid, _),) = blob_revisions(db, [b"x"])
+    created = []
+    new_instance = type(storage._base).new_instance
+
+    def counted(self):
+        created.append(self)
+        return new_instance(self)
+
+    monkeypatch.setattr(type(storage._base), "new_instance", counted)
+    conn = db.open()
+    instance = conn._storage
+    created.clear()  # the connection's own
+    for _ in range(50):
+        assert instance.presigned_url(oid, tid, expires=60) is not None
+    assert len(created) <= 1
+    conn.close()
+    db.close()

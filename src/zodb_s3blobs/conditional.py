@@ -25,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from .keys import KeyLayout
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 #: The writes that can carry the condition, as botocore names them.
 OPERATIONS = ("PutObject", "CopyObject", "CompleteMultipartUpload")
 _PRECONDITION_FAILED = 412
+#: Answers saying a provider does not support the header on a write.
+_UNSUPPORTED = (400, 501)
 #: Seconds between two probes while they fail.
 PROBE_INTERVAL = 60.0
 
@@ -43,12 +46,26 @@ _probed: dict[tuple[str | None, str], frozenset[str]] = {}
 _probed_lock = threading.Lock()
 
 
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None) or {}
+    return response.get("Error", {}).get("Code")
+
+
 def refused_as_existing(exc: BaseException) -> bool:
     """Did S3 refuse this write because its key exists (412)?"""
-    response = getattr(exc, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = response.get("Error", {}).get("Code")
-    return status == _PRECONDITION_FAILED or code == "PreconditionFailed"
+    return _status(exc) == _PRECONDITION_FAILED or _code(exc) == "PreconditionFailed"
+
+
+def conflicted(exc: BaseException) -> bool:
+    """Did S3 refuse this conditional write because another write of the same
+    key was in progress (AWS's 409 ConditionalRequestConflict, e.g. a retry
+    meeting its own first attempt)?"""
+    return _code(exc) == "ConditionalRequestConflict"
 
 
 class WriteGuard:
@@ -61,14 +78,25 @@ class WriteGuard:
         self._layout = layout
         self._mode = mode
         self._lock = threading.Lock()
+        # What this botocore can send at all (older releases lack the
+        # parameter on CopyObject: sending it would fail every copy).
+        self._sendable = frozenset(
+            operation
+            for operation in OPERATIONS
+            if "IfNoneMatch"
+            in client.meta.service_model.operation_model(operation).input_shape.members
+        )
         self._operations: frozenset[str] | None = (
-            frozenset(OPERATIONS)
+            self._sendable
             if mode == "true"
             else frozenset()
             if mode == "false"
             else None
         )
-        self._replacing: set[str] = set()
+        #: Why the probe has not decided yet, for describe().
+        self._undecided = "not yet probed"
+        self._probing = False
+        self._replacing: Counter[str] = Counter()
         self._probed_at = -PROBE_INTERVAL
         for operation in OPERATIONS:
             client.meta.events.register(
@@ -77,54 +105,71 @@ class WriteGuard:
 
     def operations(self) -> frozenset[str] | None:
         """The writes that carry the condition; None while the probe has not
-        been able to run (S3 unreachable so far). A failed probe is tried
-        again at most every :data:`PROBE_INTERVAL` seconds, so that writes to
-        an S3 in trouble do not each pay for one."""
-        if self._operations is None:
+        decided (S3 did not answer so far). An undecided probe is tried again
+        at most every :data:`PROBE_INTERVAL` seconds, by one caller, without
+        a lock held: other writes meanwhile go without the condition rather
+        than wait for it."""
+        with self._lock:
+            if (
+                self._operations is not None
+                or self._probing
+                or time.monotonic() - self._probed_at < PROBE_INTERVAL
+            ):
+                return self._operations
+            self._probing = True
+        try:
+            found = self._probe()
+        finally:
             with self._lock:
-                if (
-                    self._operations is None
-                    and time.monotonic() - self._probed_at > PROBE_INTERVAL
-                ):
-                    self._operations = self._probe()
-                    self._probed_at = time.monotonic()
-        return self._operations
+                self._probing = False
+                self._probed_at = time.monotonic()
+                if found is not None:
+                    self._operations = found
+        return found
 
     def describe(self) -> str:
         """The mode in force, for the log and ``check``."""
         operations = self.operations()
         if operations is None:
-            return f"{self._mode} (not yet probed: S3 did not answer)"
+            return f"{self._mode}: {self._undecided}"
+        unsendable = [op for op in OPERATIONS if op not in self._sendable]
         if not operations:
-            return f"{self._mode}: off" + (
-                " (the provider enforces none)" if self._mode == "auto" else ""
-            )
+            why = ""
+            if self._mode == "auto":
+                why = " (the provider enforces it on no write)"
+            return f"{self._mode}: off{why}"
         kinds = ", ".join(op for op in OPERATIONS if op in operations)
-        missing = [op for op in OPERATIONS if op not in operations]
+        missing = [
+            op for op in OPERATIONS if op not in operations and op not in unsendable
+        ]
+        notes = []
+        if missing:
+            notes.append(f"not enforced by the provider for {', '.join(missing)}")
+        if unsendable:
+            notes.append(f"this botocore cannot send it on {', '.join(unsendable)}")
         return f"{self._mode}: on for {kinds}" + (
-            f" (not enforced by the provider for {', '.join(missing)})"
-            if missing
-            else ""
+            f" ({'; '.join(notes)})" if notes else ""
         )
 
     @contextlib.contextmanager
     def replacing(self, keys: Iterable[str]) -> Iterator[None]:
         """Let writes to *keys* replace what they hold, within the block."""
-        keys = set(keys)
+        keys = list(keys)
         with self._lock:
-            self._replacing |= keys
+            self._replacing.update(keys)
         try:
             yield
         finally:
             with self._lock:
-                self._replacing -= keys
+                self._replacing.subtract(keys)
+                self._replacing += Counter()  # drops the keys at zero
 
     def _add_condition(self, params: dict, model, **_kw) -> None:
         key = params.get("Key", "")
         if not key.startswith(self._layout.root) or "IfNoneMatch" in params:
             return
         with self._lock:
-            if key in self._replacing:
+            if self._replacing[key] > 0:
                 return
         operations = self.operations()
         if operations and model.name in operations:
@@ -133,44 +178,48 @@ class WriteGuard:
     # -- the probe ------------------------------------------------------------
 
     def _probe(self) -> frozenset[str] | None:
-        """Which writes the provider refuses over an existing key, tried on
-        throwaway keys of the staging form (the collector removes any left);
-        None if S3 could not be asked."""
+        """Which writes the provider accepts on a free key and refuses over an
+        existing one, tried on throwaway keys of the staging form (the
+        collector removes any left); None if S3 could not be asked."""
         endpoint = self._client.meta.endpoint_url
         with _probed_lock:
             known = _probed.get((endpoint, self._bucket))
         if known is not None:
             return known
         client, bucket = self._client, self._bucket
-        first, second = self._layout.staging_key(), self._layout.staging_key()
+        source = self._layout.staging_key()
+        condition = {"IfNoneMatch": "*"}
+        probes = {
+            "PutObject": lambda key: client.put_object(
+                Bucket=bucket, Key=key, Body=b"probe", **condition
+            ),
+            "CopyObject": lambda key: client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource={"Bucket": bucket, "Key": source},
+                **condition,
+            ),
+            "CompleteMultipartUpload": lambda key: self._complete(key, condition),
+        }
         enforced = set()
         try:
-            client.put_object(Bucket=bucket, Key=first, Body=b"probe")
-            writes = {
-                "PutObject": lambda: client.put_object(
-                    Bucket=bucket, Key=first, Body=b"again", IfNoneMatch="*"
-                ),
-                "CopyObject": lambda: client.copy_object(
-                    Bucket=bucket,
-                    Key=first,
-                    CopySource={"Bucket": bucket, "Key": second},
-                    IfNoneMatch="*",
-                ),
-                "CompleteMultipartUpload": lambda: self._complete_over(first),
-            }
-            client.put_object(Bucket=bucket, Key=second, Body=b"source")
-            for operation, write in writes.items():
-                if self._refused(write):
+            client.put_object(Bucket=bucket, Key=source, Body=b"source")
+            for operation, write in probes.items():
+                if operation not in self._sendable:
+                    continue
+                key = self._layout.staging_key()
+                # Accepted on a free key, then refused over it: enforced.
+                if self._outcome(write, key) and not self._outcome(write, key):
                     enforced.add(operation)
-        except Exception as exc:  # botocore's errors: S3 not reachable yet
+                with contextlib.suppress(Exception):
+                    client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # botocore's errors: S3 not reachable (yet)
+            self._undecided = f"not yet probed ({exc})"
             log.warning("Could not probe S3 for conditional writes: %s", exc)
             return None
         finally:
             with contextlib.suppress(Exception):
-                client.delete_objects(
-                    Bucket=bucket,
-                    Delete={"Objects": [{"Key": first}, {"Key": second}]},
-                )
+                client.delete_object(Bucket=bucket, Key=source)
         result = frozenset(enforced)
         with _probed_lock:
             _probed[(endpoint, bucket)] = result
@@ -183,27 +232,22 @@ class WriteGuard:
         return result
 
     @staticmethod
-    def _refused(write) -> bool:
-        """Whether *write*, over an existing key, was refused as existing. Any
-        other refusal (400/501: the header is not supported) means it is not
-        enforced; a transient failure is raised, so the probe is tried again."""
+    def _outcome(write, key: str) -> bool:
+        """Whether *write* to *key* succeeded (True) or was refused (False):
+        412, or an answer saying the header is not supported (400, 501).
+        Anything else (no answer, 403, throttling) is raised, so that the
+        probe is tried again later."""
         try:
-            write()
+            write(key)
         except Exception as exc:
-            if refused_as_existing(exc):
-                return True
-            status = (
-                (getattr(exc, "response", None) or {})
-                .get("ResponseMetadata", {})
-                .get("HTTPStatusCode")
-            )
-            if status is None or status >= 500:
-                raise
-            return False
-        return False
+            if refused_as_existing(exc) or _status(exc) in _UNSUPPORTED:
+                return False
+            raise
+        return True
 
-    def _complete_over(self, key: str) -> None:
-        """A one-part multipart upload completed over existing *key*."""
+    def _complete(self, key: str, condition: dict) -> None:
+        """A one-part multipart upload of *key*, completed with *condition*;
+        aborted if it does not complete."""
         client, bucket = self._client, self._bucket
         upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
         try:
@@ -215,7 +259,7 @@ class WriteGuard:
                 Key=key,
                 UploadId=upload,
                 MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
-                IfNoneMatch="*",
+                **condition,
             )
         finally:
             with contextlib.suppress(Exception):  # gone once completed

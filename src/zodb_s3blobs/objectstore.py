@@ -49,7 +49,7 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 from s3transfer.subscribers import BaseSubscriber
 
-from .conditional import WriteGuard, refused_as_existing
+from .conditional import WriteGuard, conflicted, refused_as_existing
 from .errors import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -131,6 +131,11 @@ def written_crc32(out: BinaryIO) -> int:
         crc = zlib.crc32(chunk, crc)
         offset += len(chunk)
     return crc
+
+
+#: Seconds between the looks at a key whose conditional write met another
+#: write of it in progress (409 ConditionalRequestConflict).
+_CONFLICT_PAUSES = (0.5, 1.0, 2.0, 0.0)
 
 
 def _file_info(path: str, crc: str | None) -> ObjectInfo:
@@ -350,6 +355,7 @@ class ObjectStore:
         self._spare_transfers = self._transfer_manager(2)
         self._spare_queued = threading.BoundedSemaphore(SPARE_QUEUE)
         self._spare_running = _Running()  # their transfers, cancelled at close
+        self._closing = threading.Event()
         self._get_args: dict[str, object] = {}
         self._put_args: dict[str, object] = {}
         self._copy_args: dict[str, object] = {}
@@ -626,10 +632,16 @@ class ObjectStore:
         because the key exists (conditional writes) and holds what *meant*
         says was written: this write's own earlier attempt, whose answer was
         lost and which botocore sent again."""
-        if not refused_as_existing(exc):
+        if not (refused_as_existing(exc) or conflicted(exc)):
             return self._error(operation, key, exc)
         try:
-            wanted, found = meant(), self.stat(key)
+            wanted = meant()
+            for pause in _CONFLICT_PAUSES:
+                found = self.stat(key)
+                if found is not None or not conflicted(exc):
+                    break
+                # The write it met (its own first attempt?) may still land.
+                time.sleep(pause)
         except ObjectStoreError as error:
             return error
         if (
@@ -678,8 +690,9 @@ class ObjectStore:
         def upload() -> None:
             prepared = None
             try:
-                prepared = prepare()
-                if prepared is not None:
+                prepared = None if self._closing.is_set() else prepare()
+                # A close that began while this prepared drops it too.
+                if prepared is not None and not self._closing.is_set():
                     path, crc = prepared
                     self._upload(
                         self._spare_transfers, path, key, self._spare_running, crc
@@ -702,18 +715,21 @@ class ObjectStore:
         return True
 
     def upload(
-        self, path: str, key: str, urgent: bool = False, replace: bool = False
+        self,
+        path: str,
+        key: str,
+        urgent: bool = False,
+        replace: bool = False,
+        crc: str | None = None,
     ) -> str:
-        """Upload the file at *path* to *key*, recording its CRC32; return the
-        CRC32. Blocks: meant for :meth:`submit`'s jobs, whose transfers queue
-        apart from those of :meth:`transfer` unless *urgent*. Only with
-        *replace* may it overwrite an object under ``blobs/`` (conditional
-        writes)."""
+        """Upload the file at *path* to *key*, recording its CRC32 (*crc*, if
+        the caller measured it); return the CRC32. Blocks: meant for
+        :meth:`submit`'s jobs, whose transfers queue apart from those of
+        :meth:`transfer` unless *urgent*. Only with *replace* may it overwrite
+        an object under ``blobs/`` (conditional writes)."""
         manager = self._transfers if urgent else self._background_transfers
-        if not replace:
-            return self._upload(manager, path, key)
-        with self.guard.replacing([key]):
-            return self._upload(manager, path, key)
+        with self.guard.replacing([key] if replace else []):
+            return self._upload(manager, path, key, crc=crc)
 
     def _upload(
         self,
@@ -1106,7 +1122,9 @@ class ObjectStore:
 
     def close(self) -> None:
         # Uploads nobody waits for: the queued ones are dropped, the running
-        # ones cancelled (a multipart upload stops after its current part).
+        # ones cancelled (a multipart upload stops after its current part),
+        # one still preparing its file never starts.
+        self._closing.set()
         self._spare.shutdown(wait=False, cancel_futures=True)
         self._spare_running.cancel()
         self._spare.shutdown()

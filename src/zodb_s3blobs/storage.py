@@ -17,6 +17,7 @@ deletes every object this transaction created.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.interfaces import (
     IBlobStorage,
     IBlobStorageRestoreable,
+    IMVCCStorage,
     IStorageRestoreable,
     IStorageWrapper,
 )
@@ -127,6 +129,10 @@ class _Shared:
     #: The base storage the storage was opened with (not an MVCC instance of
     #: it, which a connection may release): asked from background threads.
     base: object = None
+    #: One MVCC instance of *base*, polled for each question about the
+    #: database as of now (see S3BlobStorage._held_now), and its lock.
+    view: object = None
+    view_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _FilesystemView:
@@ -526,6 +532,27 @@ class S3BlobStorage:
         ):
             log.debug("Not uploading %s now: too many uploads wait", key)
 
+    def _held_now(self, oid: bytes, serial: bytes) -> bool:
+        """:func:`gc.revision_held_now`, through one instance of an MVCC base
+        kept for these questions and polled each time, rather than a new one
+        (on RelStorage, a new database connection) per question: presigned
+        URLs are asked for by the page."""
+        shared = self._shared
+        if not IMVCCStorage.providedBy(shared.base):
+            return gc.revision_held(shared.base, oid, serial)
+        with shared.view_lock:
+            if shared.view is None:
+                shared.view = shared.base.new_instance()
+            shared.view.poll_invalidations()
+            return gc.revision_held(shared.view, oid, serial)
+
+    def _release_view(self) -> None:
+        shared = self._shared
+        with shared.view_lock:
+            view, shared.view = shared.view, None
+        if view is not None:
+            view.release()
+
     def _read_again(
         self, oid: bytes, serial: bytes, size: int, crc: str
     ) -> tuple[str, str] | None:
@@ -535,32 +562,40 @@ class S3BlobStorage:
         not removed the revision meanwhile (its key would be recreated for
         nothing). Never the cached copy, which may have been damaged while the
         upload waited."""
-        if not gc.revision_held_now(self._shared.base, oid, serial):
+        if not self._held_now(oid, serial):
             return None
+        temp, again, measured = self._read_fallback(oid, serial)
+        if (again, measured) != (size, crc):
+            log.error(
+                "Not uploading blob %s revision %s: %s now holds %s bytes of "
+                "CRC32 %s, not the %d bytes of CRC32 %s read from it before",
+                oid_repr(oid),
+                tid_repr(serial),
+                self._shared.fallback.describe(),
+                again,
+                measured,
+                size,
+                crc,
+            )
+            os.remove(temp)
+            return None
+        return temp, crc
+
+    def _read_fallback(
+        self, oid: bytes, serial: bytes
+    ) -> tuple[str, int | None, str | None]:
+        """The revision read from the fallback into a new private file under
+        the cache's ``tmp/``: (its path, its size and CRC32, or None and None
+        when the fallback does not hold it)."""
         temp = self._cache.new_temp_file("fallback-upload-")
         try:
             with open(temp, "w+b") as out:
-                again = self._shared.fallback.read(oid, serial, out)
-                measured = f"{written_crc32(out):08x}" if again is not None else None
-            if (again, measured) != (size, crc):
-                log.error(
-                    "Not uploading blob %s revision %s: %s now holds %s bytes "
-                    "of CRC32 %s, not the %d bytes of CRC32 %s read from it "
-                    "before",
-                    oid_repr(oid),
-                    tid_repr(serial),
-                    self._shared.fallback.describe(),
-                    again,
-                    measured,
-                    size,
-                    crc,
-                )
-                os.remove(temp)
-                return None
+                size = self._shared.fallback.read(oid, serial, out)
+                crc = f"{written_crc32(out):08x}" if size is not None else None
         except BaseException:
             os.remove(temp)
             raise
-        return temp, crc
+        return temp, size, crc
 
     def _in_fallback_only(self, oid: bytes, serial: bytes, quick: bool = False) -> bool:
         """Is this committed revision absent from S3 while a fallback is
@@ -617,11 +652,7 @@ class S3BlobStorage:
         # Asked of the database as of now, not of loadSerial: RelStorage's
         # answers from its local cache, which keeps a revision another
         # process has packed away with its object (a URL that would 404).
-        if (
-            not serial
-            or serial == z64
-            or not gc.revision_held_now(self._base, oid, serial)
-        ):
+        if not serial or serial == z64 or not self._held_now(oid, serial):
             return None
         try:
             only_in_fallback = self._in_fallback_only(oid, serial, quick=True)
@@ -678,11 +709,26 @@ class S3BlobStorage:
         return sources
 
     def _upload_from_fallback(self, revisions: dict[bytes, bytes]) -> None:
-        """Upload those of *revisions* (oid -> tid) still only in the fallback."""
+        """Upload those of *revisions* (oid -> tid) still only in the fallback,
+        read from there into a private file: never the cached copy, whose
+        bytes nothing proves equal to the fallback's."""
         for oid, tid in revisions.items():
-            if self._in_fallback_only(oid, tid):
-                path = self.loadBlob(oid, tid)
-                self._store.upload(path, self._layout.key(oid, tid), urgent=True)
+            if not self._in_fallback_only(oid, tid):
+                continue
+            key = self._layout.key(oid, tid)
+            temp, size, crc = self._read_fallback(oid, tid)
+            try:
+                if size is None:
+                    raise POSKeyError(
+                        not_in_either(
+                            self._store.url(key), self._shared.fallback, oid, tid
+                        ),
+                        oid,
+                        tid,
+                    )
+                self._store.upload(temp, key, urgent=True, crc=crc)
+            finally:
+                os.remove(temp)
 
     def _undo_source(self, oid: bytes, undone_tid: bytes) -> bytes | None:
         """The tid of the blob revision that undoing *undone_tid* restores."""
@@ -945,11 +991,17 @@ class S3BlobStorage:
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        try:
-            self._base.close()
-        finally:
+        """Close the base; the storage that opened the parts closes them too,
+        each even if another fails: the metrics' last write first (all still
+        open), then the store (background uploads that ask the database end),
+        the database view, the base, and the cache."""
+        with contextlib.ExitStack() as closing:
             if self._owner:
-                if self._exporter:
-                    self._exporter.close()  # a last write, all still open
-                self._store.close()
-                self._cache.close()
+                closing.callback(self._cache.close)
+            closing.callback(self._base.close)
+            if not self._owner:
+                return
+            closing.callback(self._release_view)
+            closing.callback(self._store.close)
+            if self._exporter:
+                closing.callback(self._exporter.close)
