@@ -308,7 +308,11 @@ class TortureFaults(Faults):
         #: Path fragments whose PUTs are all answered 503.
         self.blocked: set[str] = set()
         self._long_stall_left = 1 if profile.long_stall else 0
-        self._slow_left = profile.slow_downloads
+        #: Slow downloads left: half by chance, half asked for (slow_down).
+        self._slow_left = {
+            False: profile.slow_downloads // 2,
+            True: profile.slow_downloads - profile.slow_downloads // 2,
+        }
         #: Keys whose next GET is one of the slow downloads (:meth:`slow_down`).
         self._slow_keys: set[str] = set()
         #: Requests served, by method (GETs with a Range apart).
@@ -355,9 +359,9 @@ class TortureFaults(Faults):
         """Make the next GET of *key* one of the plan's slow downloads, if
         some are left; whether it will be."""
         with self._lock:
-            if self._slow_left:
+            if self._slow_left[True]:
                 self._slow_keys.add(key)
-            return bool(self._slow_left)
+            return bool(self._slow_left[True])
 
     def forget_slow(self, key: str) -> None:
         """*key* was not downloaded (it was cached): no slow GET for it."""
@@ -375,10 +379,10 @@ class TortureFaults(Faults):
             key = next((k for k in self._slow_keys if path.endswith(k)), None)
             if targeted and key is None:
                 return 0.0
-            if not self._slow_left or not (targeted or chance < 0.1):
+            if not self._slow_left[targeted] or not (targeted or chance < 0.1):
                 return 0.0
             self._slow_keys.discard(key)
-            self._slow_left -= 1
+            self._slow_left[targeted] -= 1
             self.injected.append(f"slow {path} {seconds:.1f}s")
         return seconds
 
@@ -1499,10 +1503,14 @@ class Actor(_Scheduled):
         torture, rng = self.torture, self.rng
         cache = torture.storage._cache
         revisions = [r for r in torture.model.snapshot() if self.may_read(r)]
-        # Mostly one not cached: its download may be one of the slow ones.
-        uncached = [r for r in revisions if not os.path.exists(cache.path(*r[:2]))]
         if not revisions:
             return
+        # Mostly one not cached (and not packed away): its download may be one
+        # of the slow ones.
+        uncached = [r for r in revisions if not os.path.exists(cache.path(*r[:2]))]
+        sample = rng.sample(uncached, min(len(uncached), 10))
+        held = held_revisions(torture.storage, [r[:2] for r in sample])
+        uncached = [r for r in sample if r[:2] in held]
         oid, tid, revision = rng.choice(
             uncached if uncached and rng.random() < 0.8 else revisions
         )
