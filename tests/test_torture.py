@@ -6,7 +6,9 @@ refused votes, by several threads (and, on RelStorage, several processes that
 get killed), against an S3 server injecting faults; a model of what was
 acknowledged is checked throughout. ``seed % 4`` picks the base: FileStorage,
 MappingStorage (clock behind), DemoStorage (clock behind), RelStorage on
-SQLite with child processes.
+SQLite with child processes. Some plans add slow downloads while another
+process evicts the cache, and (on FileStorage) a legacy site read through
+the fallback whose cached copies get damaged.
 
 Replay one: ``.venv/bin/python tests/torture.py --seed N`` or
 ``pytest tests/test_torture.py -k seedN``; other seeds:
@@ -21,7 +23,9 @@ import pytest
 
 import torture
 
-#: Chosen to cover every base; their plans are printed by ``describe()``.
+#: Chosen to cover every base and composition (seed 4: slow downloads, an
+#: evicting process and a legacy site; seed 9: slow downloads and an evicting
+#: process on MappingStorage); their plans are printed by ``describe()``.
 CI_SEEDS = (0, 1, 2, 4, 5, 6, 8, 9, 31)
 
 
@@ -40,3 +44,9 @@ def test_nothing_acknowledged_is_lost_or_corrupted(seed, tmp_path):
 def test_the_ci_seeds_cover_every_base():
     bases = {torture.make_plan(seed).base for seed in CI_SEEDS}
     assert bases == set(torture.BASES)
+
+
+def test_the_ci_seeds_cover_every_composition():
+    plans = [torture.make_plan(seed) for seed in CI_SEEDS]
+    assert any(p.evictor and p.faults.slow_downloads for p in plans)
+    assert any(p.legacy for p in plans)

@@ -23,7 +23,17 @@ schedule of operations, drawn from ``random.Random`` seeded from it:
 - a MappingStorage (or DemoStorage) whose clock is behind its last tid, so
   that a transaction after an abort gets the aborted transaction's tid;
 - all the while, S3 (``faultserver.faulty_s3``) answering 503, failing ranged
-  GETs, resetting connections, cutting bodies and stalling.
+  GETs, resetting connections, cutting bodies and stalling;
+- in some plans (``slow-downloads evictor-process``), blob GETs stalled
+  longer than the cache's minimum age while a second OS process
+  (tests/tortureevictor.py) evicts the same cache directory in a loop, and
+  paths from ``loadBlob`` opened a moment later, as X-Sendfile does: a path
+  handed out must outlive a slow download's install;
+- in some FileStorage plans (``legacy-fallback``), a database that starts as
+  a site with its blobs in a ``blob-dir`` (tests/torturelegacy.py), read
+  through ``fallback-blob-dir``: its revisions are read and edited, their
+  read-through uploads are held back for a while (a busy queue), the cached
+  copies get damaged as a stray writer would, and packs run meanwhile.
 
 A model of what was acknowledged (every committed revision's length and
 SHA-256, recorded under the base's commit lock as the commit happens) is
@@ -31,8 +41,10 @@ checked during the run and at the end: every revision the base still holds
 reads back identical from every process; a read never returns a wrong file
 (it may fail with a clear error while faults are on, and with POSKeyError
 only for a revision the base no longer holds); no operation is stuck; S3
-keeps every object a held revision needs; after the faults stop, orphan
-collection leaves exactly the objects of held revisions.
+keeps every object a held revision needs (but a legacy revision, which the
+fallback holds); after the faults stop, orphan collection leaves exactly the
+objects of held revisions, every object of a legacy revision holds exactly
+its acknowledged bytes, and the evicting process is still alive.
 
 Threads interleave as the OS schedules them, so a replay repeats the
 schedule, not necessarily the interleaving; a failing seed usually fails
@@ -89,8 +101,10 @@ from ZODB.POSException import POSError  # noqa: E402
 from ZODB.utils import z64  # noqa: E402
 
 import s3env  # noqa: E402
+import torturelegacy  # noqa: E402
 from faultserver import Faults, faulty_s3  # noqa: E402
 from torturechild import (  # noqa: E402
+    CACHE_MIN_AGE,
     GONE_ERRORS,
     READ_ERRORS,
     FailAfterVote,
@@ -107,6 +121,7 @@ from torturechild import (  # noqa: E402
     open_storage,
     unprintable,
 )
+from tortureevictor import Evictor  # noqa: E402
 from zodb_s3blobs.errors import S3BlobStorageError  # noqa: E402
 from zodb_s3blobs.gc import revision_exists  # noqa: E402
 from zodb_s3blobs.keys import KeyLayout  # noqa: E402
@@ -131,6 +146,11 @@ OP_BOUND = 150.0
 #: inject into one GET.
 LONG_STALL = 11.0
 BASES = ("file", "mapping", "demo", "relstorage")
+#: Slow downloads: how many blob GETs of a plan with them are stalled, and
+#: for how long (seconds, drawn in this range): longer than the cache's
+#: minimum age (CACHE_MIN_AGE), shorter than the download read timeout.
+SLOW_DOWNLOADS = 8
+SLOW_STALL = (2.5, 4.0)
 
 
 class TortureFailure(AssertionError):
@@ -155,6 +175,7 @@ class FaultProfile:
     cut_rate: float = 0.0
     stall_rate: float = 0.0
     long_stall: bool = False
+    slow_downloads: int = 0
 
 
 @dataclass
@@ -175,6 +196,11 @@ class Plan:
     fast_stream: int
     shared_rate: float
     faults: FaultProfile
+    #: A second OS process evicts the cache directory in a loop.
+    evictor: bool = False
+    #: The database starts as a FileStorage site with a blob-dir, read through
+    #: the storage's fallback-blob-dir (tests/torturelegacy.py).
+    legacy: bool = False
 
     def describe(self) -> str:
         """One line: what this seed exercises."""
@@ -191,6 +217,9 @@ class Plan:
             f"{' vote-failures' if self.fault_vote else ''}"
             f" large {self.large_rate:.0%}"
             f"{' ranged' if self.fast_stream == FAST_STREAM else ''}"
+            f"{' slow-downloads' if f.slow_downloads else ''}"
+            f"{' evictor-process' if self.evictor else ''}"
+            f"{' legacy-fallback' if self.legacy else ''}"
         )
 
 
@@ -200,7 +229,7 @@ def make_plan(seed: int) -> Plan:
     rng = random.Random(f"plan:{seed}")
     base = BASES[seed % 4]
     relstorage = base == "relstorage"
-    return Plan(
+    plan = Plan(
         seed=seed,
         base=base,
         keep_history=relstorage and rng.random() < 0.6,
@@ -225,6 +254,20 @@ def make_plan(seed: int) -> Plan:
             long_stall=rng.random() < 0.15,
         ),
     )
+    return _compose(plan)
+
+
+def _compose(plan: Plan) -> Plan:
+    """Add the compositions drawn from a random source of their own (so the
+    rest of every seed's plan stays as it was): slow downloads while another
+    process evicts the cache, and (on FileStorage) a legacy site read through
+    the fallback, whose cached copies get damaged while packs run."""
+    rng = random.Random(f"compose:{plan.seed}")
+    if rng.random() < 0.35:
+        plan.faults.slow_downloads = SLOW_DOWNLOADS
+        plan.evictor = True
+    plan.legacy = plan.base == "file" and rng.random() < 0.5
+    return plan
 
 
 def draw_size(rng: random.Random, large_rate: float = 0.03) -> int:
@@ -265,6 +308,13 @@ class TortureFaults(Faults):
         #: Path fragments whose PUTs are all answered 503.
         self.blocked: set[str] = set()
         self._long_stall_left = 1 if profile.long_stall else 0
+        #: Slow downloads left: half by chance, half asked for (slow_down).
+        self._slow_left = {
+            False: profile.slow_downloads // 2,
+            True: profile.slow_downloads - profile.slow_downloads // 2,
+        }
+        #: Keys whose next GET is one of the slow downloads (:meth:`slow_down`).
+        self._slow_keys: set[str] = set()
         #: Requests served, by method (GETs with a Range apart).
         self.requests: Counter = Counter()
         self.when = self._decide
@@ -281,6 +331,10 @@ class TortureFaults(Faults):
         if method == "PUT" and any(b in path for b in list(self.blocked)):
             request.rates = (1.0, 0.0, 0.0, 0.0)
             return True
+        if method == "GET" and self._slow_keys:
+            request.stall = self._slow(path, targeted=True)
+            if request.stall:
+                return True
         if not self.enabled:
             return False
         p = self.profile
@@ -297,7 +351,40 @@ class TortureFaults(Faults):
                 if self._long_stall_left:
                     self._long_stall_left -= 1
                     request.stall = LONG_STALL
+        if method == "GET" and path.endswith(".blob") and not request.stall:
+            request.stall = self._slow(path, targeted=False)
         return True
+
+    def slow_down(self, key: str) -> bool:
+        """Make the next GET of *key* one of the plan's slow downloads, if
+        some are left; whether it will be."""
+        with self._lock:
+            if self._slow_left[True]:
+                self._slow_keys.add(key)
+            return bool(self._slow_left[True])
+
+    def forget_slow(self, key: str) -> None:
+        """*key* was not downloaded (it was cached): no slow GET for it."""
+        with self._lock:
+            self._slow_keys.discard(key)
+
+    def _slow(self, path: str, targeted: bool) -> float:
+        """The stall of a blob GET that is one of the plan's slow downloads
+        (0.0: it is not): a GET :meth:`slow_down` asked for, or by chance any
+        other while faults are on."""
+        chance = self.draw()
+        low, high = SLOW_STALL
+        seconds = low + self.draw() * (high - low)
+        with self._lock:
+            key = next((k for k in self._slow_keys if path.endswith(k)), None)
+            if targeted and key is None:
+                return 0.0
+            if not self._slow_left[targeted] or not (targeted or chance < 0.1):
+                return 0.0
+            self._slow_keys.discard(key)
+            self._slow_left[targeted] -= 1
+            self.injected.append(f"slow {path} {seconds:.1f}s")
+        return seconds
 
     def _rate(index: int):  # noqa: N805 -- builds properties below
         def get(self) -> float:
@@ -518,6 +605,13 @@ class Torture:
         #: SQLite fails when two processes pack at once (IntegrityError in
         #: pre_pack), and deployments run one pack at a time.
         self.pack_lock = threading.Lock()
+        #: The second process evicting the cache directory (plan.evictor).
+        self.evictor: Evictor | None = None
+        #: Revisions committed before the switch to S3 (plan.legacy), by the
+        #: actor whose namespace holds them: S3 may lack them (the fallback
+        #: has them); the bytes of any object it has must be theirs.
+        self.legacy: dict[tuple[bytes, bytes], str] = {}
+        self.held_uploads: torturelegacy.HeldUploads | None = None
 
     # -- reporting --------------------------------------------------------
 
@@ -581,7 +675,15 @@ class Torture:
             self.cache_dir(),
             CACHE_SIZE,
             self.plan.fast_stream,
+            str(self.legacy_blob_dir()) if self.plan.legacy else None,
         )
+        if self.plan.legacy:
+            self.held_uploads = torturelegacy.HeldUploads(
+                self.storage,
+                random.Random(f"held:{self.plan.seed}:{self.stats.restarts}"),
+                0.7,
+                self.stats.outcomes,
+            )
         self.db = ZODB.DB(self.storage)
         for actor in self.actors:
             actor.connect(self.db)
@@ -589,6 +691,7 @@ class Torture:
     def close_db(self) -> None:
         for actor in self.actors:
             actor.disconnect()
+        self.release_uploads()
         self.db.close()
 
     def restart(self, fresh_cache: bool) -> None:
@@ -600,6 +703,8 @@ class Torture:
         self.stats.restarts += 1
         self.stats.operations["restart-fresh-cache" if fresh_cache else "restart"] += 1
         self.open_db()
+        if self.evictor is not None:
+            self.evictor.follow(self.cache_dir())
 
     # -- the run ------------------------------------------------------------
 
@@ -625,6 +730,8 @@ class Torture:
             self.stats.requests.update(self.faults.requests)
             for child in self.children:
                 child.stop()
+            if self.evictor is not None:
+                self.evictor.kill()
             close_oracle()
         return self.stats
 
@@ -638,7 +745,14 @@ class Torture:
             adapter = f"<sqlite3>\n    data-dir {data_dir}\n  </sqlite3>"
             self.relstorage_section = relstorage_section(adapter, plan.keep_history)
         self.actors = [Actor(self, f"t{i}") for i in range(plan.threads)]
+        if plan.legacy:
+            self.build_legacy_site()
         self.open_db()
+        if plan.evictor:
+            self.evictor = Evictor(
+                self.directory / "evictor", CACHE_SIZE, CACHE_MIN_AGE, plan.seed
+            )
+            self.evictor.start(self.cache_dir())
         if plan.base == "relstorage":
             open_oracle(self.relstorage_section)  # after the schema exists
         self.setup_root()
@@ -747,7 +861,7 @@ class Torture:
         keys = bucket_keys(self.prefix)
         for oid, tid in held:
             key = self.layout.key(oid, tid)
-            if key not in keys:
+            if key not in keys and (oid, tid) not in self.legacy:
                 self.fail(
                     f"after round {number}: the object of held revision "
                     f"{oid.hex()}/{tid.hex()} is missing from S3"
@@ -758,6 +872,7 @@ class Torture:
             if problem:
                 self.fail(f"after round {number}: {problem}")
         self.check_log()
+        self.check_evictor(f"after round {number}")
         self.raise_failures(f"after round {number}")
 
     def check_log(self) -> None:
@@ -810,6 +925,7 @@ class Torture:
         no cached file differs from what was acknowledged."""
         self.faults.enabled = False
         self.faults.blocked.clear()
+        self.settle_uploads()
         for child in self.children:
             child.ensure_running()
         self.actors[0].final_commit()
@@ -820,11 +936,13 @@ class Torture:
         held = held_revisions(self.storage, [(o, t) for o, t, _r in revisions])
         expected = {self.layout.key(o, t) for o, t in held}
         keys = bucket_keys(self.prefix)
-        for key in sorted(expected - keys):
+        fallback_only = {self.layout.key(o, t) for o, t in self.legacy}
+        for key in sorted(expected - keys - fallback_only):
             self.fail(f"final: the object of held revision {key} is missing")
         extra = keys - expected
         if extra:
             self.check_extra_keys(extra)
+        self.check_legacy_objects(keys)
         self.read_all("final read", revisions, held)
         for child in self.children:
             child.read_all(revisions, held)
@@ -833,6 +951,7 @@ class Torture:
         self.restart(fresh_cache=True)
         self.read_all("final read after a restart on an empty cache", revisions, held)
         self.check_log()
+        self.stop_evictor()
         self.raise_failures("in the final checks")
         self.close_db()
 
@@ -893,6 +1012,9 @@ class Torture:
             revision = known.get(ref)
             if revision is None:
                 continue
+            if ref in self.legacy and torturelegacy.damaged(path):
+                self.stats.outcomes["damaged file not read since"] += 1
+                continue
             with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
                 got = fingerprint(f.read())
                 if got != revision.expected:
@@ -900,6 +1022,78 @@ class Torture:
                         f"cached file {path} has {got[0]} bytes, not the "
                         f"acknowledged {revision.size}"
                     )
+
+    # -- a second evicting process; a legacy site read through the fallback --
+
+    def check_evictor(self, when: str) -> None:
+        """The evicting process must not have died."""
+        died = self.evictor.died() if self.evictor is not None else None
+        if died:
+            self.fail(f"{when}: the process evicting the cache {died}")
+
+    def stop_evictor(self) -> None:
+        """Stop the evicting process and wait for it; its crash is a failure."""
+        if self.evictor is None:
+            return
+        try:
+            report = self.evictor.stop()
+        except RuntimeError as exc:
+            self.fail(f"final: {exc}")
+            return
+        self.log(f"evicting process: {report}")
+        self.stats.outcomes["eviction passes of another process"] += report["passes"]
+        self.stats.outcomes["bytes evicted by another process"] += report["freed"]
+
+    def legacy_blob_dir(self) -> Path:
+        return self.directory / "legacy-blobs"
+
+    def build_legacy_site(self) -> None:
+        """The FileStorage site before the switch: each actor's namespace
+        ``legacy-<actor>`` of blobs in a blob-dir, acknowledged as committed."""
+        revisions = torturelegacy.build_site(
+            self.directory / "Data.fs",
+            self.legacy_blob_dir(),
+            [f"legacy-{actor.name}" for actor in self.actors],
+            self.plan.seed,
+            draw_size,
+        )
+        for oid, tid, data, namespace in revisions:
+            size, sha = fingerprint(data)
+            self.model.record(oid, tid, Revision(size, sha, data, namespace))
+            self.legacy[oid, tid] = namespace.removeprefix("legacy-")
+
+    def release_uploads(self) -> None:
+        if self.held_uploads is not None:
+            released = self.held_uploads.release()
+            self.stats.outcomes["held read-through uploads released"] += released
+
+    def settle_uploads(self) -> None:
+        """Let every read-through upload run to its end (before the final
+        checks judge what they put into S3)."""
+        if self.held_uploads is not None:
+            self.held_uploads.settle()
+
+    def check_legacy_objects(self, keys: set[str]) -> None:
+        """Each object S3 has for a legacy revision (a read-through upload's)
+        holds exactly the acknowledged bytes: read from S3, past the cache
+        and the fallback, it is what a site reads once the fallback is gone."""
+        client = s3env.server().client()
+        revisions = {(o, t): r for o, t, r in self.model.snapshot()}
+        for ref in sorted(self.legacy):
+            key = self.layout.key(*ref)
+            if key not in keys:
+                self.stats.outcomes["legacy revision only in the fallback"] += 1
+                continue
+            body = client.get_object(Bucket=s3env.BUCKET, Key=key)["Body"].read()
+            got, expected = fingerprint(body), revisions[ref].expected
+            if got != expected:
+                self.fail(
+                    f"final: S3 holds {got[0]} bytes sha256 {got[1][:16]} for "
+                    f"legacy revision {key}, acknowledged {expected[0]} bytes "
+                    f"sha256 {expected[1][:16]} (a read-through upload of "
+                    "bytes not the fallback's)"
+                )
+            self.stats.outcomes["legacy revision uploaded by read-through"] += 1
 
 
 # -- actors: threads of the parent process ------------------------------------
@@ -951,6 +1145,7 @@ class Actor(_Scheduled):
         # ZODB's DemoStorage.pack fails (AttributeError: _temporary_changes)
         # when it was given its changes storage, as here: no pack on it.
         pack = 0 if self.torture.plan.base == "demo" else 3
+        legacy = self.torture.plan.legacy
         return {
             "commit": 45,
             "read": 14,
@@ -959,6 +1154,9 @@ class Actor(_Scheduled):
             "pack": pack,
             "gc": 4,
             "evict": 4,
+            "sendfile": 10 if self.torture.plan.evictor else 0,
+            "damage": 6 if legacy else 0,
+            "release_uploads": 4 if legacy else 0,
         }
 
     def _run_round(self) -> None:
@@ -1137,6 +1335,9 @@ class Actor(_Scheduled):
         """A blob to work on: a new one in this actor's namespace, one of its
         own, or (rarely) a shared one."""
         rng = self.rng
+        if self.torture.plan.legacy and rng.random() < 0.3:
+            legacy = self.conn.root()[f"legacy-{self.name}"]
+            return legacy[rng.choice(sorted(legacy))]
         r = rng.random()
         if new and (r < 0.3 or not mine):
             name = f"{self.name}-{next(self._names)}-{rng.randrange(1 << 30)}"
@@ -1236,8 +1437,9 @@ class Actor(_Scheduled):
 
     def op_read_any(self) -> None:
         """Read acknowledged revisions of any thread or process by (oid, tid),
-        old ones included."""
-        revisions = self.torture.model.snapshot()
+        old ones included (of the legacy revisions, only this actor's own:
+        their cached copies get damaged by their actor's :meth:`op_damage`)."""
+        revisions = [r for r in self.torture.model.snapshot() if self.may_read(r)]
         for oid, tid, revision in self.rng.sample(revisions, min(3, len(revisions))):
             problem = check_read(
                 self.torture.storage,
@@ -1291,6 +1493,101 @@ class Actor(_Scheduled):
 
     def op_evict(self) -> None:
         self.torture.storage._cache.evict(0)
+
+    def op_sendfile(self) -> None:
+        """Ask for the path of an acknowledged revision (``loadBlob``) and open
+        it a moment later (up to a quarter of the cache's minimum age), as a
+        front-end server told it by X-Sendfile does. The cache promises the
+        file stays for ``cache-min-age`` after its last use, however slow its
+        download was, whatever another process evicts meanwhile."""
+        torture, rng = self.torture, self.rng
+        cache = torture.storage._cache
+        revisions = [r for r in torture.model.snapshot() if self.may_read(r)]
+        if not revisions:
+            return
+        # Mostly one not cached (and not packed away): its download may be one
+        # of the slow ones.
+        uncached = [r for r in revisions if not os.path.exists(cache.path(*r[:2]))]
+        sample = rng.sample(uncached, min(len(uncached), 10))
+        held = held_revisions(torture.storage, [r[:2] for r in sample])
+        uncached = [r for r in sample if r[:2] in held]
+        oid, tid, revision = rng.choice(
+            uncached if uncached and rng.random() < 0.8 else revisions
+        )
+        name = f"{oid.hex()}/{tid.hex()}"
+        key = torture.layout.key(oid, tid)
+        if rng.random() < 0.5:
+            torture.faults.slow_down(key)
+        started = time.monotonic()
+        try:
+            path = torture.storage.loadBlob(oid, tid)
+        except GONE_ERRORS as exc:
+            if held_revisions(torture.storage, [(oid, tid)]):
+                torture.fail(f"{self.name} sendfile {name}: {describe(exc)}")
+            return
+        finally:
+            torture.faults.forget_slow(key)
+        delay = rng.uniform(0, CACHE_MIN_AGE / 4)
+        took = time.monotonic() - started
+        if took > CACHE_MIN_AGE:
+            torture.stats.outcomes["sendfile of a download slower than min age"] += 1
+            torture.log(
+                f"{self.name} sendfile {name}: loaded in {took:.1f}s, "
+                f"opened {delay:.2f}s later"
+            )
+        time.sleep(delay)
+        try:
+            with open(path, "rb") as f:
+                got = fingerprint(f.read())
+        except FileNotFoundError:
+            # A pack (or the collection after one) removes the cached copies
+            # of the revisions it removed: asked after the error.
+            if held_revisions(torture.storage, [(oid, tid)]):
+                torture.fail(
+                    f"{self.name} sendfile {name}: the path loadBlob returned "
+                    f"was gone {delay:.2f}s later (cache-min-age "
+                    f"{CACHE_MIN_AGE:g}s)"
+                )
+            else:
+                torture.stats.outcomes["sendfile: revision packed meanwhile"] += 1
+            return
+        if got != revision.expected:
+            torture.fail(
+                f"{self.name} sendfile {name}: WRONG CONTENT: {got[0]} bytes, "
+                f"expected {revision.size}"
+            )
+
+    def may_read(self, revision: tuple[bytes, bytes, Revision]) -> bool:
+        """Not another actor's legacy revision: its owner may be damaging its
+        cached copy right now, which a read between the cache's size check
+        and its open would see (a stray writer's doing, not the storage's)."""
+        owner = self.torture.legacy.get(revision[:2])
+        return owner is None or owner == self.name
+
+    def op_damage(self) -> None:
+        """Read one of this actor's legacy revisions (from the fallback if S3
+        lacks it: a read-through upload follows, maybe held back) and damage
+        its cached copy as a stray writer would. The upload must send the
+        fallback's bytes or nothing; reads must see the damage and fetch the
+        revision again."""
+        torture = self.torture
+        mine = sorted(
+            ref for ref, owner in torture.legacy.items() if owner == self.name
+        )
+        oid, tid = self.rng.choice(mine)
+        revision = torture.model.get(oid, tid)
+        problem = check_read(
+            torture.storage, oid, tid, revision.expected, not torture.faults_on
+        )
+        if problem:
+            torture.fail(f"{self.name} damage (its read): {problem}")
+        path = torture.storage._cache.path(oid, tid)
+        if torturelegacy.damage(path, revision.size):
+            torture.stats.outcomes["cached legacy file damaged"] += 1
+
+    def op_release_uploads(self) -> None:
+        """Queue the read-through uploads held back so far."""
+        self.torture.release_uploads()
 
     def final_commit(self) -> None:
         """One small commit with faults off; it must succeed."""

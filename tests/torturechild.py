@@ -148,7 +148,12 @@ CACHE_MIN_AGE = 2.0
 
 
 def open_storage(
-    base, settings: S3Settings, cache_dir: str, cache_size: int, fast_stream: int
+    base,
+    settings: S3Settings,
+    cache_dir: str,
+    cache_size: int,
+    fast_stream: int,
+    fallback_blob_dir: str | None = None,
 ) -> ObservedS3BlobStorage:
     """The storage under test, with the settings the torture test changes: a
     tiny *cache_size* and a cache minimum age of :data:`CACHE_MIN_AGE` seconds
@@ -157,13 +162,15 @@ def open_storage(
     (how fast a first part must arrive for a download to stream to the end;
     set higher than any loopback transfer, every download above the part size
     fetches the rest in parallel ranged GETs, the path whose failures are the
-    hardest to get right)."""
+    hardest to get right). A legacy site's old blobs are read from
+    *fallback_blob_dir*, if given."""
     storage = ObservedS3BlobStorage(
         base,
         settings,
         cache_dir,
         cache_size=cache_size,
         cache_min_age=CACHE_MIN_AGE,
+        fallback_blob_dir=fallback_blob_dir,
     )
     storage._store.fast_stream = fast_stream
     return storage
