@@ -33,10 +33,10 @@ credentials are accepted (one LIST), a probe object can be written, read
 back intact and deleted (with the configured server-side encryption), the
 cache directory is writable and private (with cache-group: it and its blob
 directories readable by that group only, tmp/ and locks/ private), which
-writes carry If-None-Match (s3-conditional-writes), the bucket's lifecycle rules, and the
-storage would open: its base storage opens read-only (a missing Data.fs is
-reported, never created), is one S3BlobStorage can serve, and the bucket
-answers the startup probe.
+writes carry If-None-Match (s3-conditional-writes), the bucket's lifecycle
+rules, and the storage would open: its base storage opens read-only (a
+missing Data.fs is reported, never created), is one S3BlobStorage can
+serve, and the bucket answers the startup probe.
 Nothing is created: not cache-dir, not the base. Every request is bounded by
 the download timeouts (s3-download-connect-timeout and
 s3-download-read-timeout, two attempts), so an endpoint that never answers
