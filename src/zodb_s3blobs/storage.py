@@ -43,7 +43,7 @@ from ZODB.POSException import (
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
-from . import gc, unghost
+from . import gc, pending, unghost
 from .cache import MIN_AGE, BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .exposition import MetricsFile
@@ -54,7 +54,13 @@ from .objectstore import Copy, ObjectStore, file_crc32, raise_first
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
-from .tids import check_supported, reuses_aborted_tid, tid_at_begin, tid_at_vote
+from .tids import (
+    check_supported,
+    reuses_aborted_tid,
+    tid_at_begin,
+    tid_at_finish,
+    tid_at_vote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,9 @@ class _Shared:
     fallback_upload: bool = True
     #: Revisions a HEAD found in S3 while a fallback is configured.
     in_s3: set = field(default_factory=set)
+    #: Makes the copies owed after tpc_finish, on a base that learns its tid
+    #: only there (ZEO's ClientStorage); None on the others.
+    copier: pending.Copier | None = None
 
 
 class _FilesystemView:
@@ -256,8 +265,23 @@ class S3BlobStorage:
             fallback_upload,
         )
         self._setup(base, shared, True)
+        if tid_at_finish(base):
+            self._start_copier()
         if self._exporter:
             self._exporter.start()
+
+    def _start_copier(self) -> None:
+        """Start copying what commits owe after tpc_finish, beginning with
+        the journals killed processes left in this cache directory."""
+        copier = self._shared.copier = pending.Copier(
+            self._store,
+            self._layout,
+            functools.partial(pending.find_commit, self._base),
+            self._delete_staging_keys,
+        )
+        for journal in pending.abandoned_journals(self._cache.temp_dir):
+            log.info("Completing the blob copies left in %s", journal.path)
+            copier.add(journal)
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -389,7 +413,7 @@ class S3BlobStorage:
         elif commit.tid is not None:
             key = self._layout.key(blob.oid, commit.tid)
             upload = self._store.submit(self._store.upload, blob.path, key)
-        elif commit.upload_at_vote(
+        elif self._shared.copier is None and commit.upload_at_vote(
             os.path.getsize(blob.path), self._store.settings.staged_copy_threshold
         ):
             return
@@ -466,6 +490,9 @@ class S3BlobStorage:
         exist (a 404, never a transient failure), read it from the fallback,
         noting that in *from_fallback*."""
         try:
+            if self._shared.copier is not None:
+                # The writer's copy may not have landed yet.
+                return pending.download_fresh(self._store, key, serial, out)
             return self._store.download(key, out)
         except ObjectNotFound as exc:
             if not gc.revision_held_now(self._base, oid, serial):
@@ -649,9 +676,33 @@ class S3BlobStorage:
         raise_first(failures, len(commit.blobs))
         resolved = self._base.tpc_vote(transaction)
         if commit.has_transfers():
-            self._transfer_at_vote(commit)
+            if self._shared.copier is not None:
+                self._journal_at_vote(commit, transaction)
+            else:
+                self._transfer_at_vote(commit)
             self._count_uploads(commit)
         return resolved
+
+    def _journal_at_vote(self, commit: PendingCommit, transaction) -> None:
+        """Record the copies owed after tpc_finish durably, on a base that
+        learns the tid only there (see :mod:`zodb_s3blobs.pending`)."""
+        copies = [
+            pending.PendingCopy(b.upload_key, b.oid, b.checksum, True)
+            for b in commit.blobs.values()
+            if b.staged
+        ]
+        copies += [
+            pending.PendingCopy(self._layout.key(oid, source), oid, None, False)
+            for oid, source in commit.copies.items()
+        ]
+        if copies:
+            commit.journal = pending.Journal.create(
+                self._cache.temp_dir,
+                copies,
+                self._base.lastTransaction(),
+                pending.text(transaction.user),
+                pending.text(transaction.description),
+            )
 
     def _count_uploads(self, commit: PendingCommit) -> None:
         """Add the voted transaction's uploads to the metrics: every blob but
@@ -724,6 +775,17 @@ class S3BlobStorage:
         if commit is None:
             raise StorageTransactionError(self, transaction)
         tid = self._base.tpc_finish(transaction, func)
+        journal = commit.journal
+        if journal is not None:
+            try:
+                journal.record_tid(tid)
+            except OSError:
+                log.error(
+                    "Could not record tid %s in %s: a later start finds it",
+                    tid_repr(tid),
+                    journal.path,
+                    exc_info=True,
+                )
         if commit.tid is not None and commit.tid != tid:
             log.critical(
                 "Base storage committed tid %s but blobs were uploaded under %s",
@@ -746,6 +808,11 @@ class S3BlobStorage:
             commit.discard_files()
         except OSError:
             log.warning("Could not remove staged files", exc_info=True)
+        if journal is not None:
+            # Its staging objects stay until their copies are made.
+            self._shared.copier.add(journal)
+            owed = set(journal.staging_keys())
+            commit.staging_keys = [k for k in commit.staging_keys if k not in owed]
         self._delete_staging(commit)
         return tid
 
@@ -778,6 +845,11 @@ class S3BlobStorage:
         and delete the objects this transaction created; log, never raise
         (tpc_abort must not fail)."""
         created: list[str] = []
+        if commit.journal is not None:
+            try:
+                commit.journal.remove()
+            except OSError:
+                log.error("Could not remove %s", commit.journal.path, exc_info=True)
         try:
             # An upload still running when its DELETE is sent would land after
             # it: wait for those, cancel those not started.
@@ -801,7 +873,9 @@ class S3BlobStorage:
         """Delete the transaction's staging objects in the background, best
         effort: no later transaction writes their random keys, and the
         collector removes those left (older than a day)."""
-        keys = commit.staging_keys
+        self._delete_staging_keys(commit.staging_keys)
+
+    def _delete_staging_keys(self, keys: list[str]) -> None:
         if not keys:
             return
         try:
@@ -854,6 +928,9 @@ class S3BlobStorage:
                 self._cache,
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
+                owed=self._shared.copier.staging_keys()
+                if self._shared.copier
+                else frozenset(),
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report
@@ -876,6 +953,8 @@ class S3BlobStorage:
 
     def close(self) -> None:
         try:
+            if self._owner and self._shared.copier is not None:
+                self._shared.copier.close()  # may ask the base, still open
             self._base.close()
         finally:
             if self._owner:
