@@ -172,13 +172,16 @@ def test_readers_wait_for_a_copy_the_fault_server_delays(site):
         return "HTTP_X_AMZ_COPY_SOURCE" in environ
 
     faults = Faults(error_rate=0.2, stall=0.5, when=is_copy)
-    with faulty_s3(faults) as s3, site.process("a", s3.endpoint_url) as a:
-        with site.process("b") as b:
-            for round_ in range(20):
-                data = payload(2000).hex()
-                written = a.call("write", name="x", data=data)
-                read = _read_revision(b, "x", written["tid"])
-                assert read["data"] == data, round_
+    with (
+        faulty_s3(faults) as s3,
+        site.process("a", s3.endpoint_url) as a,
+        site.process("b") as b,
+    ):
+        for round_ in range(20):
+            data = payload(2000).hex()
+            written = a.call("write", name="x", data=data)
+            read = _read_revision(b, "x", written["tid"])
+            assert read["data"] == data, round_
     assert any(note.startswith("503") for note in faults.injected)
     assert site.staging_keys() == []
 
@@ -195,14 +198,14 @@ def test_a_client_killed_before_its_copy_is_completed_at_restart(site):
             written = writer.call("write", name="k", data=data)
             writer.process.send_signal(signal.SIGKILL)
             writer.process.wait()
-    journals = list((site.directory / "w" / "cache" / "tmp").glob("pending-*"))
+    journals = list((site.directory / "w" / "cache" / "locks").glob("pending-*"))
     assert len(journals) == 1
     assert len(site.staging_keys()) == 1
     assert bucket_keys(site.prefix) == []
     with site.process("w") as restarted, site.process("other") as other:
         assert other.call("read", name="k")["data"] == data
         assert restarted.call("read", name="k")["tid"] == written["tid"]
-    assert list((site.directory / "w" / "cache" / "tmp").glob("pending-*")) == []
+    assert list((site.directory / "w" / "cache" / "locks").glob("pending-*")) == []
     assert site.staging_keys() == []
     oid, tid = bytes.fromhex(written["oid"]), bytes.fromhex(written["tid"])
     assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
@@ -265,7 +268,7 @@ def test_abort_removes_the_journal_and_the_staging_objects(site):
         with pytest.raises(RuntimeError, match="vote refused"):
             tm.commit()
         tm.abort()
-        assert list((site.directory / "cache" / "tmp").glob("pending-*")) == []
+        assert list((site.directory / "cache" / "locks").glob("pending-*")) == []
     finally:
         db.close()
     assert bucket_keys(site.prefix) == []
@@ -285,4 +288,3 @@ class _FailingVote:
         """Nothing to undo."""
 
     tpc_begin = commit = tpc_finish = tpc_abort = abort
-

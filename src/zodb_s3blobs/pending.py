@@ -4,7 +4,8 @@ that learns its tid only there (ZEO's ClientStorage, see ``tids.tid_at_finish``)
 Such a transaction uploads its blobs to staging keys at ``storeBlob`` (the
 vote waits for them, and fails if one failed). At vote, once the base voted,
 a *journal* records the copies still to make -- staging key, oid, CRC32 --
-in a file under the cache's private ``tmp/``, written and fsynced before it
+in a file under the cache's private ``locks/`` (not ``tmp/``, which ZODB
+lists as the storage's temporary directory), written and fsynced before it
 appears under its name (``pending-*.journal``), and locked (``flock``) by
 its process for as long as it is pending. When the base's ``tpc_finish``
 returns the tid, the tid is appended to the journal (fsynced) before
@@ -53,6 +54,9 @@ from .objectstore import Copy, ObjectStore
 log = logging.getLogger(__name__)
 
 PREFIX, SUFFIX = "pending-", ".journal"
+#: The directory of the cache directory that holds the journals: private,
+#: and trusted when the cache opens.
+JOURNAL_DIR = "locks"
 #: A journal is never larger than this (a transaction of 100 000 blobs).
 MAX_JOURNAL = 64 << 20
 #: A revision younger than this (by its tid's timestamp) whose object S3 does
@@ -112,7 +116,7 @@ class Journal:
             _write_all(fd, json.dumps(record).encode() + b"\n")
             os.fsync(fd)
             path = new[: -len(".new")] + SUFFIX
-            os.rename(new, path)
+            os.replace(new, path)
             _fsync_directory(directory)
         except BaseException:
             os.close(fd)

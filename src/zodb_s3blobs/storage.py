@@ -279,7 +279,7 @@ class S3BlobStorage:
             functools.partial(pending.find_commit, self._base),
             self._delete_staging_keys,
         )
-        for journal in pending.abandoned_journals(self._cache.temp_dir):
+        for journal in pending.abandoned_journals(self._journal_dir()):
             log.info("Completing the blob copies left in %s", journal.path)
             copier.add(journal)
 
@@ -683,6 +683,9 @@ class S3BlobStorage:
             self._count_uploads(commit)
         return resolved
 
+    def _journal_dir(self) -> str:
+        return os.path.join(self._cache.directory, pending.JOURNAL_DIR)
+
     def _journal_at_vote(self, commit: PendingCommit, transaction) -> None:
         """Record the copies owed after tpc_finish durably, on a base that
         learns the tid only there (see :mod:`zodb_s3blobs.pending`)."""
@@ -697,7 +700,7 @@ class S3BlobStorage:
         ]
         if copies:
             commit.journal = pending.Journal.create(
-                self._cache.temp_dir,
+                self._journal_dir(),
                 copies,
                 self._base.lastTransaction(),
                 pending.text(transaction.user),
