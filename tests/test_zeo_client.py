@@ -21,7 +21,9 @@ import transaction
 import ZODB
 import ZODB.config
 from ZODB.blob import Blob
+from ZODB.serialize import referencesf
 
+import clitools
 import s3env
 from dbprocess import DatabaseProcess
 from deploy import blob_key, bucket_keys, console_script, payload
@@ -288,3 +290,26 @@ class _FailingVote:
         """Nothing to undo."""
 
     tpc_begin = commit = tpc_finish = tpc_abort = abort
+
+
+def test_the_commands_take_a_client_configuration(site):
+    """check, verify and gc open <s3blobstorage><zeoclient> and ask the
+    ZEO server: gc after a pack made on the server side alone (records
+    only) removes the revisions it dropped."""
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        revisions = [commit_blob(db, "c", payload()) for _ in range(2)]
+        db.storage._shared.copier.close()
+        db.storage._base.pack(None, referencesf)  # as zeopack: records only
+    finally:
+        db.close()
+    assert len(bucket_keys(site.prefix)) == 2
+    config = site.directory / "zope.conf"
+    config.write_text(site.config(site.directory / "cli-cache"))
+    for command in ("check", "verify"):
+        result = clitools.run(command, config)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = clitools.run("gc", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    oid, last = revisions[-1]
+    assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
