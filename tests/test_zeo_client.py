@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import transaction
+import ZEO
 import ZODB
 import ZODB.config
 from ZODB.blob import Blob
@@ -292,10 +293,22 @@ class _FailingVote:
     tpc_begin = commit = tpc_finish = tpc_abort = abort
 
 
-def test_the_commands_take_a_client_configuration(site):
+@pytest.fixture
+def own_site(tmp_path) -> Iterator[ZEOSite]:
+    """A site on a ZEO server of its own (verify reads the whole database),
+    started in this process."""
+    (_host, port), stop = ZEO.server(path=str(tmp_path / "Data.fs"))
+    try:
+        yield ZEOSite(port, tmp_path, s3env.new_prefix())
+    finally:
+        stop()
+
+
+def test_the_commands_take_a_client_configuration(own_site):
     """check, verify and gc open <s3blobstorage><zeoclient> and ask the
     ZEO server: gc after a pack made on the server side alone (records
     only) removes the revisions it dropped."""
+    site = own_site
     db = ZODB.DB(site.storage(site.directory / "cache"))
     try:
         revisions = [commit_blob(db, "c", payload()) for _ in range(2)]
