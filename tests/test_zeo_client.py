@@ -31,7 +31,7 @@ from deploy import blob_key, bucket_keys, console_script, payload
 from faultserver import Faults, faulty_s3
 from ports import HOST, free_port, wait_for_port
 from test_zeo import _end_with_the_tests
-from zodb_s3blobs import pending
+from zodb_s3blobs import journal
 from zodb_s3blobs.keys import KeyLayout
 
 
@@ -232,14 +232,14 @@ def test_a_journal_without_tid_is_resolved_by_asking_the_server(site):
         oid, tid = root["j"]._p_oid, root["j"]._p_serial
         tm.abort()
 
-        def journal(oid: bytes, description: str) -> pending.Journal:
-            copy = pending.PendingCopy("staging/x.blob", oid, None, True)
-            return pending.Journal("", -1, [copy], before, "", description)
+        def journal_of(oid: bytes, description: str) -> journal.Journal:
+            copy = journal.PendingCopy("staging/x.blob", oid, None, True)
+            return journal.Journal("", -1, [copy], before, "", description)
 
-        assert pending.find_commit(storage, journal(oid, "upload")) == tid
-        assert pending.find_commit(storage, journal(oid, "other")) is None
+        assert journal.find_commit(storage, journal_of(oid, "upload")) == tid
+        assert journal.find_commit(storage, journal_of(oid, "other")) is None
         unused = storage.new_oid()
-        assert pending.find_commit(storage, journal(unused, "upload")) is None
+        assert journal.find_commit(storage, journal_of(unused, "upload")) is None
     finally:
         db.close()
 

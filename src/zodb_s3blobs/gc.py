@@ -171,7 +171,7 @@ def collect_orphans(
     from an older copy of the database (a restored backup, a staging clone
     on the live prefix), the collector would otherwise delete every blob the
     live database committed since that copy was made. Staging keys in
-    *owed* (copies still to make, see :mod:`zodb_s3blobs.pending`) are kept
+    *owed* (copies still to make, see :mod:`zodb_s3blobs.copier`) are kept
     whatever their age.
     """
     report = CollectionReport()

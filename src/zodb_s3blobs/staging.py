@@ -56,7 +56,7 @@ class PendingCommit:
     #: Bytes of the blobs left to upload at vote (see upload_at_vote).
     bytes_at_vote: int = 0
     #: The copies owed after tpc_finish, where the base learns the tid only
-    #: there (a pending.Journal, written at vote).
+    #: there (a journal.Journal, written at vote).
     journal: object | None = None
 
     def upload_at_vote(self, size: int, budget: int) -> bool:

@@ -43,11 +43,21 @@ from ZODB.POSException import (
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
-from . import gc, pending, unghost
+from . import gc, unghost
 from .cache import MIN_AGE, BlobCache
+from .copier import Copier
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
+from .freshread import download_fresh
+from .journal import (
+    JOURNAL_DIR,
+    Journal,
+    PendingCopy,
+    abandoned_journals,
+    find_commit,
+    metadata_text,
+)
 from .keys import KeyLayout
 from .metrics import Metrics
 from .objectstore import Copy, ObjectStore, file_crc32, raise_first
@@ -125,7 +135,7 @@ class _Shared:
     in_s3: set = field(default_factory=set)
     #: Makes the copies owed after tpc_finish, on a base that learns its tid
     #: only there (ZEO's ClientStorage); None on the others.
-    copier: pending.Copier | None = None
+    copier: Copier | None = None
 
 
 class _FilesystemView:
@@ -273,15 +283,15 @@ class S3BlobStorage:
     def _start_copier(self) -> None:
         """Start copying what commits owe after tpc_finish, beginning with
         the journals killed processes left in this cache directory."""
-        copier = self._shared.copier = pending.Copier(
+        self._shared.copier = Copier(
             self._store,
             self._layout,
-            functools.partial(pending.find_commit, self._base),
+            functools.partial(find_commit, self._base),
             self._delete_staging_keys,
         )
-        for journal in pending.abandoned_journals(self._journal_dir()):
-            log.info("Completing the blob copies left in %s", journal.path)
-            copier.add(journal)
+        for left in abandoned_journals(self._journal_dir()):
+            log.info("Completing the blob copies left in %s", left.path)
+            self._shared.copier.add(left)
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -492,7 +502,7 @@ class S3BlobStorage:
         try:
             if self._shared.copier is not None:
                 # The writer's copy may not have landed yet.
-                return pending.download_fresh(self._store, key, serial, out)
+                return download_fresh(self._store, key, serial, out)
             return self._store.download(key, out)
         except ObjectNotFound as exc:
             if not gc.revision_held_now(self._base, oid, serial):
@@ -684,27 +694,27 @@ class S3BlobStorage:
         return resolved
 
     def _journal_dir(self) -> str:
-        return os.path.join(self._cache.directory, pending.JOURNAL_DIR)
+        return os.path.join(self._cache.directory, JOURNAL_DIR)
 
     def _journal_at_vote(self, commit: PendingCommit, transaction) -> None:
         """Record the copies owed after tpc_finish durably, on a base that
-        learns the tid only there (see :mod:`zodb_s3blobs.pending`)."""
+        learns the tid only there (see :mod:`zodb_s3blobs.copier`)."""
         copies = [
-            pending.PendingCopy(b.upload_key, b.oid, b.checksum, True)
+            PendingCopy(b.upload_key, b.oid, b.checksum, True)
             for b in commit.blobs.values()
             if b.staged
         ]
         copies += [
-            pending.PendingCopy(self._layout.key(oid, source), oid, None, False)
+            PendingCopy(self._layout.key(oid, source), oid, None, False)
             for oid, source in commit.copies.items()
         ]
         if copies:
-            commit.journal = pending.Journal.create(
+            commit.journal = Journal.create(
                 self._journal_dir(),
                 copies,
                 self._base.lastTransaction(),
-                pending.text(transaction.user),
-                pending.text(transaction.description),
+                metadata_text(transaction.user),
+                metadata_text(transaction.description),
             )
 
     def _count_uploads(self, commit: PendingCommit) -> None:

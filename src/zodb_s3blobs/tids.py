@@ -19,7 +19,7 @@ tested with.
 ZEO's ``ClientStorage`` learns its tid only from the server's answer to
 ``tpc_finish`` (``tid_at_finish``): its blobs go to staging keys at
 ``storeBlob`` and are copied to their revisions' keys after the commit (see
-:mod:`zodb_s3blobs.pending`).
+:mod:`zodb_s3blobs.copier`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _check(storage: object) -> None:
 def tid_at_finish(storage: object) -> bool:
     """Does *storage* learn its tid only when its ``tpc_finish`` returns it?
     Its blobs are then copied to their revisions' keys after the commit
-    (:mod:`zodb_s3blobs.pending`) rather than at vote."""
+    (:mod:`zodb_s3blobs.copier`) rather than at vote."""
     return False
 
 
