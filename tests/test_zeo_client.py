@@ -10,6 +10,7 @@ the objects it wrote). The clients are real OS processes
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -320,15 +321,22 @@ class _FailingVote:
     tpc_begin = commit = tpc_finish = tpc_abort = abort
 
 
-@pytest.fixture
-def own_site(tmp_path) -> Iterator[ZEOSite]:
-    """A site on a ZEO server of its own (verify reads the whole database),
-    started in this process."""
-    (_host, port), stop = ZEO.server(path=str(tmp_path / "Data.fs"))
+@contextlib.contextmanager
+def site_of_its_own(directory: Path) -> Iterator[ZEOSite]:
+    """A site on a ZEO server of its own over a new, empty database, started
+    in this process (for a test that reads or restores the whole database)."""
+    (_host, port), stop = ZEO.server(path=str(directory / "Data.fs"))
     try:
-        yield ZEOSite(port, tmp_path, s3env.new_prefix())
+        yield ZEOSite(port, directory, s3env.new_prefix())
     finally:
         stop()
+
+
+@pytest.fixture
+def own_site(tmp_path) -> Iterator[ZEOSite]:
+    """verify reads the whole database: a server of its own."""
+    with site_of_its_own(tmp_path) as site:
+        yield site
 
 
 def test_the_commands_take_a_client_configuration(own_site):
