@@ -430,7 +430,12 @@ class S3BlobStorage:
         else:
             key = self._layout.staging_key()
             blob.staged = True
-            upload = self._store.submit(self._upload_staged, blob, key)
+            if self._shared.copier is not None:
+                # Copied after the commit, by the copier, which asks S3 for
+                # the size itself: a HEAD now would only delay the vote.
+                upload = self._store.submit(self._store.upload, blob.path, key)
+            else:
+                upload = self._store.submit(self._upload_staged, blob, key)
         # Only once submitted: a blob with an upload key counts as uploaded.
         blob.upload_key, blob.upload = key, upload
 
