@@ -184,13 +184,16 @@ def _exchange_blobs(a: DatabaseProcess, b: DatabaseProcess, rounds: int) -> None
 
 
 def _read_revision(process: DatabaseProcess, name: str, tid: str) -> dict:
-    """Read root[name] in *process* once it has seen revision *tid* (ZEO's
-    invalidation may reach it a moment after the writer's commit returns)."""
+    """Read root[name] in *process* as soon as it sees revision *tid* (ZEO's
+    invalidation may reach it a moment after the writer's commit returns; a
+    new name is missing until then)."""
     for _attempt in range(1000):
-        read = process.call("read", name=name)
-        if read["tid"] == tid:
+        seen = process.call("revision", name=name)["tid"]
+        if seen == tid:
+            read = process.call("read", name=name)
+            assert read["tid"] == tid
             return read
-        assert read["tid"] < tid
+        assert seen is None or seen < tid
     raise AssertionError(f"revision {tid} of {name} never became visible")
 
 
