@@ -14,7 +14,10 @@ RelStorage with PostgreSQL (started as the tests start it, see
 the other processes of a site: the longest commit a second OS process
 (``committer.py``) makes meanwhile, as a ratio to the blob commit's duration;
 and, for smaller blobs, that longest commit with ``s3-staged-copy-threshold``
-staging every blob and staging none, to help choose its default.
+staging every blob and staging none, to help choose its default. Last, the
+commits are made from ZEO clients (``runzeo`` processes on 127.0.0.1): one
+wrapping its own storage against boto3 and against a plain client whose
+server wraps its storage.
 
 Everything listens on 127.0.0.1 only and the working directory is temporary.
 moto is made to serve ranged GETs at the cost of the range, as S3 does
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +49,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import transaction
+import ZEO
 import ZODB
 import ZODB.config
 from boto3.s3.transfer import TransferConfig
@@ -121,6 +127,7 @@ EVICTION = "eviction check"
 INSTALL_FSYNC = "cache install, fsync"
 LOCK_RATIO = "lock ratio, RelStorage"
 COMMIT_LOCK = "commit lock"
+ZEO_CLIENT = "ZEO client"
 
 
 @dataclass(frozen=True)
@@ -378,7 +385,7 @@ class Bench:
         return self._site
 
     def _start_site(self) -> Site:
-        pgserver, deploy = shared_test_helpers()
+        pgserver, deploy = test_helper("pgserver"), test_helper("deploy")
         try:
             bindir = pgserver.find_bindir()
         except pgserver.PostgreSQLMissing as exc:
@@ -396,16 +403,36 @@ class Bench:
         return Site(base, committer)
 
 
-def shared_test_helpers():
-    """``tests/pgserver.py`` and ``tests/deploy.py``, imported as the tests
-    import them (their folder on sys.path): the bench starts PostgreSQL and
-    writes ``<relstorage>`` exactly as the tests do."""
+def test_helper(name: str):
+    """The module ``tests/{name}.py`` (pgserver, deploy, ports), imported as
+    the tests import it (their folder on sys.path): the bench starts
+    PostgreSQL and ZEO servers and writes ``<relstorage>`` as the tests do."""
     if str(TESTS) not in sys.path:
         sys.path.append(str(TESTS))
-    import deploy
-    import pgserver
+    return importlib.import_module(name)
 
-    return pgserver, deploy
+
+@contextlib.contextmanager
+def zeo_server(workdir: str, name: str, storage_section: str) -> Iterator[int]:
+    """``runzeo`` serving *storage_section*, in a process of its own on a
+    free port of 127.0.0.1 (its config and log in *workdir*); the port."""
+    ports, deploy = test_helper("ports"), test_helper("deploy")
+    port = ports.free_port()
+    config = os.path.join(workdir, f"{name}-zeo.conf")
+    with open(config, "w") as f:
+        f.write(f"<zeo>\n  address {ports.HOST}:{port}\n</zeo>\n{storage_section}")
+    with open(os.path.join(workdir, f"{name}-zeo.log"), "w") as log:
+        server = subprocess.Popen(
+            [deploy.console_script("runzeo"), "-C", config],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ports.wait_for_port(port, server)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def commit_window(db: ZODB.DB, name: str, value: object) -> tuple[float, float]:
@@ -473,9 +500,14 @@ def check(read: list[bytes], expected: bytes, what: str) -> None:
 
 
 def ratio_row(
-    path: str, storage: list[float], plain: list[float], limit: float, note: str
+    path: str,
+    storage: list[float],
+    plain: list[float],
+    limit: float | None,
+    note: str,
 ) -> Row:
-    """A row comparing the best storage time with the best boto3 time."""
+    """A row comparing the best storage time with the best baseline time
+    (boto3's, unless the note says otherwise)."""
     best, baseline = min(storage), min(plain)
     return Row(path, best, baseline, best / baseline, limit, note=note)
 
@@ -851,6 +883,105 @@ def staged_copy_threshold(bench: Bench) -> list[Row]:
     return rows
 
 
+def zeo_client_commits(bench: Bench) -> list[Row]:
+    """Commit the small blobs (one transaction) and the large blob from a ZEO
+    client wrapping its own storage (``<s3blobstorage>`` around
+    ``<zeoclient>``: the client talks to S3, its server keeps records) vs
+    plain boto3, and vs the server-side topology (a plain ZEO client with a
+    blob cache, whose server's storage is ``<s3blobstorage>``: every blob
+    byte travels through the ZEO server). Both servers are ``runzeo``
+    processes of their own, and S3 is reached through the uncapped line. A
+    client-side commit returns before its server-side copies land: the bench
+    waits for them after each commit, untimed."""
+    scale, link, workdir = bench.scale, bench.link, bench.workdir
+    records = os.path.join(workdir, "zeo-records.fs")
+    wrapped = bench.zconfig("zeo-server-side", link, None, "")
+    with (
+        zeo_server(
+            workdir, "records", f"<filestorage>\n  path {records}\n</filestorage>"
+        ) as records_port,
+        zeo_server(workdir, "server-side", wrapped) as wrapped_port,
+    ):
+        client_section = f"<zeoclient>\n  server 127.0.0.1:{records_port}\n</zeoclient>"
+        server_side_cache = os.path.join(workdir, "zeo-blob-cache")
+        server_side_storage = ZEO.client(
+            ("127.0.0.1", wrapped_port),
+            blob_dir=server_side_cache,
+            shared_blob_dir=False,
+        )
+        with (
+            bench.database("zeo-client-side", link, client_section) as client_side,
+            contextlib.closing(ZODB.DB(server_side_storage)) as server_side,
+        ):
+            small = zeo_commit_rows(
+                bench,
+                client_side,
+                server_side,
+                lambda: PersistentMapping(
+                    {str(n): Blob(bench.small) for n in range(scale.blobs)}
+                ),
+                lambda attempt: link.put_parallel(
+                    [link.plain_key(f"zeo-{attempt}/{n}") for n in range(scale.blobs)],
+                    bench.small,
+                ),
+                COMMIT_SMALL,
+                f"{scale.blobs} x {human(scale.blob_size)}",
+            )
+            large = zeo_commit_rows(
+                bench,
+                client_side,
+                server_side,
+                lambda: Blob(bench.large),
+                lambda attempt: link.upload_file(
+                    bench.large_file, link.plain_key(f"zeo-large-{attempt}")
+                ),
+                COMMIT_LARGE,
+                human(scale.large_size),
+            )
+    return small + large
+
+
+def zeo_commit_rows(
+    bench: Bench,
+    client_side: ZODB.DB,
+    server_side: ZODB.DB,
+    value: Callable[[], object],
+    plain: Callable[[int], object],
+    path: str,
+    what: str,
+) -> list[Row]:
+    """Time committing *value()* through each topology and *plain(attempt)*
+    with boto3, ``scale.repeats`` times in turn; a row against boto3 and
+    one against the server-side topology."""
+    copier = client_side.storage._shared.copier
+    times: dict[str, list[float]] = {"client": [], "server": [], "boto3": []}
+    for attempt in range(bench.scale.repeats):
+        name = f"{path}-{attempt}"
+        times["client"].append(commit(client_side, name, value()))
+        while copier.pending():
+            time.sleep(0.01)
+        times["server"].append(commit(server_side, name, value()))
+        times["boto3"].append(timed(partial(plain, attempt)))
+    best = f"best of {bench.scale.repeats}"
+    return [
+        ratio_row(
+            f"{path}, {ZEO_CLIENT}",
+            times["client"],
+            times["boto3"],
+            1.1,
+            f"{what}, {best}; the server keeps records only",
+        ),
+        ratio_row(
+            f"{path}, {ZEO_CLIENT} vs server-side",
+            times["client"],
+            times["server"],
+            None,
+            f"{what}, {best}; boto3 column: a ZEO client whose server wraps "
+            "its storage in <s3blobstorage>",
+        ),
+    ]
+
+
 STEPS: tuple[Callable[[Bench], Row | list[Row]], ...] = (
     commit_small,
     cold_read_small,
@@ -866,6 +997,7 @@ STEPS: tuple[Callable[[Bench], Row | list[Row]], ...] = (
     partial(lock_ratio, wan=True),
     lock_ratio,
     staged_copy_threshold,
+    zeo_client_commits,
 )
 
 
@@ -933,7 +1065,8 @@ def print_table(rows: list[Row], scale: Scale, delay: float, megabits: float) ->
         f"'{megabits:g} Mbit/s' go through a second line of the same delay "
         f"capped at that bandwidth each way, shared by all connections; best of "
         f"{scale.wan_repeats}. RelStorage rows: PostgreSQL on 127.0.0.1, and a "
-        f"second process committing without blobs in a loop"
+        f"second process committing without blobs in a loop. ZEO rows: "
+        f"runzeo processes on 127.0.0.1"
     )
     header = ("path", "storage s", "boto3 s", "ratio", "target", "ok/MISS", "notes")
     cells = [

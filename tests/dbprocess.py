@@ -178,6 +178,17 @@ class _Requests:
             "tid": blob._p_serial.hex(),
         }
 
+    def revision(self, name: str) -> dict:
+        """The tid of root[name] as a new transaction sees it (None while
+        this process has not seen the name), without opening the blob."""
+        blob = self._root().get(name)
+        tid = None
+        if blob is not None:
+            blob._p_activate()
+            tid = blob._p_serial.hex()
+        self.tm.abort()
+        return {"tid": tid}
+
     def delete(self, name: str) -> dict:
         """Remove root[name] from the root."""
         del self._root()[name]

@@ -35,6 +35,10 @@ ROWS = (
     "lock ratio, RelStorage, 100 Mbit/s",
     "lock ratio, RelStorage",
     "commit lock, 64.0 KiB blob, 100 Mbit/s",
+    "commit small blobs, ZEO client",
+    "commit small blobs, ZEO client vs server-side",
+    "commit large blob, ZEO client",
+    "commit large blob, ZEO client vs server-side",
 )
 
 

@@ -523,8 +523,16 @@ def test_a_failed_head_does_not_make_the_abort_delete_an_existing_object(
 ):
     """zodbconvert rerun: the revision's object is already in the bucket, and
     the restore's HEAD fails: the vote fails, and the abort must not delete
-    the object, which this transaction cannot tell it created."""
-    storage = make_storage(base=FileStorage(str(tmp_path / "r.fs")))
+    the object, which this transaction cannot tell it created.
+
+    Two attempts (s3-max-attempts 2): the HEAD fails every time, and the
+    default's ten, with their backoff, would take about a minute to give up;
+    the retries of 503 SlowDown with the default are tested in
+    test_zeo_client.py."""
+    storage = make_storage(
+        base=FileStorage(str(tmp_path / "r.fs")),
+        settings=s3env.settings(max_attempts=2),
+    )
     tid = p64(0x03E0000000000000)
     oid = p64(7)
     key = storage._layout.key(oid, tid)

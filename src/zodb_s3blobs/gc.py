@@ -161,6 +161,7 @@ def collect_orphans(
     dry_run: bool = False,
     grace: float = IN_FLIGHT_GRACE,
     stale_in_flight: bool = False,
+    owed: frozenset[str] | set[str] = frozenset(),
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs.
 
@@ -169,7 +170,9 @@ def collect_orphans(
     orphan only with *stale_in_flight* (the operator's explicit choice): run
     from an older copy of the database (a restored backup, a staging clone
     on the live prefix), the collector would otherwise delete every blob the
-    live database committed since that copy was made.
+    live database committed since that copy was made. Staging keys in
+    *owed* (copies still to make, see :mod:`zodb_s3blobs.copier`) are kept
+    whatever their age.
     """
     report = CollectionReport()
     with current_view(base) as view:
@@ -203,7 +206,7 @@ def collect_orphans(
         report.scanned += 1
         if not layout.is_staging_key(key):
             report.foreign += 1
-        elif last_modified > now - grace:
+        elif last_modified > now - grace or key in owed:
             report.staging += 1
         else:
             report.staging_expired += 1

@@ -55,6 +55,9 @@ class PendingCommit:
     staging_keys: list[str] = field(default_factory=list)
     #: Bytes of the blobs left to upload at vote (see upload_at_vote).
     bytes_at_vote: int = 0
+    #: The copies owed after tpc_finish, where the base learns the tid only
+    #: there (a journal.Journal, written at vote).
+    journal: object | None = None
 
     def upload_at_vote(self, size: int, budget: int) -> bool:
         """Should a blob of *size* bytes wait for the vote (True), or be

@@ -47,9 +47,19 @@ from ZODB.utils import oid_repr, tid_repr, z64
 
 from . import gc, unghost
 from .cache import MIN_AGE, BlobCache
+from .copier import Copier
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .exposition import MetricsFile
 from .fallback import Fallback, not_in_either, open_fallback
+from .freshread import download_fresh
+from .journal import (
+    JOURNAL_DIR,
+    Journal,
+    PendingCopy,
+    abandoned_journals,
+    find_commit,
+    metadata_text,
+)
 from .keys import KeyLayout
 from .metrics import Metrics
 from .objectstore import (
@@ -63,7 +73,13 @@ from .objectstore import (
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
-from .tids import check_supported, reuses_aborted_tid, tid_at_begin, tid_at_vote
+from .tids import (
+    check_supported,
+    reuses_aborted_tid,
+    tid_at_begin,
+    tid_at_finish,
+    tid_at_vote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +149,9 @@ class _Shared:
     #: database as of now (see S3BlobStorage._held_now), and its lock.
     view: object = None
     view_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Makes the copies owed after tpc_finish, on a base that learns its tid
+    #: only there (ZEO's ClientStorage); None on the others.
+    copier: Copier | None = None
 
 
 class _FilesystemView:
@@ -274,8 +293,23 @@ class S3BlobStorage:
             base=base,
         )
         self._setup(base, shared, True)
+        if tid_at_finish(base):
+            self._start_copier()
         if self._exporter:
             self._exporter.start()
+
+    def _start_copier(self) -> None:
+        """Start copying what commits owe after tpc_finish, beginning with
+        the journals killed processes left in this cache directory."""
+        self._shared.copier = Copier(
+            self._store,
+            self._layout,
+            functools.partial(find_commit, self._base),
+            self._delete_staging_keys,
+        )
+        for left in abandoned_journals(self._journal_dir()):
+            log.info("Completing the blob copies left in %s", left.path)
+            self._shared.copier.add(left)
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -414,14 +448,19 @@ class S3BlobStorage:
             upload = self._store.submit(
                 self._store.upload, blob.path, key, False, replace
             )
-        elif commit.upload_at_vote(
+        elif self._shared.copier is None and commit.upload_at_vote(
             os.path.getsize(blob.path), self._store.settings.staged_copy_threshold
         ):
             return
         else:
             key = self._layout.staging_key()
             blob.staged = True
-            upload = self._store.submit(self._upload_staged, blob, key)
+            if self._shared.copier is not None:
+                # Copied after the commit, by the copier, which asks S3 for
+                # the size itself: a HEAD now would only delay the vote.
+                upload = self._store.submit(self._store.upload, blob.path, key)
+            else:
+                upload = self._store.submit(self._upload_staged, blob, key)
         # Only once submitted: a blob with an upload key counts as uploaded.
         blob.upload_key, blob.upload = key, upload
 
@@ -494,6 +533,9 @@ class S3BlobStorage:
         exist (a 404, never a transient failure), read it from the fallback,
         noting the size and CRC32 of what it read in *from_fallback*."""
         try:
+            if self._shared.copier is not None:
+                # The writer's copy may not have landed yet.
+                return download_fresh(self._store, key, serial, out)
             return self._store.download(key, out)
         except ObjectNotFound as exc:
             if not gc.revision_held_now(self._base, oid, serial):
@@ -765,9 +807,36 @@ class S3BlobStorage:
         raise_first(failures, len(commit.blobs))
         resolved = self._base.tpc_vote(transaction)
         if commit.has_transfers():
-            self._transfer_at_vote(commit)
+            if self._shared.copier is not None:
+                self._journal_at_vote(commit, transaction)
+            else:
+                self._transfer_at_vote(commit)
             self._count_uploads(commit)
         return resolved
+
+    def _journal_dir(self) -> str:
+        return os.path.join(self._cache.directory, JOURNAL_DIR)
+
+    def _journal_at_vote(self, commit: PendingCommit, transaction) -> None:
+        """Record the copies owed after tpc_finish durably, on a base that
+        learns the tid only there (see :mod:`zodb_s3blobs.copier`)."""
+        copies = [
+            PendingCopy(b.upload_key, b.oid, b.checksum, True)
+            for b in commit.blobs.values()
+            if b.staged
+        ]
+        copies += [
+            PendingCopy(self._layout.key(oid, source), oid, None, False)
+            for oid, source in commit.copies.items()
+        ]
+        if copies:
+            commit.journal = Journal.create(
+                self._journal_dir(),
+                copies,
+                self._base.lastTransaction(),
+                metadata_text(transaction.user),
+                metadata_text(transaction.description),
+            )
 
     def _count_uploads(self, commit: PendingCommit) -> None:
         """Add the voted transaction's uploads to the metrics: every blob but
@@ -840,6 +909,17 @@ class S3BlobStorage:
         if commit is None:
             raise StorageTransactionError(self, transaction)
         tid = self._base.tpc_finish(transaction, func)
+        journal = commit.journal
+        if journal is not None:
+            try:
+                journal.record_tid(tid)
+            except OSError:
+                log.error(
+                    "Could not record tid %s in %s: a later start finds it",
+                    tid_repr(tid),
+                    journal.path,
+                    exc_info=True,
+                )
         if commit.tid is not None and commit.tid != tid:
             log.critical(
                 "Base storage committed tid %s but blobs were uploaded under %s",
@@ -862,6 +942,11 @@ class S3BlobStorage:
             commit.discard_files()
         except OSError:
             log.warning("Could not remove staged files", exc_info=True)
+        if journal is not None:
+            # Its staging objects stay until their copies are made.
+            self._shared.copier.add(journal)
+            owed = set(journal.staging_keys())
+            commit.staging_keys = [k for k in commit.staging_keys if k not in owed]
         self._delete_staging(commit)
         return tid
 
@@ -894,6 +979,11 @@ class S3BlobStorage:
         and delete the objects this transaction created; log, never raise
         (tpc_abort must not fail)."""
         created: list[str] = []
+        if commit.journal is not None:
+            try:
+                commit.journal.remove()
+            except OSError:
+                log.error("Could not remove %s", commit.journal.path, exc_info=True)
         try:
             # An upload still running when its DELETE is sent would land after
             # it: wait for those, cancel those not started.
@@ -917,7 +1007,9 @@ class S3BlobStorage:
         """Delete the transaction's staging objects in the background, best
         effort: no later transaction writes their random keys, and the
         collector removes those left (older than a day)."""
-        keys = commit.staging_keys
+        self._delete_staging_keys(commit.staging_keys)
+
+    def _delete_staging_keys(self, keys: list[str]) -> None:
         if not keys:
             return
         try:
@@ -970,6 +1062,9 @@ class S3BlobStorage:
                 self._cache,
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
+                owed=self._shared.copier.staging_keys()
+                if self._shared.copier
+                else frozenset(),
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report
@@ -993,8 +1088,9 @@ class S3BlobStorage:
     def close(self) -> None:
         """Close the base; the storage that opened the parts closes them too,
         each even if another fails: the metrics' last write first (all still
-        open), then the store (background uploads that ask the database end),
-        the database view, the base, and the cache."""
+        open), then the copier of a ZEO client (it may ask the base), the
+        store (background uploads that ask the database end), the database
+        view, the base, and the cache."""
         with contextlib.ExitStack() as closing:
             if self._owner:
                 closing.callback(self._cache.close)
@@ -1003,5 +1099,7 @@ class S3BlobStorage:
                 return
             closing.callback(self._release_view)
             closing.callback(self._store.close)
+            if self._shared.copier is not None:
+                closing.callback(self._shared.copier.close)
             if self._exporter:
                 closing.callback(self._exporter.close)

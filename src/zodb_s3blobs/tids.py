@@ -15,6 +15,11 @@ finished, so the database's commit lock is held only while small blobs
 upload and staged ones are copied server-side. The rule uses RelStorage
 internals, so it is enabled only for the RelStorage major versions it is
 tested with.
+
+ZEO's ``ClientStorage`` learns its tid only from the server's answer to
+``tpc_finish`` (``tid_at_finish``): its blobs go to staging keys at
+``storeBlob`` and are copied to their revisions' keys after the commit (see
+:mod:`zodb_s3blobs.copier`).
 """
 
 from __future__ import annotations
@@ -47,14 +52,25 @@ def tid_at_vote(storage: object) -> bytes:
 def check_supported(storage: object) -> None:
     """Raise UnsupportedBaseStorage now, at open, for a base we cannot serve."""
     _register_relstorage()
+    _register_zeo()
     _check(storage)
 
 
 @functools.singledispatch
 def _check(storage: object) -> None:
     """Refuse a base without a tid_at_vote rule; bases may add checks."""
+    if tid_at_finish(storage):
+        return
     if tid_at_vote.dispatch(type(storage)) is tid_at_vote.dispatch(object):
         tid_at_vote(storage)
+
+
+@functools.singledispatch
+def tid_at_finish(storage: object) -> bool:
+    """Does *storage* learn its tid only when its ``tpc_finish`` returns it?
+    Its blobs are then copied to their revisions' keys after the commit
+    (:mod:`zodb_s3blobs.copier`) rather than at vote."""
+    return False
 
 
 @_check.register
@@ -183,3 +199,25 @@ def _relstorage_tid(storage) -> bytes:
     if phase.committing_tid_lock is None:
         phase._lock_and_move(vote_only=True)
     return phase.committing_tid_lock.tid
+
+
+def _register_zeo() -> None:
+    """Register the ClientStorage rules once ZEO is imported (as for
+    RelStorage: a ClientStorage cannot exist before)."""
+    module = sys.modules.get("ZEO.ClientStorage")
+    if module is None or module.ClientStorage in tid_at_finish.registry:
+        return
+    tid_at_finish.register(module.ClientStorage, lambda storage: True)
+    _check.register(module.ClientStorage, _check_client_storage)
+
+
+def _check_client_storage(storage) -> None:
+    """Refuse a ZEO client with a blob-dir of its own: its blob cache would
+    stay empty and mislead (or, shared, write into the server's blob dir)."""
+    if storage.blob_dir:
+        raise UnsupportedBaseStorage(
+            f"The wrapped ZEO client {storage.getName()!r} has blob-dir "
+            f"{storage.blob_dir!r}: remove blob-dir (and shared-blob-dir) from "
+            "its <zeoclient> section; its blobs are stored in S3 and cached in "
+            "cache-dir"
+        )

@@ -1,0 +1,366 @@
+"""``<s3blobstorage>`` around ``<zeoclient>``: each ZEO client talks to S3
+itself and the ZEO server keeps records only (a FileStorage without
+blob-dir), as Plone's instance generator configures it.
+
+The server is ``runzeo`` started by the test on a free port of 127.0.0.1
+(one per module: each test uses a bucket prefix of its own, and reads only
+the objects it wrote). The clients are real OS processes
+(:class:`dbprocess.DatabaseProcess`) or storages in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import transaction
+import ZEO
+import ZODB
+import ZODB.config
+from ZODB.blob import Blob
+from ZODB.serialize import referencesf
+
+import clitools
+import s3env
+from dbprocess import DatabaseProcess
+from deploy import blob_key, bucket_keys, console_script, payload
+from faultserver import Faults, faulty_s3
+from ports import HOST, free_port, wait_for_port
+from test_zeo import _end_with_the_tests
+from zodb_s3blobs import journal
+from zodb_s3blobs.keys import KeyLayout
+
+
+def zeoclient_section(port: int) -> str:
+    """A ``<zeoclient>`` as cookiecutter-zope-instance writes it for
+    z3blobs: the server's address, no blob-dir."""
+    return f"<zeoclient>\n    server {HOST}:{port}\n    storage 1\n  </zeoclient>"
+
+
+@dataclass
+class ZEOSite:
+    """A runzeo server, and clients of it that share one bucket prefix."""
+
+    port: int
+    directory: Path
+    prefix: str
+
+    def config(self, cache_dir: Path, endpoint: str | None = None) -> str:
+        text = s3env.zconfig(zeoclient_section(self.port), str(cache_dir), self.prefix)
+        if endpoint is not None:
+            text = text.replace(s3env.server().endpoint_url, endpoint)
+        return text
+
+    def storage(self, cache_dir: Path):
+        return ZODB.config.storageFromString(self.config(cache_dir))
+
+    def process(self, name: str, endpoint: str | None = None) -> DatabaseProcess:
+        home = self.directory / name
+        return DatabaseProcess(self.config(home / "cache", endpoint), home)
+
+    def staging_keys(self) -> list[str]:
+        client = s3env.server().client()
+        listed = client.list_objects_v2(
+            Bucket=s3env.BUCKET, Prefix=KeyLayout(self.prefix).staging_root
+        )
+        return [item["Key"] for item in listed.get("Contents", ())]
+
+
+@pytest.fixture(scope="module")
+def zeo_port(tmp_path_factory) -> Iterator[int]:
+    """runzeo serving a FileStorage without blob-dir (its root created),
+    for the module."""
+    directory = tmp_path_factory.mktemp("zeo")
+    port = free_port()
+    config = directory / "zeo.conf"
+    config.write_text(
+        f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
+        f"<filestorage>\n  path {directory / 'Data.fs'}\n</filestorage>\n"
+    )
+    with open(directory / "zeo.log", "w") as log:
+        server = subprocess.Popen(
+            [console_script("runzeo"), "-C", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_end_with_the_tests,
+        )
+    try:
+        wait_for_port(port, server)
+        # Create the root now: two client processes opening an empty
+        # database at once would both try to, and one would get a conflict.
+        ZODB.DB(ZEO.client((HOST, port))).close()
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def site(zeo_port, tmp_path) -> ZEOSite:
+    return ZEOSite(zeo_port, tmp_path, s3env.new_prefix())
+
+
+def commit_blob(db: ZODB.DB, name: str, data: bytes) -> tuple[bytes, bytes]:
+    """Write root[name] as a blob holding *data*; return (oid, tid)."""
+    tm = transaction.TransactionManager()
+    root = db.open(tm).root()
+    if name not in root:
+        root[name] = Blob()
+    with root[name].open("w") as f:
+        f.write(data)
+    tm.commit()
+    blob = root[name]
+    blob._p_activate()  # committed blobs are ghosts
+    oid, tid = blob._p_oid, blob._p_serial
+    tm.abort()
+    return oid, tid
+
+
+def test_a_client_commits_to_s3_and_the_server_keeps_records_only(site):
+    """The blob lands under its revision's key, staging is emptied, and the
+    writer reads it from its cache without a download."""
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        data = payload()
+        oid, tid = commit_blob(db, "b", data)
+        db.storage._shared.copier.close()  # waits for the copy
+        assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
+        assert site.staging_keys() == []
+        with open(db.storage.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == data
+        assert db.storage.stats()["cache_misses"] == 0
+    finally:
+        db.close()
+
+
+def test_a_client_with_a_blob_dir_is_refused(site):
+    config = site.config(site.directory / "cache").replace(
+        "storage 1", f"storage 1\n    blob-dir {site.directory / 'zeo-blobs'}"
+    )
+    with pytest.raises(Exception, match="remove blob-dir .* <zeoclient>"):
+        ZODB.config.storageFromString(config)
+
+
+def test_two_processes_read_each_others_blobs_right_after_commit(site):
+    """200 rounds: each process commits a blob, the other reads it at once
+    (its copy to the revision's key may not have landed: the reader waits
+    for a fresh revision rather than fail)."""
+    with site.process("a") as a, site.process("b") as b:
+        _exchange_blobs(a, b, 200)
+    assert site.staging_keys() == []
+
+
+def test_two_processes_exchange_blobs_under_20_percent_slowdown(site):
+    """The same 200 rounds with every S3 request of both processes (uploads,
+    HEADs, copies, downloads, deletes) answered ``503 SlowDown`` one time in
+    five, with the default retry settings: no commit and no read fails."""
+    faults = Faults(error_rate=0.2)
+    with (
+        faulty_s3(faults) as s3,
+        site.process("a", s3.endpoint_url) as a,
+        site.process("b", s3.endpoint_url) as b,
+    ):
+        _exchange_blobs(a, b, 200)
+    injected = {note.split(" ")[1] for note in faults.injected}
+    assert injected == {"PUT", "HEAD", "GET", "POST"}, injected
+    assert site.staging_keys() == []
+
+
+def _exchange_blobs(a: DatabaseProcess, b: DatabaseProcess, rounds: int) -> None:
+    """*rounds* times, one process commits a blob and the other reads that
+    revision as soon as it sees it; they take turns."""
+    for round_ in range(rounds):
+        writer, reader = (a, b) if round_ % 2 == 0 else (b, a)
+        name = f"r{round_ // 2 % 5}"
+        data = payload(2000).hex()
+        written = writer.call("write", name=name, data=data)
+        read = _read_revision(reader, name, written["tid"])
+        assert read["data"] == data, round_
+
+
+def _read_revision(process: DatabaseProcess, name: str, tid: str) -> dict:
+    """Read root[name] in *process* as soon as it sees revision *tid* (ZEO's
+    invalidation may reach it a moment after the writer's commit returns; a
+    new name is missing until then)."""
+    for _attempt in range(1000):
+        seen = process.call("revision", name=name)["tid"]
+        if seen == tid:
+            read = process.call("read", name=name)
+            assert read["tid"] == tid
+            return read
+        assert seen is None or seen < tid
+    raise AssertionError(f"revision {tid} of {name} never became visible")
+
+
+def test_readers_wait_for_a_copy_the_fault_server_delays(site):
+    """The writer talks to S3 through a server that holds each copy half a
+    second and then answers 20% of them 503 SlowDown: the other process, on
+    the plain server, still reads every revision at once."""
+
+    def is_copy(environ) -> bool:
+        return "HTTP_X_AMZ_COPY_SOURCE" in environ
+
+    faults = Faults(error_rate=0.2, stall=0.5, when=is_copy)
+    with (
+        faulty_s3(faults) as s3,
+        site.process("a", s3.endpoint_url) as a,
+        site.process("b") as b,
+    ):
+        for round_ in range(20):
+            data = payload(2000).hex()
+            written = a.call("write", name="x", data=data)
+            read = _read_revision(b, "x", written["tid"])
+            assert read["data"] == data, round_
+    assert any(note.startswith("503") for note in faults.injected)
+    assert site.staging_keys() == []
+
+
+def test_a_client_killed_before_its_copy_is_completed_at_restart(site):
+    """Copies refused (503) until the writer is killed with SIGKILL: its
+    journal is left in the cache directory; the next process on that
+    directory completes it, the blob reads back, and staging is empty."""
+    faults = Faults(error_rate=1.0, when=lambda e: "HTTP_X_AMZ_COPY_SOURCE" in e)
+    data = payload().hex()
+    with faulty_s3(faults) as s3:
+        writer = site.process("w", s3.endpoint_url)
+        with writer:
+            written = writer.call("write", name="k", data=data)
+            writer.process.send_signal(signal.SIGKILL)
+            writer.process.wait()
+    journals = list((site.directory / "w" / "cache" / "locks").glob("pending-*"))
+    assert len(journals) == 1
+    assert len(site.staging_keys()) == 1
+    assert bucket_keys(site.prefix) == []
+    with site.process("w") as restarted, site.process("other") as other:
+        assert other.call("read", name="k")["data"] == data
+        assert restarted.call("read", name="k")["tid"] == written["tid"]
+    assert list((site.directory / "w" / "cache" / "locks").glob("pending-*")) == []
+    assert site.staging_keys() == []
+    oid, tid = bytes.fromhex(written["oid"]), bytes.fromhex(written["tid"])
+    assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
+
+
+def test_a_journal_without_tid_is_resolved_by_asking_the_server(site):
+    """A process killed inside the base's tpc_finish recorded no tid: the
+    transaction is found by its oids, user and description after the last
+    one the process had seen; one that never committed is not."""
+    storage = site.storage(site.directory / "cache")
+    db = ZODB.DB(storage)
+    try:
+        before = storage.lastTransaction()
+        tm = transaction.TransactionManager()
+        txn = tm.begin()
+        txn.note("upload")
+        root = db.open(tm).root()
+        root["j"] = Blob(b"data")
+        tm.commit()
+        root["j"]._p_activate()
+        oid, tid = root["j"]._p_oid, root["j"]._p_serial
+        tm.abort()
+
+        def journal_of(oid: bytes, description: str) -> journal.Journal:
+            copy = journal.PendingCopy("staging/x.blob", oid, None, True)
+            return journal.Journal("", -1, [copy], before, "", description)
+
+        assert journal.find_commit(storage, journal_of(oid, "upload")) == tid
+        assert journal.find_commit(storage, journal_of(oid, "other")) is None
+        unused = storage.new_oid()
+        assert journal.find_commit(storage, journal_of(unused, "upload")) is None
+    finally:
+        db.close()
+
+
+def test_pack_and_gc_through_a_client(site):
+    """db.pack() from a client packs the server's FileStorage, then removes
+    the objects of the revisions it no longer holds (asked over ZEO)."""
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        revisions = [commit_blob(db, "p", payload()) for _ in range(3)]
+        db.storage._shared.copier.close()
+        assert len(bucket_keys(site.prefix)) == 3
+        db.pack()
+        oid, last = revisions[-1]
+        assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
+    finally:
+        db.close()
+
+
+def test_abort_removes_the_journal_and_the_staging_objects(site):
+    storage = site.storage(site.directory / "cache")
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root["a"] = Blob(b"aborted")
+        txn = tm.get()
+        txn.join(_FailingVote())
+        with pytest.raises(RuntimeError, match="vote refused"):
+            tm.commit()
+        tm.abort()
+        assert list((site.directory / "cache" / "locks").glob("pending-*")) == []
+    finally:
+        db.close()
+    assert bucket_keys(site.prefix) == []
+    assert site.staging_keys() == []
+
+
+class _FailingVote:
+    """A data manager that votes after the storage and refuses."""
+
+    def sortKey(self) -> str:
+        return "\uffff fail"
+
+    def tpc_vote(self, transaction) -> None:
+        raise RuntimeError("vote refused")
+
+    def abort(self, transaction) -> None:
+        """Nothing to undo."""
+
+    tpc_begin = commit = tpc_finish = tpc_abort = abort
+
+
+@contextlib.contextmanager
+def site_of_its_own(directory: Path) -> Iterator[ZEOSite]:
+    """A site on a ZEO server of its own over a new, empty database, started
+    in this process (for a test that reads or restores the whole database)."""
+    (_host, port), stop = ZEO.server(path=str(directory / "Data.fs"))
+    try:
+        yield ZEOSite(port, directory, s3env.new_prefix())
+    finally:
+        stop()
+
+
+@pytest.fixture
+def own_site(tmp_path) -> Iterator[ZEOSite]:
+    """verify reads the whole database: a server of its own."""
+    with site_of_its_own(tmp_path) as site:
+        yield site
+
+
+def test_the_commands_take_a_client_configuration(own_site):
+    """check, verify and gc open <s3blobstorage><zeoclient> and ask the
+    ZEO server: gc after a pack made on the server side alone (records
+    only) removes the revisions it dropped."""
+    site = own_site
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        revisions = [commit_blob(db, "c", payload()) for _ in range(2)]
+        db.storage._shared.copier.close()
+        db.storage._base.pack(None, referencesf)  # as zeopack: records only
+    finally:
+        db.close()
+    assert len(bucket_keys(site.prefix)) == 2
+    config = site.directory / "zope.conf"
+    config.write_text(site.config(site.directory / "cli-cache"))
+    for command in ("check", "verify"):
+        result = clitools.run(command, config)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = clitools.run("gc", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    oid, last = revisions[-1]
+    assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
