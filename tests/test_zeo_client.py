@@ -167,7 +167,7 @@ def test_two_processes_exchange_blobs_under_20_percent_slowdown(site):
     ):
         _exchange_blobs(a, b, 200)
     injected = {note.split(" ")[1] for note in faults.injected}
-    assert injected == {"PUT", "HEAD", "GET", "POST"}, injected
+    assert injected >= {"PUT", "HEAD", "GET", "POST"}, injected
     assert site.staging_keys() == []
 
 
