@@ -7,7 +7,9 @@ and carries it out when the test says (``Faults.late``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -39,26 +41,34 @@ def object_bytes(key: str) -> bytes:
     return client.get_object(Bucket=s3env.BUCKET, Key=key)["Body"].read()
 
 
+@contextlib.contextmanager
+def faulty_store(n: int, **faults) -> Iterator[tuple[ObjectStore, str, Faults]]:
+    """An ObjectStore with the default settings behind a fault server
+    injecting *faults* (given the key), and revision key number *n*."""
+    settings = s3env.settings()
+    key = KeyLayout(settings.prefix).key(b"\0" * 7 + bytes([n]), b"\3" * 8)
+    injected = Faults(**{name: put_of(key) for name in faults})
+    with faulty_s3(injected) as server:
+        store = ObjectStore(
+            s3env.settings(settings.prefix, endpoint_url=server.endpoint_url)
+        )
+        try:
+            yield store, key, injected
+        finally:
+            store.close()
+
+
 def test_a_late_put_after_the_abort_and_the_next_commit_does_not_overwrite(tmp_path):
     """The race itself, with the default settings: the aborted transaction's
     first PUT is held; its retry lands, the abort deletes the key, the next
     commit writes it; then S3 carries out the held PUT. Fails before
     conditional writes (the aborted bytes replaced the committed ones)."""
-    settings = s3env.settings()
-    key = KeyLayout(settings.prefix).key(b"\0" * 7 + b"\1", b"\3" * 8)
-    faults = Faults(late=put_of(key))
-    with faulty_s3(faults) as server:
-        store = ObjectStore(
-            s3env.settings(settings.prefix, endpoint_url=server.endpoint_url)
-        )
-        try:
-            store.upload(write(tmp_path, "aborted", b"aborted"), key)
-            assert faults.held, "the first PUT was held"
-            store.delete([key])  # the abort
-            store.upload(write(tmp_path, "committed", b"committed"), key)
-            (status,) = faults.release()
-        finally:
-            store.close()
+    with faulty_store(1, late=True) as (store, key, faults):
+        store.upload(write(tmp_path, "aborted", b"aborted"), key)
+        assert faults.held, "the first PUT was held"
+        store.delete([key])  # the abort
+        store.upload(write(tmp_path, "committed", b"committed"), key)
+        (status,) = faults.release()
     assert status.startswith("412")
     assert object_bytes(key) == b"committed"
 
@@ -69,21 +79,12 @@ def test_a_late_put_landing_first_fails_the_next_write_naming_the_key(tmp_path):
     nothing was overwritten, and the key keeps the late bytes for the
     collector to remove (no revision has them). Fails before conditional
     writes (the commit succeeded over a key S3 then overwrote or kept)."""
-    settings = s3env.settings()
-    key = KeyLayout(settings.prefix).key(b"\0" * 7 + b"\2", b"\3" * 8)
-    faults = Faults(late=put_of(key))
-    with faulty_s3(faults) as server:
-        store = ObjectStore(
-            s3env.settings(settings.prefix, endpoint_url=server.endpoint_url)
-        )
-        try:
-            store.upload(write(tmp_path, "aborted", b"aborted"), key)
-            store.delete([key])
-            faults.release()
-            with pytest.raises(ObjectStoreError) as info:
-                store.upload(write(tmp_path, "next", b"the next commit"), key)
-        finally:
-            store.close()
+    with faulty_store(2, late=True) as (store, key, faults):
+        store.upload(write(tmp_path, "aborted", b"aborted"), key)
+        store.delete([key])
+        faults.release()
+        with pytest.raises(ObjectStoreError) as info:
+            store.upload(write(tmp_path, "next", b"the next commit"), key)
     message = str(info.value)
     assert key in message
     assert "exists already" in message
@@ -95,17 +96,8 @@ def test_a_retried_write_whose_first_answer_was_lost_succeeds(tmp_path):
     """S3 wrote the object but its answer was lost; botocore sends the PUT
     again, which the condition refuses (412): the object holding this
     upload's own size and CRC32, the upload succeeds."""
-    settings = s3env.settings()
-    key = KeyLayout(settings.prefix).key(b"\0" * 7 + b"\3", b"\3" * 8)
-    faults = Faults(lost=put_of(key))
-    with faulty_s3(faults) as server:
-        store = ObjectStore(
-            s3env.settings(settings.prefix, endpoint_url=server.endpoint_url)
-        )
-        try:
-            store.upload(write(tmp_path, "blob", b"mine"), key)
-        finally:
-            store.close()
+    with faulty_store(3, lost=True) as (store, key, faults):
+        store.upload(write(tmp_path, "blob", b"mine"), key)
     assert faults.injected == [f"lost the answer to PUT /{s3env.BUCKET}/{key}"]
     assert object_bytes(key) == b"mine"
 

@@ -122,17 +122,25 @@ def test_non_canonical_sse_c_key_never_reaches_botocore_debug_logs(tmp_path, cap
             ca_bundle=server.ca_bundle,
             sse_customer_key=configured,
         )
-        storage = S3BlobStorage(MappingStorage(), settings, str(tmp_path / "c"))
-        db = ZODB.DB(storage)
-        oid, tid = commit_blobs(db, {"b": b"encrypted"})["b"]
-        storage._cache.discard(oid, tid)
-        with open(storage.loadBlob(oid, tid), "rb") as f:
-            assert f.read() == b"encrypted"
-        db.close()
+        assert committed_and_read_from_s3(settings, tmp_path, b"encrypted")
     assert "x-amz-server-side-encryption-customer-key" in caplog.text.lower()
     for secret in (canonical, configured, repr(raw)[2:-1]):
         assert secret not in caplog.text
         assert secret not in repr(settings)
+
+
+def committed_and_read_from_s3(settings, tmp_path, data: bytes) -> bool:
+    """Commit *data* as a blob through a storage with *settings*, drop the
+    cached copy, and tell whether it reads back the same from S3."""
+    storage = S3BlobStorage(MappingStorage(), settings, str(tmp_path / "c"))
+    db = ZODB.DB(storage)
+    try:
+        oid, tid = commit_blobs(db, {"b": data})["b"]
+        storage._cache.discard(oid, tid)
+        with open(storage.loadBlob(oid, tid), "rb") as f:
+            return f.read() == data
+    finally:
+        db.close()
 
 
 @pytest.mark.parametrize("where", ["environment", "s3-access-key"])
@@ -161,13 +169,7 @@ def test_access_keys_are_masked_in_botocore_debug_logs(
         settings = s3env.settings(access_key=None, secret_key=None)
     else:
         settings = s3env.settings(access_key=key_id, secret_key=secret)
-    storage = S3BlobStorage(MappingStorage(), settings, str(tmp_path / "c"))
-    db = ZODB.DB(storage)
-    oid, tid = commit_blobs(db, {"b": b"logged"})["b"]
-    storage._cache.discard(oid, tid)
-    with open(storage.loadBlob(oid, tid), "rb") as f:
-        assert f.read() == b"logged"
-    db.close()
+    assert committed_and_read_from_s3(settings, tmp_path, b"logged")
     assert "Credential=***/" in caplog.text
     if where == "environment":
         assert "x-amz-security-token" in caplog.text.lower()

@@ -7,6 +7,7 @@ through the server, which keeps them in S3 and in its own cache-dir."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import subprocess
@@ -45,17 +46,15 @@ def _end_with_the_tests() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-@pytest.fixture
-def zeo_server(tmp_path) -> Iterator[ZEOServer]:
+@contextlib.contextmanager
+def runzeo(directory: Path, storage_section: str) -> Iterator[int]:
+    """``runzeo -C`` serving *storage_section* on a free port of 127.0.0.1,
+    logging to ``directory/zeo.log``, stopped with SIGTERM when the block
+    ends; yields the port."""
     port = free_port()
-    prefix = s3env.new_prefix()
-    base = f"<filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>"
-    config = tmp_path / "zeo.conf"
-    config.write_text(
-        f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
-        + s3env.zconfig(base, str(tmp_path / "server-cache"), prefix)
-    )
-    with open(tmp_path / "zeo.log", "w") as log:
+    config = directory / "zeo.conf"
+    config.write_text(f"<zeo>\n  address {HOST}:{port}\n</zeo>\n{storage_section}")
+    with open(directory / "zeo.log", "w") as log:
         server = subprocess.Popen(
             [console_script("runzeo"), "-C", str(config)],
             stdout=log,
@@ -64,10 +63,19 @@ def zeo_server(tmp_path) -> Iterator[ZEOServer]:
         )
     try:
         wait_for_port(port, server)
-        yield ZEOServer(port, prefix)
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def zeo_server(tmp_path) -> Iterator[ZEOServer]:
+    prefix = s3env.new_prefix()
+    base = f"<filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>"
+    section = s3env.zconfig(base, str(tmp_path / "server-cache"), prefix)
+    with runzeo(tmp_path, section) as port:
+        yield ZEOServer(port, prefix)
 
 
 def test_commits_from_one_client_are_read_by_another(zeo_server, tmp_path):

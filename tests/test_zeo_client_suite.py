@@ -33,12 +33,10 @@ from ZODB.tests import (
     Synchronization,
     TransactionalUndoStorage,
 )
-from ZODB.tests.testblob import storage_reusable_suite
 
 import s3env
-from test_zodb_blob_suite import without_kernel_permission_example
 from test_zodb_storage_suite import S3BlobStorageTestBase, collect_checks
-from zodbsuite import case_id, flatten, run_case
+from zodbsuite import blob_suite_cases, case_id, run_case
 
 #: The stop functions of the servers the running test started.
 _servers: list = []
@@ -102,18 +100,7 @@ def storage_from_zconfig(name: str, blob_dir: str):
     return zeoclient_storage(address, os.path.abspath(blob_dir), prefix)
 
 
-CASES = [
-    (without_kernel_permission_example(test), layer)
-    for test, layer in flatten(
-        storage_reusable_suite(
-            "S3BlobStorageZEOClient",
-            storage_from_zconfig,
-            test_blob_storage_recovery=True,
-            test_packing=True,
-            test_undo=True,
-        )
-    )
-]
+CASES = blob_suite_cases("S3BlobStorageZEOClient", storage_from_zconfig)
 
 
 @pytest.mark.s3_servers("moto", "rgw")

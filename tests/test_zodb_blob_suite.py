@@ -14,10 +14,9 @@ import os
 
 import pytest
 import ZODB.config
-from ZODB.tests.testblob import storage_reusable_suite
 
 import s3env
-from zodbsuite import case_id, flatten, run_case
+from zodbsuite import blob_suite_cases, case_id, run_case
 
 
 def storage_from_zconfig(name: str, blob_dir: str):
@@ -32,36 +31,7 @@ def storage_from_zconfig(name: str, blob_dir: str):
     return ZODB.config.storageFromString(text)
 
 
-ROOT_ONLY_FAILURE = "open(blob.committed(), 'w')"
-
-
-def without_kernel_permission_example(test):
-    """As root, drop the one example that relies on the kernel refusing a write
-    to a read-only file (root may write anyway, and would truncate the cached
-    copy the later examples read). test_cache.py asserts the mode bits that
-    make committed files read-only instead."""
-    doctest_ = getattr(test, "_dt_test", None)
-    if os.geteuid() != 0 or doctest_ is None:
-        return test
-    kept = [e for e in doctest_.examples if ROOT_ONLY_FAILURE not in e.source]
-    if len(kept) != len(doctest_.examples):
-        assert len(doctest_.examples) - len(kept) == 1
-        doctest_.examples = kept
-    return test
-
-
-CASES = [
-    (without_kernel_permission_example(test), layer)
-    for test, layer in flatten(
-        storage_reusable_suite(
-            "S3BlobStorage",
-            storage_from_zconfig,
-            test_blob_storage_recovery=True,
-            test_packing=True,
-            test_undo=True,
-        )
-    )
-]
+CASES = blob_suite_cases("S3BlobStorage", storage_from_zconfig)
 
 
 @pytest.mark.s3_servers("moto", "rgw")
