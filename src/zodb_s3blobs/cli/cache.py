@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from ZConfig.datatypes import stock_datatypes
 
-from ..cache import walk
+from ..cache import last_used, walk
 from ..errors import S3BlobStorageError
 from . import (
     EXIT_FAILED,
@@ -163,8 +163,10 @@ def cache_stats(target: Target) -> CacheStats:
         stats.sizes[path] = st.st_size
         stats.files += 1
         stats.bytes += st.st_size
-        stats.oldest_access = min(st.st_atime, stats.oldest_access or st.st_atime)
-        stats.newest_access = max(st.st_atime, stats.newest_access or st.st_atime)
+        # The clock eviction judges by (access or install, whichever later).
+        used = last_used(st)
+        stats.oldest_access = min(used, stats.oldest_access or used)
+        stats.newest_access = max(used, stats.newest_access or used)
     for entry in _scan(os.path.join(target.cache_dir, "tmp")):
         try:
             st = entry.stat(follow_symlinks=False)
