@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +349,49 @@ def test_the_commands_take_a_client_configuration(own_site):
     assert result.returncode == 0, result.stdout + result.stderr
     oid, last = revisions[-1]
     assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
+
+
+def test_a_reader_of_the_new_revision_never_holds_up_the_writers_finish(site):
+    """Another process on the same cache-dir reads the new revision as soon
+    as the server has committed, before the writer's tpc_finish installs its
+    file: the reader holds the revision's lock while it waits for the copy.
+    Fails before the fix: the writer's install waited for that lock, and the
+    copy that would end the reader's wait was handed over only after it (the
+    commit took the whole download deadline, the read failed)."""
+    cache = site.directory / "shared-cache"
+    writer, other = site.storage(cache), site.storage(cache)
+    db = ZODB.DB(writer)
+    tm = transaction.TransactionManager()
+    root = db.open(tm).root()
+    root["x"] = Blob(b"v1")
+    tm.commit()
+    oid = root["x"]._p_oid
+    read: dict[str, object] = {}
+    started = threading.Event()
+
+    def read_new_revision(tid: bytes) -> None:
+        started.set()
+        with open(other.loadBlob(oid, tid), "rb") as f:
+            read["data"] = f.read()
+
+    finish = writer._base.tpc_finish
+
+    def finish_seen_by_another_reader(txn, func=lambda tid: None):
+        def committed(tid):
+            func(tid)
+            threading.Thread(target=read_new_revision, args=(tid,)).start()
+            started.wait(10)
+            time.sleep(0.2)  # the reader is into its download now
+
+        return finish(txn, committed)
+
+    writer._base.tpc_finish = finish_seen_by_another_reader
+    with root["x"].open("w") as f:
+        f.write(b"v2")
+    tm.commit()
+    deadline = time.monotonic() + 30
+    while "data" not in read and time.monotonic() < deadline:
+        time.sleep(0.05)
+    db.close()
+    other.close()
+    assert read.get("data") == b"v2"

@@ -559,8 +559,12 @@ class BlobCache:
             os.close(fd)
         return staged
 
-    def install(self, oid: bytes, tid: bytes, staged: str) -> None:
-        """Rename a file sealed by :meth:`take` into the cache as (oid, tid).
+    def install(self, oid: bytes, tid: bytes, staged: str) -> bool:
+        """Rename a file sealed by :meth:`take` into the cache as (oid, tid);
+        return whether it was installed. Never waits: when another thread or
+        process holds the revision's stripe lock (a reader downloading it, on
+        a ZEO client perhaps waiting for its copy to land), it is left to
+        that reader, and to later downloads (``tpc_finish`` must not block).
 
         Raises only OSError, e.g. when the staged file's size is no longer the
         one recorded when it was taken: it is then not installed, and will be
@@ -574,9 +578,12 @@ class BlobCache:
                 f"staged blob has {size} bytes, not the {recorded} it was taken with",
                 staged,
             )
-        with _flock(self._lock_path(oid, tid)):
+        with _flock(self._lock_path(oid, tid), blocking=False) as acquired:
+            if not acquired:
+                return False
             total = self._install(staged, self.path(oid, tid), size)
         self._added((oid, tid), size, total)
+        return True
 
     def _install(self, source: str, path: str, size: int) -> int:
         """Rename *source* (of *size* bytes) to *path*, under its stripe lock;

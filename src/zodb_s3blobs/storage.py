@@ -926,10 +926,20 @@ class S3BlobStorage:
                 tid_repr(tid),
                 tid_repr(commit.tid),
             )
+        if journal is not None:
+            # First: a reader of the new revision may be waiting for its copy
+            # (see freshread), holding the revision's lock the install takes.
+            self._shared.copier.add(journal)
         # Nothing here may fail: the transaction is committed.
         for blob in commit.blobs.values():
             try:
-                self._cache.install(blob.oid, blob.tid or tid, blob.path)
+                if not self._cache.install(blob.oid, blob.tid or tid, blob.path):
+                    log.debug(
+                        "Blob %s/%s is being fetched into the cache meanwhile: "
+                        "not installed from its staged file",
+                        oid_repr(blob.oid),
+                        tid_repr(blob.tid or tid),
+                    )
             except Exception:
                 log.warning(
                     "Could not install blob %s/%s into the cache; it will be "
@@ -944,7 +954,6 @@ class S3BlobStorage:
             log.warning("Could not remove staged files", exc_info=True)
         if journal is not None:
             # Its staging objects stay until their copies are made.
-            self._shared.copier.add(journal)
             owed = set(journal.staging_keys())
             commit.staging_keys = [k for k in commit.staging_keys if k not in owed]
         self._delete_staging(commit)
