@@ -7,8 +7,6 @@ through the server, which keeps them in S3 and in its own cache-dir."""
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import s3env
 from deploy import blob_key, bucket_keys, console_script, payload
 from ports import HOST, free_port, wait_for_port
 from test_gc import blob_revisions
+from zeoserver import end_with_the_tests
 
 
 @dataclass
@@ -36,13 +35,6 @@ class ZEOServer:
             (HOST, self.port), blob_dir=str(blob_dir), shared_blob_dir=False
         )
         return ZODB.DB(storage)
-
-
-def _end_with_the_tests() -> None:
-    """In the server's process: receive SIGTERM when the test process dies,
-    so that a killed test session leaves no server behind (Linux prctl)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -60,7 +52,7 @@ def zeo_server(tmp_path) -> Iterator[ZEOServer]:
             [console_script("runzeo"), "-C", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_end_with_the_tests,
+            preexec_fn=end_with_the_tests,
         )
     try:
         wait_for_port(port, server)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +27,11 @@ from ZODB.serialize import referencesf
 import clitools
 import s3env
 from dbprocess import DatabaseProcess
-from deploy import blob_key, bucket_keys, console_script, payload
+from deploy import blob_key, bucket_keys, payload
 from faultserver import Faults, faulty_s3
-from ports import HOST, free_port, wait_for_port
-from test_zeo import _end_with_the_tests
+from zeoserver import runzeo, zeoclient_section
 from zodb_s3blobs import journal
 from zodb_s3blobs.keys import KeyLayout
-
-
-def zeoclient_section(port: int) -> str:
-    """A ``<zeoclient>`` as cookiecutter-zope-instance writes it for
-    z3blobs: the server's address, no blob-dir."""
-    return f"<zeoclient>\n    server {HOST}:{port}\n    storage 1\n  </zeoclient>"
 
 
 @dataclass
@@ -76,28 +68,9 @@ def zeo_port(tmp_path_factory) -> Iterator[int]:
     """runzeo serving a FileStorage without blob-dir (its root created),
     for the module."""
     directory = tmp_path_factory.mktemp("zeo")
-    port = free_port()
-    config = directory / "zeo.conf"
-    config.write_text(
-        f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
-        f"<filestorage>\n  path {directory / 'Data.fs'}\n</filestorage>\n"
-    )
-    with open(directory / "zeo.log", "w") as log:
-        server = subprocess.Popen(
-            [console_script("runzeo"), "-C", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_end_with_the_tests,
-        )
-    try:
-        wait_for_port(port, server)
-        # Create the root now: two client processes opening an empty
-        # database at once would both try to, and one would get a conflict.
-        ZODB.DB(ZEO.client((HOST, port))).close()
+    section = f"<filestorage>\n  path {directory / 'Data.fs'}\n</filestorage>"
+    with runzeo(directory, section) as port:
         yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture
