@@ -20,6 +20,18 @@ schedule of operations, drawn from ``random.Random`` seeded from it:
   cache directory, committing and reading each other's blobs, held between
   vote and finish while the parent collects orphans, and SIGKILLed there or
   at random points;
+- on a ZEO-client base (seeds 1000-1999, or ``--base zeo``: a ``runzeo``
+  server on a loopback port keeping records only, in a FileStorage without
+  blob-dir or a MappingStorage, up for the whole run), the parent's actors
+  and two child processes wrap ``ClientStorage`` (tests/torturezeo.py). The
+  children share a cache directory that is not the parent's, as the Zope
+  processes of one host do beside another host's: a killed child's journal
+  is adopted there by its restart while the other child keeps its own
+  locked, and the parent reads the children's blobs from S3 only. Besides
+  the kills above, a child is SIGKILLed after the server committed while S3
+  refuses every copy (its commit acknowledged, its blobs only under staging
+  keys): the parent reads those revisions at once (a fresh 404 must be
+  waited out), and the restarted child adopts the journal and copies them;
 - a MappingStorage (or DemoStorage) whose clock is behind its last tid, so
   that a transaction after an abort gets the aborted transaction's tid;
 - all the while, S3 (``faultserver.faulty_s3``) answering 503, failing ranged
@@ -44,7 +56,12 @@ only for a revision the base no longer holds); no operation is stuck; S3
 keeps every object a held revision needs (but a legacy revision, which the
 fallback holds); after the faults stop, orphan collection leaves exactly the
 objects of held revisions, every object of a legacy revision holds exactly
-its acknowledged bytes, and the evicting process is still alive.
+its acknowledged bytes, and the evicting process is still alive. On the zeo
+base, a held revision's object may be missing between rounds only while a
+journal on disk owes its copy; at the end, every process is closed and
+reopened (completing what is owed) and no journal may be left, and once all
+are closed no staging object may stay that no journal owes, but those named
+(in a log of its own) by a child killed before its vote.
 
 Threads interleave as the OS schedules them, so a replay repeats the
 schedule, not necessarily the interleaving; a failing seed usually fails
