@@ -7,9 +7,6 @@ through the server, which keeps them in S3 and in its own cache-dir."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ import s3env
 from deploy import blob_key, bucket_keys, console_script, payload
 from ports import HOST, free_port, wait_for_port
 from test_gc import blob_revisions
+from zeoserver import end_with_the_tests
 
 
 @dataclass
@@ -39,43 +37,29 @@ class ZEOServer:
         return ZODB.DB(storage)
 
 
-def _end_with_the_tests() -> None:
-    """In the server's process: receive SIGTERM when the test process dies,
-    so that a killed test session leaves no server behind (Linux prctl)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def runzeo(directory: Path, storage_section: str) -> Iterator[int]:
-    """``runzeo -C`` serving *storage_section* on a free port of 127.0.0.1,
-    logging to ``directory/zeo.log``, stopped with SIGTERM when the block
-    ends; yields the port."""
+@pytest.fixture
+def zeo_server(tmp_path) -> Iterator[ZEOServer]:
     port = free_port()
-    config = directory / "zeo.conf"
-    config.write_text(f"<zeo>\n  address {HOST}:{port}\n</zeo>\n{storage_section}")
-    with open(directory / "zeo.log", "w") as log:
+    prefix = s3env.new_prefix()
+    base = f"<filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>"
+    config = tmp_path / "zeo.conf"
+    config.write_text(
+        f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
+        + s3env.zconfig(base, str(tmp_path / "server-cache"), prefix)
+    )
+    with open(tmp_path / "zeo.log", "w") as log:
         server = subprocess.Popen(
             [console_script("runzeo"), "-C", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_end_with_the_tests,
+            preexec_fn=end_with_the_tests,
         )
     try:
         wait_for_port(port, server)
-        yield port
+        yield ZEOServer(port, prefix)
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-@pytest.fixture
-def zeo_server(tmp_path) -> Iterator[ZEOServer]:
-    prefix = s3env.new_prefix()
-    base = f"<filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>"
-    section = s3env.zconfig(base, str(tmp_path / "server-cache"), prefix)
-    with runzeo(tmp_path, section) as port:
-        yield ZEOServer(port, prefix)
 
 
 def test_commits_from_one_client_are_read_by_another(zeo_server, tmp_path):

@@ -31,16 +31,9 @@ import s3env
 from dbprocess import DatabaseProcess
 from deploy import blob_key, bucket_keys, payload
 from faultserver import Faults, faulty_s3
-from ports import HOST
-from test_zeo import runzeo
+from zeoserver import runzeo, zeoclient_section
 from zodb_s3blobs import journal
 from zodb_s3blobs.keys import KeyLayout
-
-
-def zeoclient_section(port: int) -> str:
-    """A ``<zeoclient>`` as cookiecutter-zope-instance writes it for
-    z3blobs: the server's address, no blob-dir."""
-    return f"<zeoclient>\n    server {HOST}:{port}\n    storage 1\n  </zeoclient>"
 
 
 @dataclass
@@ -77,11 +70,8 @@ def zeo_port(tmp_path_factory) -> Iterator[int]:
     """runzeo serving a FileStorage without blob-dir (its root created),
     for the module."""
     directory = tmp_path_factory.mktemp("zeo")
-    section = f"<filestorage>\n  path {directory / 'Data.fs'}\n</filestorage>\n"
+    section = f"<filestorage>\n  path {directory / 'Data.fs'}\n</filestorage>"
     with runzeo(directory, section) as port:
-        # Create the root now: two client processes opening an empty
-        # database at once would both try to, and one would get a conflict.
-        ZODB.DB(ZEO.client((HOST, port))).close()
         yield port
 
 

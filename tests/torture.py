@@ -20,6 +20,18 @@ schedule of operations, drawn from ``random.Random`` seeded from it:
   cache directory, committing and reading each other's blobs, held between
   vote and finish while the parent collects orphans, and SIGKILLed there or
   at random points;
+- on a ZEO-client base (seeds 1000-1999, or ``--base zeo``: a ``runzeo``
+  server on a loopback port keeping records only, in a FileStorage without
+  blob-dir or a MappingStorage, up for the whole run), the parent's actors
+  and two child processes wrap ``ClientStorage`` (tests/torturezeo.py). The
+  children share a cache directory that is not the parent's, as the Zope
+  processes of one host do beside another host's: a killed child's journal
+  is adopted there by its restart while the other child keeps its own
+  locked, and the parent reads the children's blobs from S3 only. Besides
+  the kills above, a child is SIGKILLed after the server committed while S3
+  refuses every copy (its commit acknowledged, its blobs only under staging
+  keys): the parent reads those revisions at once (a fresh 404 must be
+  waited out), and the restarted child adopts the journal and copies them;
 - a MappingStorage (or DemoStorage) whose clock is behind its last tid, so
   that a transaction after an abort gets the aborted transaction's tid;
 - all the while, S3 (``faultserver.faulty_s3``) answering 503, failing ranged
@@ -44,7 +56,12 @@ only for a revision the base no longer holds); no operation is stuck; S3
 keeps every object a held revision needs (but a legacy revision, which the
 fallback holds); after the faults stop, orphan collection leaves exactly the
 objects of held revisions, every object of a legacy revision holds exactly
-its acknowledged bytes, and the evicting process is still alive.
+its acknowledged bytes, and the evicting process is still alive. On the zeo
+base, a held revision's object may be missing between rounds only while a
+journal on disk owes its copy; at the end, every process is closed and
+reopened (completing what is owed) and no journal may be left, and once all
+are closed no staging object may stay that no journal owes, but those named
+(in a log of its own) by a child killed before its vote.
 
 Threads interleave as the OS schedules them, so a replay repeats the
 schedule, not necessarily the interleaving; a failing seed usually fails
@@ -102,6 +119,7 @@ from ZODB.utils import z64  # noqa: E402
 
 import s3env  # noqa: E402
 import torturelegacy  # noqa: E402
+import torturezeo  # noqa: E402
 from faultserver import Faults, faulty_s3  # noqa: E402
 from torturechild import (  # noqa: E402
     CACHE_MIN_AGE,
@@ -122,6 +140,7 @@ from torturechild import (  # noqa: E402
     unprintable,
 )
 from tortureevictor import Evictor  # noqa: E402
+from zeoserver import runzeo, zeoclient_section  # noqa: E402
 from zodb_s3blobs.errors import S3BlobStorageError  # noqa: E402
 from zodb_s3blobs.gc import revision_exists  # noqa: E402
 from zodb_s3blobs.keys import KeyLayout  # noqa: E402
@@ -145,7 +164,13 @@ OP_BOUND = 150.0
 #: The longer stall (beyond the download read timeout of 10 s) some plans
 #: inject into one GET.
 LONG_STALL = 11.0
-BASES = ("file", "mapping", "demo", "relstorage")
+BASES = ("file", "mapping", "demo", "relstorage", "zeo")
+#: Seeds in this range run on the ZEO-client base (the others: ``seed % 4``
+#: picks among the first four, as before the ZEO base existed, so that every
+#: seed replays the plan it always had); ``--base zeo`` runs any seed on it.
+ZEO_SEEDS = range(1000, 2000)
+#: The storages the ZEO server of a zeo plan may serve (records only).
+ZEO_SERVER_STORAGES = ("file", "mapping")
 #: Slow downloads: how many blob GETs of a plan with them are stalled, and
 #: for how long (seconds, drawn in this range): longer than the cache's
 #: minimum age (CACHE_MIN_AGE), shorter than the download read timeout.
@@ -157,9 +182,15 @@ class TortureFailure(AssertionError):
     """An integrity violation (or a stuck operation) found by a seed."""
 
 
-def replay_command(seed: int) -> str:
-    """The one-line command that replays *seed*."""
-    return f".venv/bin/python tests/torture.py --seed {seed}"
+def default_base(seed: int) -> str:
+    """The base a seed runs on unless told otherwise (see :data:`ZEO_SEEDS`)."""
+    return "zeo" if seed in ZEO_SEEDS else BASES[seed % 4]
+
+
+def replay_command(plan: Plan) -> str:
+    """The one-line command that replays *plan*."""
+    chosen = "" if plan.base == default_base(plan.seed) else f" --base {plan.base}"
+    return f".venv/bin/python tests/torture.py --seed {plan.seed}{chosen}"
 
 
 # -- the plan -----------------------------------------------------------------
@@ -201,12 +232,15 @@ class Plan:
     #: The database starts as a FileStorage site with a blob-dir, read through
     #: the storage's fallback-blob-dir (tests/torturelegacy.py).
     legacy: bool = False
+    #: On the zeo base: the ZEO server's storage (ZEO_SERVER_STORAGES).
+    zeo_server: str = ""
 
     def describe(self) -> str:
         """One line: what this seed exercises."""
         f = self.faults
         return (
             f"seed {self.seed}: base={self.base}"
+            f"{f'({self.zeo_server} on the server)' if self.zeo_server else ''}"
             f"{'(history)' if self.keep_history else ''}"
             f"{' clock-behind' if self.clock_behind else ''} threads={self.threads}"
             f" children={self.children} rounds={self.rounds}x{self.ops_per_round}"
@@ -223,19 +257,22 @@ class Plan:
         )
 
 
-def make_plan(seed: int) -> Plan:
-    """The plan of *seed*; ``seed % 4`` picks the base (file, mapping, demo,
-    relstorage with child processes) so that a list of seeds covers all."""
+def make_plan(seed: int, base: str | None = None) -> Plan:
+    """The plan of *seed* on *base*, by default :func:`default_base`: ``seed
+    % 4`` picks file, mapping, demo or relstorage (with child processes), so
+    that a list of seeds covers all; seeds in :data:`ZEO_SEEDS` run on a ZEO
+    client (with child processes)."""
     rng = random.Random(f"plan:{seed}")
-    base = BASES[seed % 4]
+    base = base or default_base(seed)
     relstorage = base == "relstorage"
+    processes = base in ("relstorage", "zeo")
     plan = Plan(
         seed=seed,
         base=base,
         keep_history=relstorage and rng.random() < 0.6,
         clock_behind=base in ("mapping", "demo") and rng.random() < 0.8,
-        threads=rng.randint(1, 2) if relstorage else rng.randint(2, 4),
-        children=2 if relstorage else 0,
+        threads=rng.randint(1, 2) if processes else rng.randint(2, 4),
+        children=2 if processes else 0,
         rounds=rng.randint(5, 8),
         ops_per_round=rng.randint(4, 7),
         fault_rounds=rng.choice([0.5, 0.7, 1.0]),
@@ -267,6 +304,8 @@ def _compose(plan: Plan) -> Plan:
         plan.faults.slow_downloads = SLOW_DOWNLOADS
         plan.evictor = True
     plan.legacy = plan.base == "file" and rng.random() < 0.5
+    if plan.base == "zeo":
+        plan.zeo_server = random.Random(f"zeo:{plan.seed}").choice(ZEO_SERVER_STORAGES)
     return plan
 
 
@@ -317,6 +356,9 @@ class TortureFaults(Faults):
         self._slow_keys: set[str] = set()
         #: Requests served, by method (GETs with a Range apart).
         self.requests: Counter = Counter()
+        #: While above 0, every copy (a PUT with a copy source) is answered
+        #: 503 (:meth:`copies_held`).
+        self._copies_held = 0
         self.when = self._decide
 
     def _decide(self, environ: dict) -> bool:
@@ -329,6 +371,9 @@ class TortureFaults(Faults):
         request.rates = (0.0, 0.0, 0.0, 0.0)
         request.stall = 0.0
         if method == "PUT" and any(b in path for b in list(self.blocked)):
+            request.rates = (1.0, 0.0, 0.0, 0.0)
+            return True
+        if self._copies_held and "HTTP_X_AMZ_COPY_SOURCE" in environ:
             request.rates = (1.0, 0.0, 0.0, 0.0)
             return True
         if method == "GET" and self._slow_keys:
@@ -354,6 +399,19 @@ class TortureFaults(Faults):
         if method == "GET" and path.endswith(".blob") and not request.stall:
             request.stall = self._slow(path, targeted=False)
         return True
+
+    @contextlib.contextmanager
+    def copies_held(self) -> Iterator[None]:
+        """Answer every copy 503 within the block (of every process: the
+        copies after a ZEO client's commit wait, reads of those revisions
+        find no object)."""
+        with self._lock:
+            self._copies_held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._copies_held -= 1
 
     def slow_down(self, key: str) -> bool:
         """Make the next GET of *key* one of the plan's slow downloads, if
@@ -490,15 +548,8 @@ def held_revisions(storage, refs) -> set[tuple[bytes, bytes]]:
 
 
 def bucket_keys(prefix: str) -> set[str]:
-    """Every key under the prefix, listed past the fault server."""
-    client = s3env.server().client()
-    keys = set()
-    pages = client.get_paginator("list_objects_v2").paginate(
-        Bucket=s3env.BUCKET, Prefix=KeyLayout(prefix).root
-    )
-    for page in pages:
-        keys.update(item["Key"] for item in page.get("Contents", ()))
-    return keys
+    """Every revision key under the prefix, listed past the fault server."""
+    return torturezeo.listed_keys(KeyLayout(prefix).root)
 
 
 # -- errors -------------------------------------------------------------------
@@ -612,6 +663,9 @@ class Torture:
         #: has them); the bytes of any object it has must be theirs.
         self.legacy: dict[tuple[bytes, bytes], str] = {}
         self.held_uploads: torturelegacy.HeldUploads | None = None
+        #: ZConfig text of the base the children open (and the parent, on
+        #: RelStorage and ZEO).
+        self.base_section = ""
 
     # -- reporting --------------------------------------------------------
 
@@ -631,7 +685,7 @@ class Torture:
             )
             raise TortureFailure(
                 f"{self.plan.describe()}\n{len(self.failures)} violation(s) {when}:"
-                f"\n  {listed}\nreplay: {replay_command(self.plan.seed)}"
+                f"\n  {listed}\nreplay: {replay_command(self.plan)}"
             )
 
     def log(self, message: str) -> None:
@@ -666,7 +720,7 @@ class Torture:
             self._mapping.reopen()
             self._demo_base.reopen()
             return DemoStorage(base=self._demo_base, changes=self._mapping)
-        return ZODB.config.storageFromString(self.relstorage_section)
+        return ZODB.config.storageFromString(self.base_section)
 
     def open_db(self) -> None:
         self.storage = open_storage(
@@ -693,6 +747,14 @@ class Torture:
             actor.disconnect()
         self.release_uploads()
         self.db.close()
+        self.db = None
+
+    def close_db_after_failure(self) -> None:
+        """Close the database a failed run left open (before its ZEO server
+        stops: a client of a stopped server tries to reconnect for ever)."""
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                self.db.close()
 
     def restart(self, fresh_cache: bool) -> None:
         """Close the database and storage and open them again on the same
@@ -718,22 +780,40 @@ class Torture:
         # the package's ERROR records (an abort's failed DELETE names its keys)
         # must still reach the handler.
         level = package_log.level
-        package_log.setLevel(logging.ERROR)
+        # On the zeo base, a staging object's failed DELETE is a warning.
+        watched = logging.WARNING if self.plan.base == "zeo" else logging.ERROR
+        self.critical.setLevel(watched)
+        package_log.setLevel(watched)
         try:
-            with faulty_s3(self.faults) as server:
-                self.endpoint_url = server.endpoint_url
+            with contextlib.ExitStack() as stack:
+                self.endpoint_url = stack.enter_context(
+                    faulty_s3(self.faults)
+                ).endpoint_url
+                if self.plan.base == "zeo":
+                    zeo_dir = self.directory / "zeo"
+                    zeo_dir.mkdir()
+                    section = torturezeo.server_storage_section(
+                        self.plan.zeo_server, zeo_dir
+                    )
+                    port = stack.enter_context(runzeo(zeo_dir, section))
+                    self.base_section = zeoclient_section(port)
+                # Before the servers stop.
+                stack.callback(self.close_db_after_failure)
+                stack.callback(self.stop_children)
                 self._run()
         finally:
             package_log.removeHandler(self.critical)
             package_log.setLevel(level)
             self.stats.faults.update(self.faults.counts())
             self.stats.requests.update(self.faults.requests)
-            for child in self.children:
-                child.stop()
             if self.evictor is not None:
                 self.evictor.kill()
             close_oracle()
         return self.stats
+
+    def stop_children(self) -> None:
+        for child in self.children:
+            child.stop()
 
     def _run(self) -> None:
         plan = self.plan
@@ -743,7 +823,7 @@ class Torture:
             data_dir = self.directory / "sqlite"
             data_dir.mkdir()
             adapter = f"<sqlite3>\n    data-dir {data_dir}\n  </sqlite3>"
-            self.relstorage_section = relstorage_section(adapter, plan.keep_history)
+            self.base_section = relstorage_section(adapter, plan.keep_history)
         self.actors = [Actor(self, f"t{i}") for i in range(plan.threads)]
         if plan.legacy:
             self.build_legacy_site()
@@ -754,7 +834,7 @@ class Torture:
             )
             self.evictor.start(self.cache_dir())
         if plan.base == "relstorage":
-            open_oracle(self.relstorage_section)  # after the schema exists
+            open_oracle(self.base_section)  # after the schema exists
         self.setup_root()
         self.children = [Child(self, i) for i in range(plan.children)]
         for child in self.children:
@@ -858,10 +938,14 @@ class Torture:
         revisions = self.model.snapshot()
         refs = [(o, t) for o, t, _r in revisions]
         held = held_revisions(self.storage, refs)
+        # Read before the listing: copiers only complete journals meanwhile.
+        owed = torturezeo.owed(self.directory)
         keys = bucket_keys(self.prefix)
         for oid, tid in held:
             key = self.layout.key(oid, tid)
-            if key not in keys and (oid, tid) not in self.legacy:
+            if owed.owes(oid, tid):
+                self.stats.outcomes["copy owed by a journal between rounds"] += 1
+            elif key not in keys and (oid, tid) not in self.legacy:
                 self.fail(
                     f"after round {number}: the object of held revision "
                     f"{oid.hex()}/{tid.hex()} is missing from S3"
@@ -928,6 +1012,8 @@ class Torture:
         self.settle_uploads()
         for child in self.children:
             child.ensure_running()
+        if self.plan.base == "zeo":
+            self.complete_copies()
         self.actors[0].final_commit()
         self.check_orphans(self.model.snapshot())
         report = self.storage.collect_orphans()
@@ -954,6 +1040,49 @@ class Torture:
         self.stop_evictor()
         self.raise_failures("in the final checks")
         self.close_db()
+        if self.plan.base == "zeo":
+            self.stop_children()
+            self.check_staging()
+            self.raise_failures("in the final check of staging")
+
+    # -- the zeo base: copies after the commit, staging --------------------
+
+    def complete_copies(self) -> None:
+        """Close every process (a ZEO client's close tries its owed copies
+        once more, faults off now) and open it again on the same cache
+        directory (which adopts the journals left): then no journal may
+        remain."""
+        for child in self.children:
+            child.stop()
+            child.restart()
+        self.restart(fresh_cache=False)
+        for path in torturezeo.owed(self.directory).journals:
+            self.fail(f"final: copies owed with faults off after restarts: {path}")
+
+    def check_staging(self) -> None:
+        """Every process closed: a staging object may stay only if a journal
+        owes its copy, or if a SIGKILLed child named it (killed before its
+        vote wrote a journal: the collection removes it once a day old), or
+        if its failed DELETE was logged."""
+        owed = torturezeo.owed(self.directory)
+        killed = torturezeo.named_staging_keys(
+            child.staging_log(generation)
+            for child in self.children
+            for generation in child.killed
+        )
+        logged = self.logged_errors()
+        for key in sorted(torturezeo.staging_keys(self.prefix)):
+            if key in owed.staging_keys:
+                self.stats.outcomes["staging object a journal owes"] += 1
+            elif key in killed:
+                self.stats.outcomes["staging object of a killed child"] += 1
+            elif key in logged:
+                self.stats.outcomes["staging object of a logged failed DELETE"] += 1
+            else:
+                self.fail(
+                    f"final: staging object {key} is owed by no journal and was "
+                    "named by no killed process"
+                )
 
     def check_extra_keys(self, extra: set[str]) -> None:
         """Objects left after the collection that no acknowledged revision
@@ -1464,7 +1593,8 @@ class Actor(_Scheduled):
         # copyRest copies the undo's records with their data instead of
         # backpointers and fails (AssertionError: tlen == th.tlen). On it,
         # undo and pack take turns.
-        with torture.pack_lock if torture.plan.base == "file" else _NO_LOCK:
+        filestorage = "file" in (torture.plan.base, torture.plan.zeo_server)
+        with torture.pack_lock if filestorage else _NO_LOCK:
             self._undo(undone, oids)
 
     def _undo(self, undone: bytes, oids: list[bytes]) -> None:
@@ -1630,6 +1760,8 @@ class Child(_Scheduled):
         self.busy_since: float | None = None
         self.busy_with = ""
         self.generation = 0
+        #: The generations that were SIGKILLed.
+        self.killed: list[int] = []
         self._names = itertools.count()
 
     # -- the process ------------------------------------------------------
@@ -1638,13 +1770,15 @@ class Child(_Scheduled):
         torture = self.torture
         self.generation += 1
         job = {
-            "section": torture.relstorage_section,
+            "section": torture.base_section,
+            "oracle": torture.plan.base == "relstorage",
             "settings": asdict(torture.settings()),
-            "cache_dir": torture.cache_dir(),
+            "cache_dir": self.cache_dir(),
             "cache_size": CACHE_SIZE,
             "fast_stream": torture.plan.fast_stream,
             "namespace": self.name,
             "pause_dir": str(self.pause_dir),
+            "staging_log": str(self.staging_log(self.generation)),
         }
         job_path = self.home / "job.json"
         job_path.write_text(json.dumps(job))
@@ -1711,10 +1845,25 @@ class Child(_Scheduled):
                 self.process.wait(timeout=10)
             print(self.log_tail(), file=sys.stderr, flush=True)
 
+    def cache_dir(self) -> str:
+        """The parent's cache directory; on the zeo base, one the children
+        share (as the Zope processes of one host do) and the parent does not
+        (another host): a child killed with copies owed leaves its journal
+        there, for the restarted child to adopt (or for the other, live child
+        to leave alone), and the parent reads their blobs from S3."""
+        if self.torture.plan.base == "zeo":
+            return str(self.torture.directory / "children-cache")
+        return self.torture.cache_dir()
+
+    def staging_log(self, generation: int) -> Path:
+        """Where the process of *generation* names its staging keys."""
+        return self.home / f"staging{generation}.log"
+
     def kill(self) -> None:
         """SIGKILL the child and wait for it."""
         self.process.kill()
         self.process.wait(timeout=30)
+        self.killed.append(self.generation)
         self.torture.stats.kills += 1
 
     def stop(self) -> None:
@@ -1750,6 +1899,7 @@ class Child(_Scheduled):
             "pack": 2,
             "pause_then_kill_or_go": 8,
             "kill_at_random": 6,
+            "kill_before_copy": 6 if self.torture.plan.base == "zeo" else 0,
         }
         for _ in range(self.torture.plan.ops_per_round):
             (op,) = self.rng.choices(list(weights), list(weights.values()))
@@ -1903,7 +2053,7 @@ class Child(_Scheduled):
             torture.stats.outcomes[
                 f"gc during a held vote failed: {type(exc).__name__}"
             ] += 1
-        present = bucket_keys(torture.prefix)
+        present = bucket_keys(torture.prefix) | torturezeo.staging_keys(torture.prefix)
         for key in voted:
             if key not in present:
                 torture.fail(
@@ -1929,7 +2079,9 @@ class Child(_Scheduled):
                 torture.layout.key(bytes.fromhex(o), bytes.fromhex(t))
                 for o, t, _s, _h in reply["ok"]["revisions"]
             }
-            if committed != set(voted):
+            # A ZEO client learns its revisions' keys after the vote only.
+            revision_keys = {k for k in voted if torture.layout.parse(k)}
+            if torture.plan.base != "zeo" and committed != revision_keys:
                 torture.fail(
                     f"{self.name}: committed {sorted(committed)} but voted {voted}"
                 )
@@ -1944,6 +2096,43 @@ class Child(_Scheduled):
         self.kill()
         self.torture.stats.outcomes["child killed at random"] += 1
         self.restart_after_kill()
+
+    def op_kill_before_copy(self) -> None:
+        """(ZEO client) Hold every copy, commit, and SIGKILL the child once
+        the server has committed: the child's journal, in the children's
+        cache directory, owes the copies of acknowledged revisions that S3
+        has only under staging keys. The parent reads them meanwhile (a
+        fresh 404 must be waited out, not reported as a missing blob), and
+        the restarted child adopts the journal and makes the copies."""
+        torture = self.torture
+        with torture.faults.copies_held():
+            reply = self.call("commit", writes=self.writes())
+            if not self.accept(reply, "commit (copies held)"):
+                return
+            self.kill()
+            revisions = reply["ok"]["revisions"]
+            reader = threading.Thread(target=self.read_owed, args=(revisions,))
+            reader.start()
+        torture.stats.outcomes["child killed before its copies"] += 1
+        try:
+            self.restart_after_kill()
+        finally:
+            reader.join()
+
+    def read_owed(self, revisions: list) -> None:
+        """Read revisions [oid, tid, size, sha256] whose copies are owed."""
+        torture = self.torture
+        for oid, tid, size, sha in revisions:
+            problem = check_read(
+                torture.storage,
+                bytes.fromhex(oid),
+                bytes.fromhex(tid),
+                (size, sha),
+                not torture.faults_on,
+            )
+            if problem:
+                torture.fail(f"{self.name} killed before its copies: {problem}")
+        torture.stats.outcomes["reads of revisions whose copies were owed"] += 1
 
     def restart_after_kill(self) -> None:
         self.torture.stats.restarts += 1
@@ -1964,10 +2153,13 @@ class Child(_Scheduled):
 # -- entry points ---------------------------------------------------------------
 
 
-def run_seed(seed: int, directory: Path, verbose: bool = False) -> Stats:
-    """Run one seed in *directory* (the session's S3 server must be running:
-    the pytest fixture, or :func:`main`)."""
-    plan = make_plan(seed)
+def run_seed(
+    seed: int, directory: Path, verbose: bool = False, base: str | None = None
+) -> Stats:
+    """Run one seed (on *base*, default :func:`default_base`) in *directory*
+    (the session's S3 server must be running: the pytest fixture, or
+    :func:`main`)."""
+    plan = make_plan(seed, base)
     directory.mkdir(parents=True, exist_ok=True)
     return Torture(plan, directory, verbose).run()
 
@@ -1991,6 +2183,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--first-seed", type=int, default=None, help="the soak's first seed"
+    )
+    parser.add_argument(
+        "--base",
+        choices=BASES,
+        help="run every seed on this base (default: the seed's, see ZEO_SEEDS)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the directories")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -2016,18 +2213,19 @@ def main(argv: list[str] | None = None) -> int:
                 break
             directory = Path(tempfile.mkdtemp(prefix=f"torture{seed}-"))
             seed_started = time.monotonic()
-            print(make_plan(seed).describe(), flush=True)
+            plan = make_plan(seed, args.base)
+            print(plan.describe(), flush=True)
             try:
-                stats = run_seed(seed, directory, args.verbose)
+                stats = run_seed(seed, directory, args.verbose, args.base)
             except TortureFailure as exc:
-                failed.append(seed)
+                failed.append(plan)
                 print(f"FAILED {exc}\n", flush=True)
                 continue
             except Exception:
-                failed.append(seed)
+                failed.append(plan)
                 print(
                     f"FAILED seed {seed} with an error of the test itself:\n"
-                    f"{traceback.format_exc()}replay: {replay_command(seed)}\n",
+                    f"{traceback.format_exc()}replay: {replay_command(plan)}\n",
                     flush=True,
                 )
                 continue
@@ -2043,15 +2241,16 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(
         f"\n=== {survived} seeds survived, {len(failed)} failed "
-        f"({', '.join(map(str, failed)) or 'none'}) in {elapsed / 60:.1f} min\n"
+        f"({', '.join(str(p.seed) for p in failed) or 'none'}) in "
+        f"{elapsed / 60:.1f} min\n"
         f"=== operations: {sum(total.operations.values())}\n"
         f"=== faults injected: {sum(total.faults.values())} "
         f"({_fmt(total.faults)})\n"
         f"=== kills: {total.kills}; restarts: {total.restarts}\n"
         f"=== {total.summary()}"
     )
-    for seed in failed:
-        print(f"replay: {replay_command(seed)}")
+    for plan in failed:
+        print(f"replay: {replay_command(plan)}")
     return 1 if failed else 0
 
 

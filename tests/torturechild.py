@@ -8,9 +8,9 @@ a MappingStorage whose clock runs behind its last tid, and
 and can hold a commit between vote and finish.
 
 The worker: ``python torturechild.py JOB.json`` opens ``<s3blobstorage>``'s
-Python equivalent around a RelStorage base named by ZConfig text, keeps one
-connection, and answers one JSON request a line (see :class:`Worker`). It
-imports no test server code, so it starts fast.
+Python equivalent around a RelStorage or ZEO client base named by ZConfig
+text, keeps one connection, and answers one JSON request a line (see
+:class:`Worker`). It imports no test server code, so it starts fast.
 """
 
 from __future__ import annotations
@@ -278,12 +278,29 @@ def check_read(
     return None
 
 
+def record_staging_keys(storage, log_path: str) -> None:
+    """Make *storage* append every staging key it names to *log_path* before
+    any upload to it starts (flushed: a SIGKILL loses nothing written), so
+    that a staging object a killed process left is known to be its own."""
+    layout = storage._layout
+    name_key = layout.staging_key
+    log = open(log_path, "a")  # noqa: SIM115 -- open for the process's life
+
+    def staging_key() -> str:
+        key = name_key()
+        log.write(key + "\n")
+        log.flush()
+        return key
+
+    layout.staging_key = staging_key
+
+
 # -- the child worker -------------------------------------------------------
 
 
 class Worker:
-    """One child process: a database on a RelStorage base, one connection, and
-    the requests the parent sends (one method each)."""
+    """One child process: a database on a RelStorage or ZEO client base, one
+    connection, and the requests the parent sends (one method each)."""
 
     def __init__(self, job: dict) -> None:
         import ZODB.config
@@ -297,8 +314,11 @@ class Worker:
             job["cache_size"],
             job["fast_stream"],
         )
+        if job.get("staging_log"):
+            record_staging_keys(self.storage, job["staging_log"])
         self.db = ZODB.DB(self.storage)
-        open_oracle(job["section"])
+        if job["oracle"]:
+            open_oracle(job["section"])
         self.tm = transaction.TransactionManager()
         self.conn = self.db.open(self.tm)
         self.namespace = job["namespace"]
@@ -357,7 +377,7 @@ class Worker:
 
     def _pause(self, storage, txn) -> None:
         commit = storage._commit
-        keys = list(commit.attempted_keys) if commit is not None else []
+        keys = commit.attempted_keys + commit.staging_keys if commit else []
         pause_dir = self.job["pause_dir"]
         marker = os.path.join(pause_dir, "voted")
         with open(marker + ".tmp", "w") as f:
