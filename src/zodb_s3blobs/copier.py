@@ -77,11 +77,6 @@ class Copier:
                 )
                 self._thread.start()
 
-    def staging_keys(self) -> set[str]:
-        """The staging keys whose copies are still owed (never collected)."""
-        with self._lock:
-            return {key for j in self._journals for key in j.staging_keys()}
-
     def pending(self) -> int:
         with self._lock:
             return len(self._journals)
