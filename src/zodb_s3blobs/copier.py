@@ -12,9 +12,8 @@ until they are done; the journal is then removed, and the staging objects
 deleted. A copy whose source is gone (a HEAD answers 404 after a failed
 attempt) can never be made: it is given up, with an ERROR when its target
 is absent too (the revision's blob is lost). ``tpc_finish`` itself never
-waits for S3. Journals left by killed
-processes are completed by the next process that opens a storage on the
-cache directory.
+waits for S3. Journals left by killed processes are completed by the next
+process that opens a storage on the cache directory.
 
 Another client learns of the revision when the server commits, before the
 copy lands: :func:`zodb_s3blobs.freshread.download_fresh` waits for a young

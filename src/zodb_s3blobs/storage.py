@@ -1032,10 +1032,11 @@ class S3BlobStorage:
             result = self._base.pack(pack_time, referencesf, *args, **kw)
             try:
                 self.collect_orphans()
-            except (ObjectStoreError, gc.OrphansNotDeleted) as exc:
+            except (ObjectStoreError, gc.OrphansNotDeleted, OSError) as exc:
                 # The pack itself worked; orphans only cost storage until the
                 # next pack or `zodb-s3blobs gc` removes them. Raising would
-                # report a failed pack to the ZMI.
+                # report a failed pack to the ZMI. (OSError: the journals in
+                # the cache directory could not be read, so nothing was.)
                 log.error(
                     "Packed %s, but its orphan collection failed: %s. The "
                     "orphans stay in S3 until the next pack or `zodb-s3blobs gc` "
