@@ -20,6 +20,7 @@ import s3env
 from s3hooks import requests
 from test_storage import keys, stage_one_blob
 from zodb_s3blobs import gc
+from zodb_s3blobs import storage as storage_module
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
 from zodb_s3blobs.journal import JOURNAL_DIR, Journal, PendingCopy
 
@@ -160,6 +161,27 @@ def test_staging_objects_owed_by_any_journal_in_the_cache_dir_are_kept(
             os.close(fd)
     finally:
         live.release()
+
+
+def test_a_pack_whose_journals_cannot_be_read_collects_nothing(
+    make_storage, monkeypatch, caplog
+):
+    """The base packs; the collection stops before listing anything (the
+    staging objects the journals owe are unknown) and pack logs an ERROR
+    instead of reporting a failed pack.
+
+    Fails before the fix: the PermissionError reached pack's caller."""
+    storage = make_storage()
+    orphan = storage._layout.key(p64(10_000), p64(5))
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"o")
+
+    def unreadable(directory: str):
+        raise PermissionError(13, "Permission denied", directory)
+
+    monkeypatch.setattr(storage_module, "owed_copies", unreadable)
+    storage.pack(time.time(), referencesf)
+    assert "orphan collection failed: [Errno 13] Permission denied" in caplog.text
+    assert keys(storage) == [orphan]
 
 
 def test_orphans_are_deleted_1000_keys_a_request(make_storage, tmp_path):
