@@ -4,9 +4,11 @@ than the last commit are left alone."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
+from pathlib import Path
 
 import pytest
 from ZODB.utils import p64, u64
@@ -14,6 +16,7 @@ from ZODB.utils import p64, u64
 import clitools
 import s3env
 from clitools import run, run_json
+from zodb_s3blobs.journal import JOURNAL_DIR, Journal, PendingCopy
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
@@ -139,3 +142,57 @@ def test_gc_shows_progress_on_a_terminal(bucket):
     assert code == 0
     assert b"\rcheck keys: " in shown
     assert b"keys/s]" in shown or b"s/keys]" in shown
+
+
+def test_gc_keeps_and_reports_the_copies_owed_by_journals_in_cache_dir(
+    bucket, tmp_path
+):
+    """A ZEO client killed before its copies were made left a journal in
+    cache-dir/locks/: gc counts its copies, keeps their staging objects and
+    leaves the journal as it was, unlocked (gc never completes it).
+
+    Fails before the fix: gc read no journal and said nothing of it."""
+    config, _keys = bucket
+    layout = clitools.layout(config)
+    staged, client = layout.staging_key(), s3env.server().client()
+    client.put_object(Bucket=s3env.BUCKET, Key=staged, Body=b"1")
+    locks = tmp_path / "cache" / JOURNAL_DIR
+    copies = [PendingCopy(staged, p64(7), None, True)]
+    copies.append(PendingCopy(layout.key(p64(7), p64(1)), p64(8), None, False))
+    journal = Journal.create(str(locks), copies, p64(1), "", "")
+    journal.release()  # as a SIGKILL leaves it
+    written = Path(journal.path).read_bytes()
+    result = run("gc", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2] == (
+        f"2 copies owed by journals in {locks}/ (completed when a storage "
+        "opens there); their staging objects are kept"
+    )
+    code, report = run_json("gc", config)
+    assert code == 0
+    assert (report["owed_copies"], report["owed_journals"]) == (2, 1)
+    client.head_object(Bucket=s3env.BUCKET, Key=staged)  # still there
+    assert Path(journal.path).read_bytes() == written
+    fd = os.open(journal.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+    finally:
+        os.close(fd)
+
+
+def test_gc_refuses_to_run_without_reading_the_journals(bucket, tmp_path):
+    """A cache-dir/locks/ that is not a directory (here a symbolic link)
+    cannot be read safely: gc fails naming it, rather than collect staging
+    objects that its journals may owe.
+
+    Fails before the fix: gc read no journal and collected as if none."""
+    config, _keys = bucket
+    locks = tmp_path / "cache" / JOURNAL_DIR
+    locks.rename(tmp_path / "elsewhere")
+    locks.symlink_to(tmp_path / "elsewhere")
+    result = run("gc", config, "--dry-run")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"zodb-s3blobs: error: cannot read the pending-copy journals in {locks} ("
+    )
+    assert "run gc as the owner of cache-dir" in result.stderr

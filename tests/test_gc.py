@@ -3,8 +3,10 @@ rest in batches, and never touch in-flight or foreign keys."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
+from pathlib import Path
 
 import pytest
 import transaction
@@ -14,8 +16,13 @@ from ZODB.MappingStorage import MappingStorage
 from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
+import s3env
 from s3hooks import requests
 from test_storage import keys, stage_one_blob
+from zodb_s3blobs import gc
+from zodb_s3blobs import storage as storage_module
+from zodb_s3blobs.gc import IN_FLIGHT_GRACE
+from zodb_s3blobs.journal import JOURNAL_DIR, Journal, PendingCopy
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
@@ -100,6 +107,81 @@ def test_foreign_keys_are_left_alone(make_storage, tmp_path):
     listed = {k for k, _ in storage._store.list(root[: -len("blobs/")])}
     assert set(foreign) <= listed
     db.close()
+
+
+class _TwoDaysLater:
+    """The collector's clock, two days ahead: every staging object is past
+    the grace period (S3's LastModified cannot be set back)."""
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 2 * IN_FLIGHT_GRACE
+
+
+def test_staging_objects_owed_by_any_journal_in_the_cache_dir_are_kept(
+    make_storage, monkeypatch
+):
+    """A journal of a live process (locked) and one of a killed process
+    (unlocked) in the cache directory: a collection more than a day later
+    keeps both journals' staging objects, deletes an unowed one, and
+    leaves the journals as they were (read, not adopted).
+
+    Fails before the fix: only the staging keys of journals this process's
+    copier held were kept, so the killed process's was deleted."""
+    storage = make_storage()
+    layout, client = storage._layout, s3env.server().client()
+    owed_live, owed_dead, unowed = (layout.staging_key() for _ in range(3))
+    for key in (owed_live, owed_dead, unowed):
+        client.put_object(Bucket=s3env.BUCKET, Key=key, Body=b"staged")
+    directory = os.path.join(storage._cache.directory, JOURNAL_DIR)
+
+    def journal_of(key: str) -> Journal:
+        return Journal.create(
+            directory, [PendingCopy(key, p64(7), None, True)], p64(1), "", ""
+        )
+
+    live = journal_of(owed_live)
+    dead = journal_of(owed_dead)
+    dead.release()  # as a SIGKILL leaves it
+    before = {path: Path(path).read_bytes() for path in (live.path, dead.path)}
+    try:
+        monkeypatch.setattr(gc, "time", _TwoDaysLater)
+        report = storage.collect_orphans()
+        assert (report.staging, report.staging_expired) == (2, 1)
+        assert report.orphans == [unowed]
+        left = {key for key, _size in storage._store.list(layout.staging_root)}
+        assert left == {owed_live, owed_dead}
+        for path, content in before.items():
+            assert Path(path).read_bytes() == content
+        # Not adopted: the killed process's journal is free for the next open.
+        fd = os.open(dead.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    finally:
+        live.release()
+
+
+def test_a_pack_whose_journals_cannot_be_read_collects_nothing(
+    make_storage, monkeypatch, caplog
+):
+    """The base packs; the collection stops before listing anything (the
+    staging objects the journals owe are unknown) and pack logs an ERROR
+    instead of reporting a failed pack.
+
+    Fails before the fix: the PermissionError reached pack's caller."""
+    storage = make_storage()
+    orphan = storage._layout.key(p64(10_000), p64(5))
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"o")
+
+    def unreadable(directory: str):
+        raise PermissionError(13, "Permission denied", directory)
+
+    monkeypatch.setattr(storage_module, "owed_copies", unreadable)
+    storage.pack(time.time(), referencesf)
+    assert "orphan collection failed: [Errno 13] Permission denied" in caplog.text
+    assert keys(storage) == [orphan]
 
 
 def test_orphans_are_deleted_1000_keys_a_request(make_storage, tmp_path):

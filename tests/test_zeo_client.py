@@ -24,6 +24,8 @@ import ZEO
 import ZODB
 import ZODB.config
 from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError
 from ZODB.serialize import referencesf
 
 import clitools
@@ -31,6 +33,7 @@ import s3env
 from dbprocess import DatabaseProcess
 from deploy import blob_key, bucket_keys, payload
 from faultserver import Faults, faulty_s3
+from test_commit_path import read_back, store_blob
 from zeoserver import runzeo, zeoclient_section
 from zodb_s3blobs import journal
 from zodb_s3blobs.keys import KeyLayout
@@ -385,3 +388,70 @@ def test_a_reader_of_the_new_revision_never_holds_up_the_writers_finish(site):
     db.close()
     other.close()
     assert read.get("data") == b"v2"
+
+
+def assert_nothing_owed(site: ZEOSite, storage) -> None:
+    """No journal left in *storage*'s cache directory, none held by its
+    copier, and no staging object left in S3."""
+    locks = site.directory / "cache" / journal.JOURNAL_DIR
+    assert list(locks.glob("pending-*")) == []
+    assert journal.owed_copies(str(locks)) == journal.Owed()
+    assert storage._shared.copier.pending() == 0
+    assert site.staging_keys() == []
+
+
+def test_a_blob_stored_twice_in_one_transaction_leaves_nothing_owed(site):
+    """The first upload's staging object is replaced, not owed: once the
+    copy is made, only the second version is in S3 and nothing is left."""
+    storage = site.storage(site.directory / "cache")
+    try:
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        oid = store_blob(storage, txn, b"first version")
+        store_blob(storage, txn, b"second version", oid)
+        storage.tpc_vote(txn)
+        tid = storage.tpc_finish(txn)
+        storage._shared.copier.close()  # waits for the copy
+        assert_nothing_owed(site, storage)
+        assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
+        assert read_back(storage, oid, tid) == b"second version"
+    finally:
+        storage.close()
+
+
+def test_an_abort_after_the_vote_leaves_nothing_owed(site):
+    """The journal written at vote is removed by the abort, with its
+    staging object."""
+    storage = site.storage(site.directory / "cache")
+    try:
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        store_blob(storage, txn, b"aborted")
+        storage.tpc_vote(txn)
+        assert len(list((site.directory / "cache" / "locks").glob("pending-*"))) == 1
+        storage.tpc_abort(txn)
+        assert_nothing_owed(site, storage)
+        assert bucket_keys(site.prefix) == []
+    finally:
+        storage.close()
+
+
+def test_a_failed_vote_leaves_nothing_owed(site):
+    """The server refuses the vote (a conflict: the blob's oid was stored
+    against a serial that is not its current one): no journal is written,
+    and the abort deletes the staging object."""
+    storage = site.storage(site.directory / "cache")
+    db = ZODB.DB(storage)
+    try:
+        oid, tid = commit_blob(db, "v", b"committed")
+        storage._shared.copier.close()
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        store_blob(storage, txn, b"in conflict", oid)  # against serial z64
+        with pytest.raises(ConflictError):
+            storage.tpc_vote(txn)
+        storage.tpc_abort(txn)
+        assert_nothing_owed(site, storage)
+        assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
+    finally:
+        db.close()

@@ -9,9 +9,11 @@ durably, in the cache directory; when the base's ``tpc_finish`` returns the
 tid, the tid is appended to it before anything else, and the :class:`Copier`
 makes the server-side copies to the revisions' keys in a thread, retrying
 until they are done; the journal is then removed, and the staging objects
-deleted. ``tpc_finish`` itself never waits for S3. Journals left by killed
-processes are completed by the next process that opens a storage on the
-cache directory.
+deleted. A copy whose source is gone (a HEAD answers 404 after a failed
+attempt) can never be made: it is given up, with an ERROR when its target
+is absent too (the revision's blob is lost). ``tpc_finish`` itself never
+waits for S3. Journals left by killed processes are completed by the next
+process that opens a storage on the cache directory.
 
 Another client learns of the revision when the server commits, before the
 copy lands: :func:`zodb_s3blobs.freshread.download_fresh` waits for a young
@@ -25,7 +27,7 @@ import random
 import threading
 from collections.abc import Callable
 
-from ZODB.utils import tid_repr
+from ZODB.utils import oid_repr, tid_repr
 
 from .journal import Journal, PendingCopy
 from .keys import KeyLayout
@@ -73,11 +75,6 @@ class Copier:
                     target=self._run, name="zodb-s3blobs-copier", daemon=True
                 )
                 self._thread.start()
-
-    def staging_keys(self) -> set[str]:
-        """The staging keys whose copies are still owed (never collected)."""
-        with self._lock:
-            return {key for j in self._journals for key in j.staging_keys()}
 
     def pending(self) -> int:
         with self._lock:
@@ -136,7 +133,13 @@ class Copier:
             for c in owed
         ]
         if copies:
-            self._store.transfer([], copies)
+            try:
+                self._store.transfer([], copies)
+            except Exception:
+                # A copy whose source is gone would fail for ever: settle it.
+                journal.done.update(c for c in owed if self._settled(c, journal.tid))
+                if journal.owed():
+                    raise
         journal.done.update(journal.copies)
 
     def _landed(self, copy: PendingCopy, tid: bytes) -> bool:
@@ -146,6 +149,26 @@ class Copier:
             return False
         info = self._store.stat(self._layout.key(copy.oid, tid))
         return info is not None and info.checksum == copy.checksum
+
+    def _settled(self, copy: PendingCopy, tid: bytes) -> bool:
+        """After a failed attempt: can *copy* no longer be made, because its
+        source is gone? Its target exists (an earlier copy landed), or is
+        absent too and the revision's blob is lost, which an ERROR says."""
+        target = self._layout.key(copy.oid, tid)
+        if self._store.stat(target) is not None:
+            return True
+        if self._store.stat(copy.source) is not None:
+            return False  # S3 refused the copy: retried
+        log.error(
+            "Blob of oid %s, transaction %s is lost: its copy's source %s is "
+            "gone and %s was never written (`zodb-s3blobs verify` lists the "
+            "revision as missing); the copy is given up",
+            oid_repr(copy.oid),
+            tid_repr(tid),
+            self._store.url(copy.source),
+            self._store.url(target),
+        )
+        return True
 
     def close(self) -> None:
         """Try what is owed once more, then stop; a journal left is

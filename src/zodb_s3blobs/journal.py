@@ -13,11 +13,14 @@ appended to the journal (fsynced).
 
 A journal nobody holds locked was left by a killed process: whichever
 process next opens a storage on the cache directory adopts and completes it
-(:func:`abandoned_journals`). One without a tid (the process died inside the
-base's ``tpc_finish``) is resolved by asking the base which transaction,
-after the last one the voting process had seen, stored the journal's oids
-with its user and description (:func:`find_commit`); none means the
-transaction never committed.
+(:func:`abandoned_journals`). Until its copies are made, the collector
+running with that cache directory keeps its staging objects
+(:func:`owed_copies` reads every journal there without adopting it).
+One without a tid (the process died inside the base's ``tpc_finish``) is
+resolved by asking the base which transaction, after the last one the
+voting process had seen, stored the journal's oids with its user and
+description (:func:`find_commit`); none means the transaction never
+committed.
 """
 
 from __future__ import annotations
@@ -129,14 +132,81 @@ class Journal:
         return [c.source for c in self.copies if c.staged]
 
 
+@dataclass(frozen=True)
+class Owed:
+    """What the journals under a directory owe, as read at one moment."""
+
+    journals: int = 0
+    copies: int = 0
+    #: Their staging objects: the collector must keep them, whatever their age.
+    staging_keys: frozenset[str] = frozenset()
+
+
+def owed_copies(directory: str) -> Owed:
+    """The copies owed by every journal under *directory*, whether a live
+    process holds it or its writer was killed, read without adopting any:
+    no lock is taken and nothing is written. A missing *directory* owes
+    nothing; a file named like a journal that is not one of the directory
+    owner's regular files, is too large or cannot be parsed is skipped with
+    a warning (no process could complete it either). Raises OSError when
+    *directory* cannot be read (another user's, private)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        dir_fd = os.open(directory, flags)
+    except FileNotFoundError:
+        return Owed()
+    journals = []
+    try:
+        owner = os.fstat(dir_fd).st_uid
+        for name in _journal_names(os.listdir(dir_fd)):
+            path = os.path.join(directory, name)
+            try:
+                journals.append(_read(path, name, dir_fd, owner))
+            except FileNotFoundError:
+                continue  # completed meanwhile
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("Skipping pending-copy journal %s: %s", path, exc)
+    finally:
+        os.close(dir_fd)
+    return Owed(
+        len(journals),
+        sum(len(j.copies) for j in journals),
+        frozenset(key for j in journals for key in j.staging_keys()),
+    )
+
+
+def _read(path: str, name: str, dir_fd: int, owner: int) -> Journal:
+    """The journal *name* in *dir_fd*, read and closed again (not locked)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        return _parse(path, -1, _checked_lines(fd, owner))
+    finally:
+        os.close(fd)
+
+
+def _journal_names(names: list[str]) -> list[str]:
+    return sorted(n for n in names if n.startswith(PREFIX) and n.endswith(SUFFIX))
+
+
+def _checked_lines(fd: int, owner: int) -> list[bytes]:
+    """The lines of the journal open as *fd*: a regular file of *owner*
+    within :data:`MAX_JOURNAL` bytes, or ValueError."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+        raise ValueError("not a regular file of the directory's owner")
+    if st.st_size > MAX_JOURNAL:
+        raise ValueError(f"larger than {MAX_JOURNAL} bytes")
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return f.read(MAX_JOURNAL).splitlines()
+
+
 def abandoned_journals(directory: str) -> Iterator[Journal]:
     """The journals under *directory* that no process holds (their writer
     was killed), each now locked by this process. Anything else named like a
     journal (not a regular file of ours, too large, unreadable) is skipped
     with a warning."""
-    for name in sorted(os.listdir(directory)):
-        if not (name.startswith(PREFIX) and name.endswith(SUFFIX)):
-            continue
+    for name in _journal_names(os.listdir(directory)):
         path = os.path.join(directory, name)
         try:
             journal = _adopt(path)
@@ -155,11 +225,6 @@ def _adopt(path: str) -> Journal | None:
     except FileNotFoundError:
         return None  # completed meanwhile
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise ValueError("not a regular file of this user")
-        if st.st_size > MAX_JOURNAL:
-            raise ValueError(f"larger than {MAX_JOURNAL} bytes")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,9 +233,7 @@ def _adopt(path: str) -> Journal | None:
         if os.fstat(fd).st_nlink == 0:
             os.close(fd)
             return None  # completed between our open and our lock
-        with os.fdopen(os.dup(fd), "rb") as f:
-            lines = f.read(MAX_JOURNAL).splitlines()
-        journal = _parse(path, fd, lines)
+        journal = _parse(path, fd, _checked_lines(fd, os.geteuid()))
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -59,6 +59,7 @@ from .journal import (
     abandoned_journals,
     find_commit,
     metadata_text,
+    owed_copies,
 )
 from .keys import KeyLayout
 from .metrics import Metrics
@@ -1040,10 +1041,11 @@ class S3BlobStorage:
             result = self._base.pack(pack_time, referencesf, *args, **kw)
             try:
                 self.collect_orphans()
-            except (ObjectStoreError, gc.OrphansNotDeleted) as exc:
+            except (ObjectStoreError, gc.OrphansNotDeleted, OSError) as exc:
                 # The pack itself worked; orphans only cost storage until the
                 # next pack or `zodb-s3blobs gc` removes them. Raising would
-                # report a failed pack to the ZMI.
+                # report a failed pack to the ZMI. (OSError: the journals in
+                # the cache directory could not be read, so nothing was.)
                 log.error(
                     "Packed %s, but its orphan collection failed: %s. The "
                     "orphans stay in S3 until the next pack or `zodb-s3blobs gc` "
@@ -1061,7 +1063,9 @@ class S3BlobStorage:
         """Delete (or with *dry_run* only list) objects no revision needs;
         with *stale_in_flight* also keys above the last commit that are more
         than a day old (see :func:`zodb_s3blobs.gc.collect_orphans`; pack
-        never deletes those)."""
+        never deletes those). The staging objects of every journal in this
+        cache directory are kept: this process's, and those of processes
+        killed before their copies were made."""
         report = None
         try:
             report = gc.collect_orphans(
@@ -1071,9 +1075,7 @@ class S3BlobStorage:
                 self._cache,
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
-                owed=self._shared.copier.staging_keys()
-                if self._shared.copier
-                else frozenset(),
+                owed=owed_copies(self._journal_dir()).staging_keys,
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from ..gc import CollectionReport, collect_orphans
-from . import EXIT_OK, add_operator_options
+from ..journal import JOURNAL_DIR, Owed, owed_copies
+from . import EXIT_OK, CommandError, add_operator_options
 from .output import counter, emit, human_size, problem, table
 from .target import Target, load_target
 
@@ -30,6 +32,10 @@ running gc (it is never created, and only the files of deleted orphans are
 removed; another user's cache is left to its own eviction). The base storage is opened
 read-only. A warning says when cache-dir belongs to another user than the
 one running gc; on a terminal, a progress bar counts the keys checked.
+The staging objects of the copies still owed by the journals in
+cache-dir/locks/ (a ZEO client killed before its commits' copies were made)
+are kept, whatever their age, and counted: gc reads those journals, never
+completes them (the next storage opened on cache-dir does).
 """
 
 
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     warning = target.cache_owner_warning()
     if warning:
         problem(warning)
+    journals = os.path.join(target.cache_dir, JOURNAL_DIR)
+    owed = _owed(journals)
     with target.base() as base, target.store() as store:
         # A dry run deletes nothing, so has no cached copy to drop; nor is
         # another user's cache opened (its locks would become this user's):
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
                     cache or _NoCache(),
                     dry_run=args.dry_run,
                     stale_in_flight=args.stale_in_flight,
+                    owed=owed.staging_keys,
                 )
         finally:
             if cache is not None:
@@ -131,9 +140,32 @@ def run(args: argparse.Namespace) -> int:
         "dry_run": args.dry_run,
         "destination": target.url(),
         **dataclasses.asdict(report),
+        "owed_copies": owed.copies,
+        "owed_journals": owed.journals,
     }
-    emit(args, document, _lines(args, report, target))
+    lines = _lines(args, report, target)
+    if owed.copies:
+        lines[2:2] = [
+            f"{owed.copies} copies owed by journals in {journals}/ (completed "
+            "when a storage opens there); their staging objects are kept",
+            "",
+        ]
+    emit(args, document, lines)
     return EXIT_OK
+
+
+def _owed(journals: str) -> Owed:
+    """The copies owed by the journals in *journals* (none if it does not
+    exist); CommandError if it cannot be read: the staging objects they owe
+    would not be kept."""
+    try:
+        return owed_copies(journals)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read the pending-copy journals in {journals} "
+            f"({exc.strerror or exc}): the staging objects they owe could be "
+            "deleted; run gc as the owner of cache-dir"
+        ) from exc
 
 
 def _lines(

@@ -1,0 +1,114 @@
+"""The copier of a ZEO client's commits (:mod:`zodb_s3blobs.copier`), on a
+journal whose copy can no longer be made: its source is gone. Each test
+hands the copier a journal and closes it: ``close`` waits for its thread,
+tries what is left once more and releases what is still owed, so the
+outcome does not depend on how far the thread got."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from ZODB.utils import p64
+
+import s3env
+from zodb_s3blobs.copier import Copier
+from zodb_s3blobs.journal import Journal, PendingCopy
+from zodb_s3blobs.keys import KeyLayout
+from zodb_s3blobs.objectstore import ObjectStore
+
+pytestmark = pytest.mark.s3_servers("moto", "rgw")
+
+OID, TID = p64(0x17), p64(0x03F0_0000_0000_0001)
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """An ObjectStore and layout under a new prefix, and a journal directory."""
+    settings = s3env.settings()
+    store = ObjectStore(settings)
+    try:
+        yield store, KeyLayout(settings.prefix), tmp_path
+    finally:
+        store.close()
+
+
+def journal_of(directory: Path, copy: PendingCopy) -> Journal:
+    """A journal of one copy whose tid is recorded, as tpc_finish leaves it."""
+    journal = Journal.create(str(directory), [copy], p64(1), "", "")
+    journal.record_tid(TID)
+    return journal
+
+
+def complete(
+    store: ObjectStore, layout: KeyLayout, journal: Journal, deleted: list
+) -> None:
+    """Let a copier complete *journal* (recording the staging keys it
+    deletes in *deleted*), and close it."""
+    copier = Copier(store, layout, lambda journal: None, deleted.extend)
+    copier.add(journal)
+    copier.close()
+
+
+def copier_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "zodb_s3blobs.copier"]
+
+
+def test_a_copy_whose_staging_source_is_gone_is_given_up_as_lost(parts, caplog):
+    """Source 404 and target absent: the revision's blob is lost; the copier
+    says so once, as an ERROR naming oid, tid and staging key, and drops the
+    journal instead of retrying it for ever.
+
+    Fails before the fix: the copy was retried for ever, and the journal
+    stayed."""
+    store, layout, directory = parts
+    staging = layout.staging_key()
+    journal = journal_of(directory, PendingCopy(staging, OID, "0000abcd", True))
+    deleted: list[str] = []
+    with caplog.at_level(logging.ERROR, "zodb_s3blobs.copier"):
+        complete(store, layout, journal, deleted)
+    [record] = copier_records(caplog)
+    message = record.getMessage()
+    assert record.levelno == logging.ERROR
+    for part in ("0x17", "0x03f0000000000001", staging, "lost", "verify"):
+        assert part in message, part
+    assert list(directory.glob("pending-*")) == []
+    assert deleted == [staging]
+    assert store.stat(layout.key(OID, TID)) is None
+
+
+def test_a_copy_whose_source_is_gone_but_target_landed_is_dropped(parts, caplog):
+    """An earlier copy landed (an undo copy, recorded without a CRC32, so
+    not recognised by its checksum) before its source went: the journal is
+    done, without an error.
+
+    Fails before the fix: the copy was retried for ever."""
+    store, layout, directory = parts
+    target = layout.key(OID, TID)
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=target, Body=b"x")
+    source = layout.key(OID, p64(0x03F0_0000_0000_0000))
+    journal = journal_of(directory, PendingCopy(source, OID, None, False))
+    with caplog.at_level(logging.WARNING, "zodb_s3blobs.copier"):
+        complete(store, layout, journal, [])
+    assert copier_records(caplog) == []
+    assert list(directory.glob("pending-*")) == []
+    assert store.stat(target) is not None
+
+
+def test_a_copy_whose_source_is_there_is_retried(parts, monkeypatch):
+    """A copy that fails while its source exists (S3 refusing) is kept and
+    retried: giving up needs the source confirmed gone."""
+    store, layout, directory = parts
+    staging = layout.staging_key()
+    s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=staging, Body=b"x")
+    journal = journal_of(directory, PendingCopy(staging, OID, None, True))
+
+    def refused(uploads, copies):
+        raise OSError("503 SlowDown")
+
+    monkeypatch.setattr(store, "transfer", refused)
+    deleted: list[str] = []
+    complete(store, layout, journal, deleted)
+    assert [Path(journal.path)] == list(directory.glob("pending-*"))
+    assert deleted == []
