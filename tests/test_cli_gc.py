@@ -44,10 +44,15 @@ def bucket(tmp_path):
     return config, keys
 
 
+#: Orphans due at once, as before gc-retention existed: the tests of what is
+#: deleted (the default retention's own: the tests after them).
+AT_ONCE = ("--retention", "0")
+
+
 def test_dry_run_lists_and_deletes_nothing(bucket):
     config, keys = bucket
     before = clitools.s3_objects(config)
-    result = run("gc", config, "--dry-run")
+    result = run("gc", config, "--dry-run", *AT_ONCE)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -58,7 +63,7 @@ def test_dry_run_lists_and_deletes_nothing(bucket):
 
 def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     config, keys = bucket
-    code, report = run_json("gc", config)
+    code, report = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert report["orphans"] == keys["orphan"]
     assert report["orphan_bytes"] == 5
@@ -69,9 +74,33 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     left = set(clitools.s3_objects(config))
     assert left == set(keys["needed"] + keys["foreign"] + keys["in flight"])
 
-    code, again = run_json("gc", config)
+    code, again = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert again["orphans"] == []
+
+
+def test_gc_keeps_orphans_for_the_configured_retention(bucket):
+    """The default gc-retention (7d): the orphan is pending, recorded, kept."""
+    config, keys = bucket
+    code, report = run_json("gc", config)
+    assert code == 0
+    assert report["retention"] == 7 * 24 * 3600
+    assert (report["orphans"], report["deleted"]) == ([], 0)
+    assert (report["pending"], report["pending_bytes"]) == (1, 5)
+    assert set(keys["orphan"]) <= set(clitools.s3_objects(config))
+    result = run("gc", config)
+    assert result.returncode == 0, result.stderr
+    assert "Retention: 604800 s" in result.stdout
+    assert "pending: orphaned for less than the retention (5 B, kept)" in (
+        " ".join(result.stdout.split())
+    )
+
+
+def test_a_bad_retention_is_refused_naming_the_option(bucket):
+    config, _keys = bucket
+    result = run("gc", config, "--retention=-1d")
+    assert result.returncode == 2
+    assert "--retention: must be a time interval of 0 or more" in result.stderr
 
 
 def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
@@ -84,7 +113,7 @@ def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
     result = run("gc", config, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "cache").exists()
-    code, report = run_json("gc", config)
+    code, report = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert report["deleted"] == 1
     assert not (tmp_path / "cache").exists()

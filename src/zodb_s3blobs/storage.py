@@ -120,6 +120,10 @@ class _Shared:
     #: The base storage the storage was opened with (not an MVCC instance of
     #: it, which a connection may release): asked from background threads.
     base: object = None
+    #: Seconds an orphan is kept after it was first found (gc-retention).
+    gc_retention: float = 0.0
+    #: The orphans pending at the last collection: (count, bytes).
+    orphans_pending: tuple[int, int] | None = None
 
 
 class _FilesystemView:
@@ -203,6 +207,8 @@ class S3BlobStorage:
     *fallback_blob_dir* (a ZODB blob directory) or *fallback_blob_chunk*
     (RelStorage's ``blob_chunk`` table) is read for revisions S3 does not
     have (yet), and with *fallback_upload* what is read there is uploaded.
+    Pack deletes an orphaned revision's object once it has been found
+    orphaned for *gc_retention* seconds (see :mod:`zodb_s3blobs.gc`).
     """
 
     def __init__(
@@ -220,8 +226,10 @@ class S3BlobStorage:
         fallback_blob_dir: str | None = None,
         fallback_blob_chunk: bool = False,
         fallback_upload: bool = True,
+        gc_retention: float = gc.DEFAULT_RETENTION,
     ) -> None:
         check_base(base)
+        gc_retention = gc.check_retention(gc_retention)
         layout = KeyLayout(settings.prefix)
         metrics = Metrics()
         # Checked before anything is created; written once the storage is set up.
@@ -261,6 +269,7 @@ class S3BlobStorage:
             fallback,
             fallback_upload,
             base=base,
+            gc_retention=gc_retention,
         )
         self._setup(base, shared, True)
         if self._exporter:
@@ -307,10 +316,13 @@ class S3BlobStorage:
         (docs/metrics.md): counters, the S3 request histogram, the bytes in
         the cache directory (all processes; None before its first scan) and
         the files this process knows there."""
+        pending = self._shared.orphans_pending
         return {
             **self._shared.metrics.snapshot(),
             "cache_bytes": self._cache.recorded_bytes(),
             "cache_files": self._cache.indexed_files(),
+            "orphans_pending": pending and pending[0],
+            "orphans_pending_bytes": pending and pending[1],
         }
 
     # -- IStorageWrapper: pass the base's calls up to the database ---------
@@ -900,12 +912,18 @@ class S3BlobStorage:
             lock.release()
 
     def collect_orphans(
-        self, dry_run: bool = False, stale_in_flight: bool = False
+        self,
+        dry_run: bool = False,
+        stale_in_flight: bool = False,
+        retention: float | None = None,
     ) -> gc.CollectionReport:
-        """Delete (or with *dry_run* only list) objects no revision needs;
-        with *stale_in_flight* also keys above the last commit that are more
-        than a day old (see :func:`zodb_s3blobs.gc.collect_orphans`; pack
-        never deletes those)."""
+        """Delete (or with *dry_run* only list) objects no revision needs
+        that have been found orphaned for *retention* seconds (default
+        ``gc-retention``); with *stale_in_flight* also keys above the last
+        commit that are more than a day old (see
+        :func:`zodb_s3blobs.gc.collect_orphans`; pack never deletes those)."""
+        if retention is None:
+            retention = self._shared.gc_retention
         report = None
         try:
             report = gc.collect_orphans(
@@ -915,6 +933,7 @@ class S3BlobStorage:
                 self._cache,
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
+                retention=gc.check_retention(retention),
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report
@@ -922,8 +941,11 @@ class S3BlobStorage:
         finally:
             if report is not None:
                 self._shared.metrics.add(
-                    orphans_found=len(report.orphans), orphans_deleted=report.deleted
+                    orphans_found=len(report.orphans),
+                    orphans_deleted=report.deleted,
+                    orphans_deleted_bytes=report.deleted_bytes,
                 )
+                self._shared.orphans_pending = (report.pending, report.pending_bytes)
                 if report.deleted:
                     self._forget_deleted(report.orphans)
         return report

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import retention_interval
 from ..gc import CollectionReport, collect_orphans
 from . import EXIT_OK, add_operator_options
 from .output import counter, emit, human_size, problem, table
@@ -27,8 +28,12 @@ last commit (still being committed) and keys that are not of the
 copies are removed from cache-dir if it exists and belongs to the user
 running gc (it is never created, and only the files of deleted orphans are
 removed; another user's cache is left to its own eviction). The base storage is opened
-read-only. A warning says when cache-dir belongs to another user than the
-one running gc; on a terminal, a progress bar counts the keys checked.
+read-only. An orphan is deleted only once it has been found orphaned for
+gc-retention (default 7d; --retention overrides it for one run): until then
+it is pending, recorded with the time it was first found in
+[prefix/]gc/pending.gz. A warning says when cache-dir belongs to another user
+than the one running gc; on a terminal, a progress bar counts the keys
+checked.
 """
 
 
@@ -55,8 +60,24 @@ def register(
         "far-future tid). Only from the live database: run from an older copy "
         "(a restored backup), this deletes the blobs committed since",
     )
+    parser.add_argument(
+        "--retention",
+        type=_retention,
+        metavar="INTERVAL",
+        help="for this run, keep orphans until found orphaned for INTERVAL "
+        "(7d, 12h, 0: delete at once) instead of the configuration's "
+        "gc-retention",
+    )
     parser.set_defaults(run=run)
     return parser
+
+
+def _retention(value: str) -> float:
+    """``--retention``'s value in seconds; a clear usage error otherwise."""
+    try:
+        return retention_interval(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _NoCache:
@@ -99,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     warning = target.cache_owner_warning()
     if warning:
         problem(warning)
+    retention = args.retention
+    if retention is None:
+        retention = target.section.config.gc_retention
     with target.base() as base, target.store() as store:
         # A dry run deletes nothing, so has no cached copy to drop; nor is
         # another user's cache opened (its locks would become this user's):
@@ -115,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
                     cache or _NoCache(),
                     dry_run=args.dry_run,
                     stale_in_flight=args.stale_in_flight,
+                    retention=retention,
                 )
         finally:
             if cache is not None:
@@ -122,20 +147,24 @@ def run(args: argparse.Namespace) -> int:
     document = {
         "ok": True,
         "dry_run": args.dry_run,
+        "retention": retention,
         "destination": target.url(),
         **dataclasses.asdict(report),
     }
-    emit(args, document, _lines(args, report, target))
+    emit(args, document, _lines(args, report, target, retention))
     return EXIT_OK
 
 
 def _lines(
-    args: argparse.Namespace, report: CollectionReport, target: Target
+    args: argparse.Namespace,
+    report: CollectionReport,
+    target: Target,
+    retention: float,
 ) -> list[str]:
     """The human report: the collector's counts, and with --dry-run the keys."""
     title = "Orphans in" if args.dry_run else "Orphan collection in"
     note = " (dry run: nothing deleted)" if args.dry_run else ""
-    lines = [f"{title} {target.url()}{note}", ""]
+    lines = [f"{title} {target.url()}{note}", f"Retention: {retention:g} s", ""]
     lines += table(
         ["objects", "count"],
         [
@@ -150,8 +179,13 @@ def _lines(
             ["foreign (not of the layout, left alone)", report.foreign],
             ["staging (younger than a day, left alone)", report.staging],
             ["staging older than a day (orphans)", report.staging_expired],
+            [
+                f"pending: orphaned for less than the retention "
+                f"({human_size(report.pending_bytes)}, kept)",
+                report.pending,
+            ],
             [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
-            ["deleted", report.deleted],
+            [f"deleted ({human_size(report.deleted_bytes)})", report.deleted],
         ],
     )
     if args.dry_run and report.orphans:
