@@ -319,18 +319,10 @@ def copy_of(request, base, tmp_path) -> str:
         return base.section.replace(
             str(tmp_path / "sqlite"), str(tmp_path / "sqlite-copy")
         )
-    import psycopg2
-
-    server = request.getfixturevalue("postgresql")
-    name = re.search(r"dbname=(\S+)", base.section).group(1)
-    conn = psycopg2.connect(server.dsn("postgres"))
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}_copy" TEMPLATE "{name}"')
-    finally:
-        conn.close()
-    return base.section.replace(f"dbname={name}", f"dbname={name}_copy")
+    dsn = re.search(r"dsn (.+)", base.section).group(1)
+    name = re.search(r"dbname=(\S+)", dsn).group(1)
+    copy = request.getfixturevalue("postgresql").create_database(template=name)
+    return base.section.replace(dsn, copy)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
