@@ -5,6 +5,7 @@ of pending orphans survives a collection killed at any point."""
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import time
@@ -75,8 +76,9 @@ def make_orphans(storage, tmp_path, count: int, first_oid: int) -> list[str]:
 
 def recorded(storage) -> dict[str, float]:
     """The record of pending orphans: key -> first seen."""
-    body = storage._store.open_object(record_key(storage._layout.prefix))
-    lines = gzip.decompress(body.read()).decode().splitlines()[1:]
+    body = io.BytesIO()
+    storage._store.download(record_key(storage._layout.prefix), body)
+    lines = gzip.decompress(body.getvalue()).decode().splitlines()[1:]
     return {line.split("\t")[0]: float(line.split("\t")[1]) for line in lines}
 
 
@@ -194,7 +196,7 @@ def test_a_dry_run_writes_no_record(make_storage, tmp_path):
     make_orphans(storage, tmp_path, 2, 10_000)
     assert storage.collect_orphans(dry_run=True).pending == 2
     key = record_key(storage._layout.prefix)
-    assert storage._store.open_object(key) is None
+    assert storage._store.stat(key) is None
     db.close()
 
 

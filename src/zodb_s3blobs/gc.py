@@ -32,6 +32,8 @@ on a history-free base. Safety rules:
   orphaned object is deleted only once collections have found it orphaned
   for that long (recorded in the bucket: :mod:`zodb_s3blobs.pending`), so a
   restored backup of the base storage finds the blobs it refers to;
+- while another database writes under the same prefix (see
+  :mod:`zodb_s3blobs.writers`), nothing is judged nor deleted;
 - deletes go out in DeleteObjects batches of 1000 keys, and the cached copies
   of deleted revisions are dropped.
 """
@@ -55,6 +57,7 @@ from .errors import ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
 from .objectstore import ObjectStore
 from .pending import NewRecord, Pending, PreviousRecord, record_key, stamp
+from .writers import check as check_writers
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +257,9 @@ def collect_orphans(
     deleted at once and no record is read or written.
     """
     report = CollectionReport()
+    # Nothing is judged while another database writes under this prefix:
+    # its blobs would look like this one's orphans.
+    check_writers(store, layout.prefix, base, max(retention, grace))
     now = time.time()
     orphans = _Orphans(store, layout, report, retention, now)
     try:

@@ -934,21 +934,6 @@ class ObjectStore:
             response.get("ETag"),
         )
 
-    def open_object(self, key: str) -> BinaryIO | None:
-        """The body of *key* as a stream to read (and close), or None when
-        there is no such object: for the package's own small records, not
-        blobs (no checksum, no retry after the first byte)."""
-        try:
-            response = self._client.get_object(
-                Bucket=self.bucket, Key=key, **self._get_args
-            )
-        except (ClientError, BotoCoreError) as exc:
-            error = self._error("GET", key, exc)
-            if isinstance(error, ObjectNotFound):
-                return None
-            raise error from exc
-        return response["Body"]
-
     def put_object(self, key: str, body: BinaryIO) -> None:
         """Write *body* (a file at its start) to *key* in one PUT, which S3
         applies whole or not at all: for the package's own records."""

@@ -37,6 +37,7 @@ import zlib
 from collections.abc import Iterator
 from typing import IO, NamedTuple
 
+from .errors import ObjectNotFound
 from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,26 @@ def _lines(body: IO[bytes], key: str) -> Iterator[Pending]:
 
 
 class PreviousRecord:
-    """The record written by the last collection, looked up in key order."""
+    """The record written by the last collection, looked up in key order.
+    It is downloaded whole into a private temporary file first, so that a
+    failed download fails the collection (before anything is judged) rather
+    than pass for the end of the record."""
 
     def __init__(self, store: ObjectStore, key: str) -> None:
-        self._body = store.open_object(key)
-        #: Whether there was a record (else an empty one need not be written).
-        self.existed = self._body is not None
-        self._entries = _lines(self._body, key) if self._body else iter(())
+        self._body = tempfile.TemporaryFile()  # noqa: SIM115 -- until close()
+        try:
+            store.download(key, self._body)
+        except ObjectNotFound:
+            self._body.truncate(0)
+            self.existed = False
+        except BaseException:
+            self._body.close()
+            raise
+        else:
+            #: Whether there was a record (else an empty one need not be written).
+            self.existed = True
+        self._body.seek(0)
+        self._entries = _lines(self._body, key) if self.existed else iter(())
         self._next = next(self._entries, None)
 
     def first_seen(self, key: str, last_modified: str) -> float | None:
@@ -109,8 +123,7 @@ class PreviousRecord:
         return None
 
     def close(self) -> None:
-        if self._body is not None:
-            self._body.close()
+        self._body.close()
 
 
 class NewRecord:

@@ -43,7 +43,7 @@ from ZODB.POSException import (
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
-from . import gc, unghost
+from . import gc, unghost, writers
 from .cache import MIN_AGE, BlobCache
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
 from .exposition import MetricsFile
@@ -124,6 +124,8 @@ class _Shared:
     gc_retention: float = 0.0
     #: The orphans pending at the last collection: (count, bytes).
     orphans_pending: tuple[int, int] | None = None
+    #: This database's record as a writer under the prefix (writers.py).
+    writer: writers.WriterRecord | None = None
 
 
 class _FilesystemView:
@@ -271,6 +273,8 @@ class S3BlobStorage:
             base=base,
             gc_retention=gc_retention,
         )
+        if not base.isReadOnly():
+            shared.writer = writers.WriterRecord(store, layout.prefix, base)
         self._setup(base, shared, True)
         if self._exporter:
             self._exporter.start()
@@ -820,6 +824,8 @@ class S3BlobStorage:
         except OSError:
             log.warning("Could not remove staged files", exc_info=True)
         self._delete_staging(commit)
+        if self._shared.writer is not None:
+            self._shared.writer.committed(tid)
         return tid
 
     def tpc_abort(self, transaction):
@@ -896,7 +902,11 @@ class S3BlobStorage:
             result = self._base.pack(pack_time, referencesf, *args, **kw)
             try:
                 self.collect_orphans()
-            except (ObjectStoreError, gc.OrphansNotDeleted) as exc:
+            except (
+                ObjectStoreError,
+                gc.OrphansNotDeleted,
+                writers.SecondWriter,
+            ) as exc:
                 # The pack itself worked; orphans only cost storage until the
                 # next pack or `zodb-s3blobs gc` removes them. Raising would
                 # report a failed pack to the ZMI.
