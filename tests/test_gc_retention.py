@@ -290,3 +290,34 @@ def test_an_unreadable_record_restarts_the_retention(
 def test_a_negative_retention_is_refused(make_storage):
     with pytest.raises(ValueError, match="gc-retention"):
         make_storage(gc_retention=-1)
+
+
+def test_incomplete_multipart_uploads_are_aborted_only_past_the_grace(
+    make_storage, clock
+):
+    """A process killed mid-upload leaves parts that are billed and never
+    listed as objects. S3 servers set an upload's Initiated themselves (it
+    cannot be backdated; moto reports a fixed date in 2010): the collector's
+    clock is set a minute, then two days, after the Initiated reported."""
+    storage = make_storage()
+    db = ZODB.DB(storage)
+    commit_blobs(db, {"live": b"live"})
+    layout = storage._layout
+    ours = [layout.key(p64(10_000), p64(5)), layout.staging_key()]
+    foreign = f"{layout.root}README"
+    client = s3env.server().client()
+    for key in [*ours, foreign]:
+        client.create_multipart_upload(Bucket=s3env.BUCKET, Key=key)
+    listed = client.list_multipart_uploads(Bucket=s3env.BUCKET, Prefix=layout.prefix)
+    initiated = max(u["Initiated"].timestamp() for u in listed["Uploads"])
+    clock.offset = initiated + 60 - time.time()
+    report = storage.collect_orphans()
+    assert (report.uploads_running, report.uploads_stale) == (2, 0)
+    clock.offset = initiated + 2 * DAY - time.time()
+    dry = storage.collect_orphans(dry_run=True)
+    assert (dry.uploads_stale, dry.uploads_aborted) == (2, 0)
+    report = storage.collect_orphans()
+    assert (report.uploads_stale, report.uploads_aborted) == (2, 2)
+    listed = client.list_multipart_uploads(Bucket=s3env.BUCKET, Prefix=layout.prefix)
+    assert [upload["Key"] for upload in listed.get("Uploads", ())] == [foreign]
+    db.close()

@@ -18,6 +18,9 @@ on a history-free base. Safety rules:
   an orphan by the same age rule: a young one is still left alone, since a
   process whose clock is ahead may be voting it);
 - keys that do not match the layout exactly are never touched;
+- incomplete multipart uploads to this storage's keys (a process killed
+  mid-upload leaves parts that are billed and never listed) are aborted
+  once started more than the same grace period ago;
 - staging objects (``staging/{32 hex digits}.blob``: uploads made before
   their transaction's id was known, copied to their revision's key at vote
   and deleted after the transaction ends) are orphans once S3 last modified
@@ -93,6 +96,11 @@ class CollectionReport:
     #: Orphans due for deletion (all of them without a retention).
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
+    #: Incomplete multipart uploads to this storage's keys: younger than the
+    #: grace period (may be running), and older (aborted unless a dry run).
+    uploads_running: int = 0
+    uploads_stale: int = 0
+    uploads_aborted: int = 0
     deleted: int = 0
     deleted_bytes: int = 0
     #: Orphans found for less than the retention: kept for now.
@@ -288,6 +296,7 @@ def collect_orphans(
                 else:
                     orphans.found(key, size, last_modified)
         _collect_staging(store, layout, report, now - grace)
+        _abort_stale_uploads(store, layout, report, now - grace, dry_run)
         if not dry_run:
             orphans.save(store)
     finally:
@@ -306,7 +315,8 @@ def collect_orphans(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
         "%d foreign, %d staging, %d orphans (%d bytes, %d of them above the "
         "last commit and %d staging, for more than %g s) %s, %d pending "
-        "(%d bytes) for the retention of %g s",
+        "(%d bytes) for the retention of %g s; %d incomplete multipart "
+        "uploads older than that grace %s",
         store.url(layout.root),
         report.scanned,
         report.kept,
@@ -322,8 +332,33 @@ def collect_orphans(
         report.pending,
         report.pending_bytes,
         retention,
+        report.uploads_stale,
+        "found" if dry_run else "aborted",
     )
     return report
+
+
+def _abort_stale_uploads(
+    store: ObjectStore,
+    layout: KeyLayout,
+    report: CollectionReport,
+    expired: float,
+    dry_run: bool,
+) -> None:
+    """Abort the multipart uploads to this storage's keys started before
+    *expired*: left by a process killed mid-upload, their parts are billed
+    and never listed as objects. Younger ones may still be running."""
+    for root in (layout.root, layout.staging_root):
+        for key, upload_id, initiated in store.list_uploads(root):
+            if layout.parse(key) is None and not layout.is_staging_key(key):
+                continue  # not ours
+            if initiated > expired:
+                report.uploads_running += 1
+                continue
+            report.uploads_stale += 1
+            if not dry_run:
+                store.abort_upload(key, upload_id)
+                report.uploads_aborted += 1
 
 
 def _collect_staging(

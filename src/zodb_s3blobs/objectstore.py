@@ -944,6 +944,29 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error("PUT", key, exc) from exc
 
+    def list_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """Yield key, upload id and Initiated (seconds since the epoch) of
+        every incomplete multipart upload under *prefix*."""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Uploads", ()):
+                    initiated = item["Initiated"].timestamp()
+                    yield item["Key"], item["UploadId"], initiated
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST uploads", prefix, exc) from exc
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an incomplete multipart upload, freeing its parts."""
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id
+            )
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code != "NoSuchUpload":  # completed or aborted meanwhile
+                raise self._error("ABORT upload", key, exc) from exc
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""
         for item in self.list_objects(prefix):

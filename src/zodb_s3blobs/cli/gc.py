@@ -186,6 +186,11 @@ def _lines(
             ],
             [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
             [f"deleted ({human_size(report.deleted_bytes)})", report.deleted],
+            [
+                "incomplete multipart uploads older than a day"
+                + (" (to abort)" if args.dry_run else " (aborted)"),
+                report.uploads_stale,
+            ],
         ],
     )
     if args.dry_run and report.orphans:
