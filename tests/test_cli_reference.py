@@ -19,6 +19,7 @@ COMMANDS = [
     ["migrate"],
     ["verify"],
     ["gc"],
+    ["undelete"],
     ["cache", "stats"],
     ["cache", "prune"],
 ]

@@ -967,6 +967,62 @@ class ObjectStore:
             if code != "NoSuchUpload":  # completed or aborted meanwhile
                 raise self._error("ABORT upload", key, exc) from exc
 
+    # -- versions (undelete) ------------------------------------------
+
+    def versioning(self) -> str | None:
+        """The bucket's versioning status (``Enabled``, ``Suspended``, or
+        None if it never had it); ``unknown`` where the credentials may not
+        read it (AccessDenied is an answer, not an error)."""
+        try:
+            response = self._client.get_bucket_versioning(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _http_status(exc) == 403:
+                return "unknown"
+            raise self._error("GET versioning", "", exc) from exc
+        return response.get("Status")
+
+    def old_versions(self, key: str) -> list[str]:
+        """The ids of *key*'s versions that hold bytes, newest first, as S3
+        lists them (delete markers left out; LastModified, in seconds, may
+        not tell two versions apart)."""
+        paginator = self._client.get_paginator("list_object_versions")
+        try:
+            return [
+                item["VersionId"]
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=key)
+                for item in page.get("Versions", ())
+                if item["Key"] == key
+            ]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST versions", key, exc) from exc
+
+    def version_checksum(self, key: str, version: str) -> tuple[str | None, str]:
+        """The CRC32 recorded in the metadata of *key*'s *version* (None for
+        objects written without one) and the CRC32 of its bytes, read in a
+        stream (8 hex digits each)."""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=key, VersionId=version, **self._get_args
+            )
+            crc = 0
+            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET version", key, exc) from exc
+        recorded = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
+        return (recorded.lower() if recorded else None), f"{crc:08x}"
+
+    def restore_version(self, key: str, version: str) -> None:
+        """Make *key*'s *version* its current object again: a server-side
+        copy, which keeps the version's metadata (its CRC32)."""
+        source = {"Bucket": self.bucket, "Key": key, "VersionId": version}
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket, Key=key, CopySource=source, **self._copy_args
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("COPY version", key, exc) from exc
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""
         for item in self.list_objects(prefix):

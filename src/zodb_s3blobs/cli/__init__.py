@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "migrate",
     "verify",
     "gc",
+    "undelete",
     "cache",
 )
 
