@@ -243,6 +243,8 @@ fallback_blob_dir = _keyed("fallback-blob-dir", _existing_directory)
 fallback_blob_chunk = _keyed("fallback-blob-chunk", stock_datatypes["boolean"])
 fallback_upload = _keyed("fallback-upload", stock_datatypes["boolean"])
 gc_retention = _keyed("gc-retention", retention_interval)
+fallback_s3_prefix = _keyed("fallback-s3-prefix", validate_prefix)
+fallback_s3_bucket = _keyed("fallback-s3-bucket", _bucket_name)
 
 
 class S3BlobStorageFactory(BaseConfig):
@@ -301,6 +303,8 @@ class S3BlobStorageFactory(BaseConfig):
                 fallback_blob_chunk=self.config.fallback_blob_chunk,
                 fallback_upload=self.config.fallback_upload,
                 gc_retention=self.config.gc_retention,
+                fallback_s3_prefix=self.config.fallback_s3_prefix,
+                fallback_s3_bucket=self.config.fallback_s3_bucket,
             )
         except BaseException:
             base.close()

@@ -51,6 +51,7 @@ from .fallback import Fallback, not_in_either, open_fallback
 from .keys import KeyLayout
 from .metrics import Metrics
 from .objectstore import Copy, ObjectStore, file_crc32, raise_first, written_crc32
+from .parent import open_parent
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -124,6 +125,8 @@ class _Shared:
     gc_retention: float = 0.0
     #: The orphans pending at the last collection: (count, bytes).
     orphans_pending: tuple[int, int] | None = None
+    #: The parent bucket's store of fallback-s3-bucket (parent.py), if any.
+    parent_store: ObjectStore | None = None
     #: This database's record as a writer under the prefix (writers.py).
     writer: writers.WriterRecord | None = None
 
@@ -208,7 +211,9 @@ class S3BlobStorage:
     ``s3://bucket/prefix/blobs/``; see :mod:`zodb_s3blobs.exposition`).
     *fallback_blob_dir* (a ZODB blob directory) or *fallback_blob_chunk*
     (RelStorage's ``blob_chunk`` table) is read for revisions S3 does not
-    have (yet), and with *fallback_upload* what is read there is uploaded.
+    have (yet), and with *fallback_upload* what is read there is uploaded;
+    so is *fallback_s3_prefix* (a parent site's prefix, in
+    *fallback_s3_bucket* or the same bucket) for a copy of a site.
     Pack deletes an orphaned revision's object once it has been found
     orphaned for *gc_retention* seconds (see :mod:`zodb_s3blobs.gc`).
     """
@@ -229,6 +234,8 @@ class S3BlobStorage:
         fallback_blob_chunk: bool = False,
         fallback_upload: bool = True,
         gc_retention: float = gc.DEFAULT_RETENTION,
+        fallback_s3_prefix: str | None = None,
+        fallback_s3_bucket: str | None = None,
     ) -> None:
         check_base(base)
         gc_retention = gc.check_retention(gc_retention)
@@ -246,7 +253,7 @@ class S3BlobStorage:
             if metrics_file
             else None
         )
-        cache = store = None
+        cache = store = parent_store = None
         try:
             cache = BlobCache(
                 cache_dir, cache_size, cache_min_age, cache_group, metrics
@@ -254,10 +261,19 @@ class S3BlobStorage:
             fallback = open_fallback(
                 fallback_blob_dir, fallback_blob_chunk, base, cache.temp_dir
             )
+            if fallback_s3_prefix is not None and fallback is not None:
+                raise ValueError(
+                    "fallback-s3-prefix excludes fallback-blob-dir and "
+                    "fallback-blob-chunk: a revision is read from one place"
+                )
             store = ObjectStore(settings, metrics)
             _reach_bucket(store, settings)
+            if fallback_s3_prefix is not None:
+                fallback, parent_store = open_parent(
+                    settings, store, fallback_s3_prefix, fallback_s3_bucket
+                )
         except BaseException:
-            for part in (store, cache, self._exporter):
+            for part in (parent_store, store, cache, self._exporter):
                 if part:
                     part.close()
             raise
@@ -272,6 +288,7 @@ class S3BlobStorage:
             fallback_upload,
             base=base,
             gc_retention=gc_retention,
+            parent_store=parent_store,
         )
         if not base.isReadOnly():
             shared.writer = writers.WriterRecord(store, layout.prefix, base)
@@ -975,4 +992,6 @@ class S3BlobStorage:
                 if self._exporter:
                     self._exporter.close()  # a last write, all still open
                 self._store.close()
+                if self._shared.parent_store is not None:
+                    self._shared.parent_store.close()
                 self._cache.close()
