@@ -3,25 +3,29 @@
 Two databases committing under one ``s3-prefix`` (a staging copy of a site
 pointed at the live bucket, a restored backup started beside the original)
 is the one way the collector deletes live data: each one's orphans are the
-other one's blobs. So every storage that may commit records, under
-``[prefix/]writers/{id}.json``, the identity of its database and when it
-wrote: *id* is a hash of the base storage's type and name (``getName()``:
-for a FileStorage its path, with the host name, as a copy of ``Data.fs``
-elsewhere or on another host is another database), never the name itself
-(a RelStorage name may hold a DSN). The record says since when this
-database writes there and its last commit; it is written when the storage
-opens (a LIST, a GET per record and a PUT; a read-only base writes none)
-and then after a commit at most every :data:`RECORD_INTERVAL` seconds, in
-the background, by one PUT.
+other one's blobs. So every storage that may commit records its database
+under ``[prefix/]writers/{id}-{since}.json``: *id* is a hash of the base
+storage's type and name (``getName()``: for a FileStorage its path, with
+the host name, as a copy of ``Data.fs`` elsewhere or on another host is
+another database), never the name itself (a RelStorage name may hold a
+DSN); *since* says since when this database writes there, and the object's
+LastModified when it last did; the body names the database, its last
+commit, host and pid, for messages. Everything the guard compares is in the
+listing. The record is written when the storage opens (a LIST and a PUT; a
+read-only base writes none) and then after a commit at most every
+:data:`RECORD_INTERVAL` seconds, in the background, by one PUT; a
+collection costs one LIST more, and a GET only when it reports another
+database.
 
 Two databases are *concurrent* when the other's record was updated after
-this one started writing (its ``since``) and within the collector's
-window: the collector then refuses to delete anything, naming both.
-Opening logs a warning when another database's record was updated within
-a day. A database that replaced
-another (a restored backup, a FileStorage moved to another path or host,
-a container with a new host name) started after the other stopped writing,
-and is not refused.
+this one started writing (its *since*) and within the collector's window:
+the collector then refuses to delete anything, naming both (at the
+resolution of LastModified, whole seconds: a write in the second after this
+database started counts from the next). Opening logs a warning when another
+database's record was updated within a day. A
+database that replaced another (a restored backup, a FileStorage moved to
+another path or host, a container with a new host name) started after the
+other stopped writing, and is not refused.
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ import re
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import tid_repr
 
-from .errors import ObjectNotFound, ObjectStoreError, S3BlobStorageError
+from .errors import ObjectStoreError, S3BlobStorageError
 from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -55,8 +59,8 @@ RECORD_INTERVAL = 3600.0
 RECENT = 24 * 3600.0
 #: An object's address in a repr: `` at 0x7f00deadbeef``.
 _ADDRESS = re.compile(r" at (?:0x)?[0-9a-fA-F]{6,}\b")
-#: A record is read only up to this many bytes (it holds a few fields).
-_RECORD_LIMIT = 64 * 1024
+#: A record's name: the database's id and since when it writes there.
+_RECORD = re.compile(r"([0-9a-f]{16})-([0-9]{1,12})\.json")
 
 
 def writers_root(prefix: str) -> str:
@@ -87,24 +91,34 @@ def _hash(text: str) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """What one database's record says."""
+    """One database's record as the listing shows it: its key, its id, since
+    when it writes (in the key's name) and its last update (LastModified,
+    by the S3 server's clock)."""
 
+    key: str
     id: str
-    label: str
-    #: Seconds since the epoch: the first write of this record, and the last.
     since: float
     updated: float
-    last_commit: str
-    host: str
-    pid: int
 
-    def describe(self) -> str:
-        """The record in words, for errors and warnings."""
-        return (
-            f"{self.label} (last commit {self.last_commit}, recorded "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.updated))}"
-            f" by pid {self.pid})"
-        )
+    def describe(self, store: ObjectStore) -> str:
+        """The record in words, for errors and warnings: what its body says
+        (one GET, only when something is reported)."""
+        body = io.BytesIO()
+        try:
+            store.download(self.key, body)
+            details = json.loads(body.getvalue())
+            what = (
+                f"{details['label']} (last commit {details['last_commit']}, "
+                f"pid {details['pid']})"
+            )
+        except (ObjectStoreError, ValueError, TypeError, KeyError):
+            what = f"database {self.id}"
+        return f"{what}, {self.brief(store)}"
+
+    def brief(self, store: ObjectStore) -> str:
+        """Where and when the record was written, from the listing alone."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.updated))
+        return f"recorded {when} at {store.url(self.key)}"
 
 
 class SecondWriter(S3BlobStorageError):
@@ -112,20 +126,14 @@ class SecondWriter(S3BlobStorageError):
 
 
 def read_records(store: ObjectStore, prefix: str) -> list[Record]:
-    """Every writer's record under *prefix* (unreadable ones are skipped,
-    with a warning)."""
+    """Every writer's record under *prefix*, from one listing (keys of
+    another form are left out)."""
     records = []
-    for key, size in store.list(writers_root(prefix)):
-        body = io.BytesIO()
-        try:
-            if size > _RECORD_LIMIT:
-                raise ValueError(f"{size} bytes, more than a record holds")
-            store.download(key, body)
-            records.append(Record(**json.loads(body.getvalue())))
-        except ObjectNotFound:
-            continue  # deleted since the listing
-        except (ValueError, TypeError) as exc:
-            log.warning("Skipping the unreadable writer record %s: %s", key, exc)
+    for item in store.list_objects(writers_root(prefix)):
+        found = _RECORD.fullmatch(item.key.rpartition("/")[2])
+        if found:
+            ident, since = found.groups()
+            records.append(Record(item.key, ident, float(since), item.last_modified))
     return records
 
 
@@ -141,18 +149,17 @@ def check(store: ObjectStore, prefix: str, base, window: float) -> None:
     mine, label = identity(base)
     records = read_records(store, prefix)
     own = [r for r in records if r.id == mine]
-    since = max([time.time() - window, *(r.since for r in own)])
+    since = max([time.time() - window, min((r.since for r in own), default=0)])
     others = concurrent(records, mine, since)
     if others:
-        this = own[0].describe() if own else label
+        this = own[0].describe(store) if own else label
         raise SecondWriter(
             f"Two databases write under {store.url(writers_root(prefix))}: this "
-            f"one, {this}, and {others[0].describe()}"
+            f"one, {this}, and {others[0].describe(store)}"
             + (f" and {len(others) - 1} more" if len(others) > 1 else "")
             + ". Each one's collector would delete the other's blobs, so nothing "
             "is deleted: give each database its own s3-prefix. If the other no "
-            f"longer writes here, delete {store.url(writers_root(prefix))}"
-            f"{others[0].id}.json."
+            "longer writes here, delete its record"
         )
 
 
@@ -167,9 +174,29 @@ class WriterRecord:
         self._prefix = prefix
         self._id, self._label = identity(base)
         self._lock = threading.Lock()
-        self._since: float | None = None
-        self._written = time.time()
-        self._write(tid_repr(base.lastTransaction()), self._written)
+        self._written = now = time.time()
+        try:
+            records = read_records(store, prefix)
+        except ObjectStoreError as exc:
+            records = []
+            log.warning("Could not read the writers' records: %s", exc)
+        own = [r.since for r in records if r.id == self._id]
+        # The next whole second: LastModified has whole seconds on some
+        # servers, and a record written in the second this one opened (by a
+        # database this one replaces) must not look written after it.
+        since = int(min(own, default=now + 1))
+        self._key = f"{writers_root(prefix)}{self._id}-{since}.json"
+        others = concurrent(records, self._id, now - RECENT)
+        if others:
+            log.warning(
+                "Another database wrote under %s within a day (%s). If it still "
+                "writes, each one's collector would delete the other's blobs, "
+                "and pack and gc refuse to delete: give each database its own "
+                "s3-prefix.",
+                store.url(writers_root(prefix)),
+                others[0].brief(store),
+            )
+        self._write(tid_repr(base.lastTransaction()))
 
     def committed(self, tid: bytes) -> None:
         """Note a commit; write the record if it is due. Never raises."""
@@ -179,37 +206,17 @@ class WriterRecord:
                 return
             self._written = now
         with contextlib.suppress(RuntimeError):  # the store is closing
-            self._store.submit(self._write, tid_repr(tid), now)
+            self._store.submit(self._write, tid_repr(tid))
 
-    def _write(self, last_commit: str, now: float) -> None:
+    def _write(self, last_commit: str) -> None:
+        details = {
+            "label": self._label,
+            "last_commit": last_commit,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
         try:
-            first = self._since is None
-            if first:
-                records = read_records(self._store, self._prefix)
-                own = [r.since for r in records if r.id == self._id]
-                self._since = min(own, default=now)
-                others = concurrent(records, self._id, now - RECENT)
-                if others:
-                    log.warning(
-                        "Another database wrote under %s within a day: %s. If "
-                        "it still writes, each one's collector would delete the "
-                        "other's blobs, and pack and gc refuse to delete: give "
-                        "each database its own s3-prefix.",
-                        self._store.url(writers_root(self._prefix)),
-                        others[0].describe(),
-                    )
-            record = Record(
-                self._id,
-                self._label,
-                self._since,
-                now,
-                last_commit,
-                socket.gethostname(),
-                os.getpid(),
-            )
-            body = io.BytesIO(json.dumps(asdict(record)).encode())
-            key = f"{writers_root(self._prefix)}{self._id}.json"
-            self._store.put_object(key, body)
+            self._store.put_object(self._key, io.BytesIO(json.dumps(details).encode()))
         except ObjectStoreError as exc:
             with self._lock:
                 self._written = 0.0  # tried again at the next commit
