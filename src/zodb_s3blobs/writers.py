@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 WRITERS_FOLDER = "writers"
 #: Seconds between two writes of a process's record while it commits.
 RECORD_INTERVAL = 3600.0
-#: At a process's first commit, another database's record updated within
-#: this many seconds (a day) is warned of: it may still write.
+#: When the storage opens, another database's record updated within this
+#: many seconds (a day) is warned of: it may still write.
 RECENT = 24 * 3600.0
 #: An object's address in a repr: `` at 0x7f00deadbeef``.
 _ADDRESS = re.compile(r" at (?:0x)?[0-9a-fA-F]{6,}\b")
