@@ -662,7 +662,9 @@ def collect_orphans(bench: Bench) -> Row:
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
             list(pool.map(upload_orphan, [bench.setup_client] * len(keys), keys))
         with sent_requests(storage._store) as sent:
-            seconds, report = measure(storage.collect_orphans)
+            # Retention 0: this step measures the deletes (bench/retention.py
+            # measures what gc-retention adds).
+            seconds, report = measure(partial(storage.collect_orphans, retention=0))
     if report.deleted != scale.orphans:
         raise BenchError(
             f"{ORPHANS}: deleted {report.deleted} of {scale.orphans} orphans"

@@ -69,16 +69,18 @@ class PostgreSQL:
         """The libpq connection string of database *dbname*."""
         return f"dbname={dbname} user={USER} host={HOST} port={self.port}"
 
-    def create_database(self) -> str:
-        """Create an empty database no other test uses; return its DSN."""
+    def create_database(self, template: str | None = None) -> str:
+        """Create an empty database no other test uses (or a copy of database
+        *template*, which no connection may use meanwhile); return its DSN."""
         import psycopg2
 
         name = f"zodb{os.getpid()}_{next(_databases)}"
+        copy = f' TEMPLATE "{template}"' if template else ""
         conn = psycopg2.connect(self.dsn("postgres"))
         try:
             conn.autocommit = True
             with conn.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
+                cursor.execute(f'CREATE DATABASE "{name}"{copy}')
         finally:
             conn.close()
         return self.dsn(name)

@@ -47,10 +47,15 @@ def bucket(tmp_path):
     return config, keys
 
 
+#: Orphans due at once, as before gc-retention existed: the tests of what is
+#: deleted (the default retention's own: the tests after them).
+AT_ONCE = ("--retention", "0")
+
+
 def test_dry_run_lists_and_deletes_nothing(bucket):
     config, keys = bucket
     before = clitools.s3_objects(config)
-    result = run("gc", config, "--dry-run")
+    result = run("gc", config, "--dry-run", *AT_ONCE)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -61,7 +66,7 @@ def test_dry_run_lists_and_deletes_nothing(bucket):
 
 def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     config, keys = bucket
-    code, report = run_json("gc", config)
+    code, report = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert report["orphans"] == keys["orphan"]
     assert report["orphan_bytes"] == 5
@@ -72,7 +77,7 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     left = set(clitools.s3_objects(config))
     assert left == set(keys["needed"] + keys["foreign"] + keys["in flight"])
 
-    code, again = run_json("gc", config)
+    code, again = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert again["orphans"] == []
 
@@ -84,18 +89,44 @@ def test_gc_says_where_the_list_is_and_lists_with_list(bucket):
     Fails before the fix: only a dry run listed keys, and the summary did
     not say where to find those deleted."""
     config, keys = bucket
-    result = run("gc", config)
+    # --retention 0: the orphans are deleted by this run (the default keeps
+    # them for a week: test_gc_keeps_orphans_for_the_configured_retention).
+    result = run("gc", config, "--retention", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == (
         "The keys deleted: run with --list, or see orphans in the --json document."
     )
     orphan = clitools.layout(config).key(p64(0x997), p64(1))
     s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"1")
-    result = run("gc", config, "--list")
+    result = run("gc", config, "--list", "--retention", "0")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[lines.index("Deleted:") + 1 :] == [f"  {orphan}"]
     assert orphan not in clitools.s3_objects(config)
+
+
+def test_gc_keeps_orphans_for_the_configured_retention(bucket):
+    """The default gc-retention (7d): the orphan is pending, recorded, kept."""
+    config, keys = bucket
+    code, report = run_json("gc", config)
+    assert code == 0
+    assert report["retention"] == 7 * 24 * 3600
+    assert (report["orphans"], report["deleted"]) == ([], 0)
+    assert (report["pending"], report["pending_bytes"]) == (1, 5)
+    assert set(keys["orphan"]) <= set(clitools.s3_objects(config))
+    result = run("gc", config)
+    assert result.returncode == 0, result.stderr
+    assert "Retention: 604800 s" in result.stdout
+    assert "pending: orphaned for less than the retention (5 B, kept)" in (
+        " ".join(result.stdout.split())
+    )
+
+
+def test_a_bad_retention_is_refused_naming_the_option(bucket):
+    config, _keys = bucket
+    result = run("gc", config, "--retention=-1d")
+    assert result.returncode == 2
+    assert "--retention: must be a time interval of 0 or more" in result.stderr
 
 
 def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
@@ -108,7 +139,7 @@ def test_gc_does_not_create_the_cache_dir(bucket, tmp_path):
     result = run("gc", config, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "cache").exists()
-    code, report = run_json("gc", config)
+    code, report = run_json("gc", config, *AT_ONCE)
     assert code == 0
     assert report["deleted"] == 1
     assert not (tmp_path / "cache").exists()

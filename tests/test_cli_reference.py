@@ -20,6 +20,7 @@ COMMANDS = [
     ["migrate"],
     ["verify"],
     ["gc"],
+    ["undelete"],
     ["cache", "stats"],
     ["cache", "prune"],
 ]

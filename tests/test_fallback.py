@@ -351,7 +351,8 @@ def test_a_packed_revision_is_never_served_from_the_fallback(tmp_path):
     """After a pack removed an old revision (and its object), reading it
     raises ReadConflictError as without a fallback, and nothing uploads it
     again."""
-    revisions, config = filestorage_site(tmp_path)
+    # gc-retention 0: the pack deletes the packed revision's object at once.
+    revisions, config = filestorage_site(tmp_path, **{"gc-retention": "0"})
     site = clitools.open_storage(config)
     db = ZODB.DB(site)
     try:

@@ -214,7 +214,9 @@ def test_a_process_killed_between_vote_and_finish_leaves_only_an_orphan(
     assert child.returncode == -signal.SIGKILL, child.stderr
     (orphan,) = json.loads(child.stdout)
     storage = make_storage(
-        base=ZODB.FileStorage.FileStorage(str(data_fs)), settings=settings
+        base=ZODB.FileStorage.FileStorage(str(data_fs)),
+        settings=settings,
+        gc_retention=0,  # the orphan is deleted at once
     )
     assert keys(storage) == [orphan], "uploaded at vote, never finished"
     db = ZODB.DB(storage)  # the next commit makes the orphan's tid the past

@@ -47,7 +47,7 @@ def blob_revisions(db, contents: list[bytes]) -> list[tuple[bytes, bytes, float]
 
 
 def test_history_preserving_pack_keeps_what_the_base_keeps(make_storage):
-    storage = make_storage()
+    storage = make_storage(gc_retention=0)  # what pack deletes, at once
     db = ZODB.DB(storage)
     (o, t1, _), (_, t2, after2), (_, t3, _) = blob_revisions(db, [b"1", b"2", b"3"])
     key = storage._layout.key
@@ -65,7 +65,8 @@ def test_history_preserving_pack_keeps_what_the_base_keeps(make_storage):
 
 
 def test_history_free_pack_keeps_only_current_revisions(make_storage):
-    storage = make_storage(base=MappingStorage())
+    # Retention 0: what pack deletes, at once (test_gc_retention: the default).
+    storage = make_storage(base=MappingStorage(), gc_retention=0)
     db = ZODB.DB(storage)
     revisions = blob_revisions(db, [b"1", b"2", b"3"])
     oid, current, _ = revisions[-1]
@@ -185,7 +186,7 @@ def test_a_pack_whose_journals_cannot_be_read_collects_nothing(
 
 
 def test_orphans_are_deleted_1000_keys_a_request(make_storage, tmp_path):
-    storage = make_storage()
+    storage = make_storage(gc_retention=0)  # the batches of an immediate delete
     db = ZODB.DB(storage)
     blob_revisions(db, [b"live"])
     live = keys(storage)

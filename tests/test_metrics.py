@@ -18,7 +18,14 @@ from faultserver import Faults, faulty_s3
 from s3hooks import failing
 from test_storage import commit_blobs
 from zodb_s3blobs import BlobReadError, ObjectStoreError
-from zodb_s3blobs.metrics import BUCKETS, CAUSES, COUNTERS, LABELLED, OPERATIONS
+from zodb_s3blobs.metrics import (
+    BUCKETS,
+    CAUSES,
+    COUNTERS,
+    GAUGES,
+    LABELLED,
+    OPERATIONS,
+)
 from zodb_s3blobs.objectstore import CHECKSUM_METADATA
 
 
@@ -57,7 +64,7 @@ def reader(make_storage, tmp_path, settings, **kw):
 def test_stats_names_are_the_documented_ones(make_storage):
     stats = make_storage().stats()
     histogram = stats.pop("s3_request_duration_seconds")
-    assert set(stats) == {*COUNTERS, *LABELLED, "cache_bytes", "cache_files"}
+    assert set(stats) == {*COUNTERS, *LABELLED, *GAUGES}
     assert set(stats["s3_requests"]) == set(OPERATIONS)
     assert set(stats["s3_failures"]) == set(stats["s3_retries"]) == set(CAUSES)
     assert set(histogram) == set(OPERATIONS)
@@ -182,7 +189,7 @@ def test_request_operations(make_storage, tmp_path):
 
 
 def test_pack_lists_and_deletes_orphans(make_storage):
-    storage = make_storage()
+    storage = make_storage(gc_retention=0)  # at once (default: test_gc_retention)
     db = ZODB.DB(storage)
     commit_blobs(db, {"a": b"first"})
     commit_blobs(db, {"a": b"second"})
@@ -190,6 +197,7 @@ def test_pack_lists_and_deletes_orphans(make_storage):
     db.pack()
     moved = changed(before, storage.stats())
     assert moved["orphans_found"] == moved["orphans_deleted"] == 1
+    assert moved["orphans_deleted_bytes"] == len(b"first")
     assert moved["s3_requests[list]"] >= 1
     assert moved["s3_requests[delete]"] == 1
     db.close()

@@ -6,6 +6,8 @@ refused at open, undo, and the orphan collector's view of RelStorage."""
 from __future__ import annotations
 
 import importlib.metadata
+import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -21,16 +23,29 @@ from ZODB.serialize import referencesf
 from ZODB.utils import z64
 
 import s3env
-from deploy import bucket_keys, console_script, payload, relstorage_section
+from deploy import (
+    bucket_keys,
+    console_script,
+    new_relstorage_base,
+    payload,
+    relstorage_section,
+)
 from test_gc import blob_revisions
-from test_storage import stage_one_blob
+from test_gc_retention import change_all, read_all
+from test_storage import commit_blobs, stage_one_blob
 from zodb_s3blobs import tids
 
+#: For the tests of what a pack deletes: at once, not after gc-retention
+#: (the default's own tests: test_gc_retention.py and the restore test here).
+AT_ONCE = "gc-retention 0"
 
-def open_storage(base_section: str, cache_dir, prefix: str | None = None):
+
+def open_storage(
+    base_section: str, cache_dir, prefix: str | None = None, extra: str = ""
+):
     """``<s3blobstorage>`` around *base_section*, opened from ZConfig text."""
     return ZODB.config.storageFromString(
-        s3env.zconfig(base_section, str(cache_dir), prefix=prefix)
+        s3env.zconfig(base_section, str(cache_dir), prefix=prefix, extra=extra)
     )
 
 
@@ -141,7 +156,7 @@ def test_a_relstorage_with_its_own_blob_dir_is_refused(tmp_path):
 def test_pack_collects_revisions_committed_after_the_main_instance_polled(
     relstorage_base, tmp_path
 ):
-    storage = open_storage(relstorage_base.section, tmp_path / "cache")
+    storage = open_storage(relstorage_base.section, tmp_path / "cache", extra=AT_ONCE)
     db = ZODB.DB(storage)
     polled = storage.lastTransaction()  # the main instance's snapshot
     (oid, _, _), (_, second, after_second), (_, third, _) = blob_revisions(
@@ -220,7 +235,9 @@ def test_a_database_commits_and_reads_blobs(relstorage_base, tmp_path):
 
 
 def test_relstorages_zodbpack_packs_and_collects(relstorage_base, tmp_path):
-    config = s3env.zconfig(relstorage_base.section, str(tmp_path / "cache"))
+    config = s3env.zconfig(
+        relstorage_base.section, str(tmp_path / "cache"), extra=AT_ONCE
+    )
     storage = ZODB.config.storageFromString(config)
     db = ZODB.DB(storage)
     revisions = blob_revisions(db, [b"1", b"2", b"3"])
@@ -245,7 +262,7 @@ def test_the_collector_asks_the_database_not_relstorages_cache(
     load.py). Fails before the fix: the collector asked loadSerial, so while
     a connection of this process still viewed the packed revision (keeping it
     in the cache), its object was kept."""
-    mine = open_storage(relstorage_base.section, tmp_path / "mine")
+    mine = open_storage(relstorage_base.section, tmp_path / "mine", extra=AT_ONCE)
     prefix = prefix_of(mine)
     mine_db = ZODB.DB(mine)
     with mine_db.transaction() as conn:
@@ -281,7 +298,9 @@ def test_no_presigned_url_for_a_revision_another_process_packed(
     ((oid, first, _),) = blob_revisions(db, [b"revision 1"])
     assert storage.presigned_url(oid, first, expires=60) is not None
     other = ZODB.DB(
-        open_storage(relstorage_base.section, tmp_path / "other", prefix_of(storage))
+        open_storage(
+            relstorage_base.section, tmp_path / "other", prefix_of(storage), AT_ONCE
+        )
     )
     with other.transaction() as conn, conn.root()["b"].open("w") as f:
         f.write(b"revision 2")
@@ -316,4 +335,45 @@ def test_presigned_urls_share_one_view_of_the_database(
         assert instance.presigned_url(oid, tid, expires=60) is not None
     assert len(created) <= 1
     conn.close()
+    db.close()
+
+
+def copy_of(request, base, tmp_path) -> str:
+    """A ``<relstorage>`` section of a copy of *base*'s database, as a
+    backup holds it (taken while no process uses the database)."""
+    if base.backend == "sqlite":
+        shutil.copytree(tmp_path / "sqlite", tmp_path / "sqlite-copy")
+        return base.section.replace(
+            str(tmp_path / "sqlite"), str(tmp_path / "sqlite-copy")
+        )
+    dsn = re.search(r"dsn (.+)", base.section).group(1)
+    name = re.search(r"dbname=(\S+)", dsn).group(1)
+    copy = request.getfixturevalue("postgresql").create_database(template=name)
+    return base.section.replace(dsn, copy)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_restored_copy_of_a_history_free_database_reads_every_blob(
+    request, tmp_path, backend
+):
+    """A copy of the database (pg_dump, a file copy) taken before blobs
+    changed and a pack ran, restored, reads every blob with the default
+    configuration. Fails before gc-retention: 0 of 8 read back."""
+    base = new_relstorage_base(request, tmp_path, backend, keep_history=False)
+    storage = open_storage(base.section, tmp_path / "cache")
+    prefix = prefix_of(storage)
+    db = ZODB.DB(storage)
+    payloads = {f"b{n}": payload() for n in range(8)}
+    commit_blobs(db, payloads)
+    db.close()
+    backup = copy_of(request, base, tmp_path)
+
+    db = ZODB.DB(open_storage(base.section, tmp_path / "cache2", prefix))
+    change_all(db, list(payloads))
+    db.pack()  # days 0
+    assert db.storage.collect_orphans(dry_run=True).pending == 8
+    db.close()
+
+    db = ZODB.DB(open_storage(backup, tmp_path / "cache3", prefix))  # restored
+    assert read_all(db, list(payloads)) == payloads
     db.close()

@@ -451,7 +451,7 @@ def test_a_key_above_the_last_commit_is_an_orphan_once_it_is_old(
     the last commit) counted as in flight for ever and could never be
     collected. Young, it is left alone (its transaction may be voting); old,
     it is listed, and deleted only when asked (never by pack)."""
-    storage = make_storage()
+    storage = make_storage(gc_retention=0)  # deleted when asked, at once
     db = ZODB.DB(storage)
     (live_oid, live_tid) = commit_blobs(db, {"b": b"live"})["b"]
     last = storage._base.lastTransaction()

@@ -45,7 +45,10 @@ def zeo_server(tmp_path) -> Iterator[ZEOServer]:
     config = tmp_path / "zeo.conf"
     config.write_text(
         f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
-        + s3env.zconfig(base, str(tmp_path / "server-cache"), prefix)
+        # gc-retention 0: the pack test checks what a pack deletes, at once.
+        + s3env.zconfig(
+            base, str(tmp_path / "server-cache"), prefix, extra="gc-retention 0"
+        )
     )
     with open(tmp_path / "zeo.log", "w") as log:
         server = subprocess.Popen(

@@ -185,6 +185,20 @@ def _metrics_file(value: str) -> str:
     return check_template(value)
 
 
+def retention_interval(value: str) -> float:
+    """A ZConfig time interval (``7d``, ``12h``, ``0``) of 0 or more seconds."""
+    try:
+        seconds = stock_datatypes["time-interval"](value)
+    except ValueError:
+        seconds = None
+    if seconds is None or seconds < 0:
+        raise ValueError(
+            f"must be a time interval of 0 or more, e.g. 7d, 12h, 30m or 0, "
+            f"not {value.strip()!r}"
+        )
+    return float(seconds)
+
+
 def _part_size(value: str) -> int:
     from .settings import MAX_PART_SIZE, MIN_PART_SIZE
 
@@ -228,6 +242,9 @@ metrics_interval = _keyed("metrics-interval", _waited(_positive_float))
 fallback_blob_dir = _keyed("fallback-blob-dir", _existing_directory)
 fallback_blob_chunk = _keyed("fallback-blob-chunk", stock_datatypes["boolean"])
 fallback_upload = _keyed("fallback-upload", stock_datatypes["boolean"])
+gc_retention = _keyed("gc-retention", retention_interval)
+fallback_s3_prefix = _keyed("fallback-s3-prefix", validate_prefix)
+fallback_s3_bucket = _keyed("fallback-s3-bucket", _bucket_name)
 
 
 class S3BlobStorageFactory(BaseConfig):
@@ -285,6 +302,9 @@ class S3BlobStorageFactory(BaseConfig):
                 fallback_blob_dir=self.config.fallback_blob_dir,
                 fallback_blob_chunk=self.config.fallback_blob_chunk,
                 fallback_upload=self.config.fallback_upload,
+                gc_retention=self.config.gc_retention,
+                fallback_s3_prefix=self.config.fallback_s3_prefix,
+                fallback_s3_bucket=self.config.fallback_s3_bucket,
             )
         except BaseException:
             base.close()

@@ -18,6 +18,9 @@ on a history-free base. Safety rules:
   an orphan by the same age rule: a young one is still left alone, since a
   process whose clock is ahead may be voting it);
 - keys that do not match the layout exactly are never touched;
+- incomplete multipart uploads to this storage's keys (a process killed
+  mid-upload leaves parts that are billed and never listed) are aborted
+  once started more than the same grace period ago;
 - staging objects (``staging/{32 hex digits}.blob``: uploads made before
   their transaction's id was known, copied to their revision's key at vote
   and deleted after the transaction ends) are orphans once S3 last modified
@@ -28,6 +31,12 @@ on a history-free base. Safety rules:
   latest commit: the main instance, which ``pack()`` runs on, keeps the
   snapshot it last polled, and its ``lastTransaction()`` would hide every
   later revision from the collector;
+- with a retention (``gc-retention``, a week by default), a revision's
+  orphaned object is deleted only once collections have found it orphaned
+  for that long (recorded in the bucket: :mod:`zodb_s3blobs.pending`), so a
+  restored backup of the base storage finds the blobs it refers to;
+- while another database writes under the same prefix (see
+  :mod:`zodb_s3blobs.writers`), nothing is judged nor deleted;
 - deletes go out in DeleteObjects batches of 1000 keys, and the cached copies
   of deleted revisions are dropped.
 """
@@ -50,11 +59,17 @@ from .cache import BlobCache
 from .errors import ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
 from .objectstore import ObjectStore
+from .pending import NewRecord, Pending, PreviousRecord, record_key, stamp
+from .writers import check as check_writers
 
 log = logging.getLogger(__name__)
 
 #: How many orphan keys an error message names.
 _KEYS_SHOWN = 5
+#: Seconds an orphan's object is kept after it was first found orphaned
+#: (``gc-retention``): a week, so that last week's backup of the base
+#: storage, restored, still finds its blobs.
+DEFAULT_RETENTION = 7 * 24 * 3600.0
 #: Seconds after which a key above the last commit (its LastModified older)
 #: is no longer taken for a transaction still voting: a day.
 IN_FLIGHT_GRACE = 24 * 3600.0
@@ -78,9 +93,19 @@ class CollectionReport:
     staging: int = 0
     #: Staging objects older than it: orphans (also in ``orphans``).
     staging_expired: int = 0
+    #: Orphans due for deletion (all of them without a retention).
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
+    #: Incomplete multipart uploads to this storage's keys: younger than the
+    #: grace period (may be running), and older (aborted unless a dry run).
+    uploads_running: int = 0
+    uploads_stale: int = 0
+    uploads_aborted: int = 0
     deleted: int = 0
+    deleted_bytes: int = 0
+    #: Orphans found for less than the retention: kept for now.
+    pending: int = 0
+    pending_bytes: int = 0
 
 
 class OrphansNotDeleted(S3BlobStorageError):
@@ -95,6 +120,16 @@ class OrphansNotDeleted(S3BlobStorageError):
             f"{len(report.orphans)} orphan(s) ({report.orphan_bytes} bytes) could "
             f"not all be deleted: {cause}; first: {first}{more}"
         )
+
+
+def check_retention(seconds: float) -> float:
+    """*seconds* if it is a retention (0 or more, finite); ValueError naming
+    ``gc-retention`` otherwise."""
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(
+            f"gc-retention must be 0 or more (e.g. 7d, 12h, 0), not {seconds!r}"
+        )
+    return float(seconds)
 
 
 def revision_exists(base, oid: bytes, tid: bytes) -> bool:
@@ -153,6 +188,57 @@ def tid_time(tid: bytes) -> float:
     return TimeStamp(tid).timeTime()
 
 
+class _Orphans:
+    """The orphans of one collection, judged against the retention: each is
+    recorded with when it was first found (see :mod:`zodb_s3blobs.pending`),
+    and due for deletion once that lies *retention* seconds back."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: KeyLayout,
+        report: CollectionReport,
+        retention: float,
+        now: float,
+    ) -> None:
+        self._report = report
+        self._retention = retention
+        self._now = now
+        self._key = record_key(layout.prefix)
+        self._previous = PreviousRecord(store, self._key) if retention > 0 else None
+        self._record = NewRecord() if retention > 0 else None
+
+    def found(self, key: str, size: int, last_modified: float) -> None:
+        """*key* is an orphan: due now, or pending for the retention."""
+        report = self._report
+        if self._previous is None:
+            report.orphans.append(key)
+            report.orphan_bytes += size
+            return
+        modified = stamp(last_modified)
+        first = self._previous.first_seen(key, modified)
+        if first is None:
+            first = self._now
+        self._record.add(Pending(key, first, modified, size))
+        if self._now - first >= self._retention:
+            report.orphans.append(key)
+            report.orphan_bytes += size
+        else:
+            report.pending += 1
+            report.pending_bytes += size
+
+    def save(self, store: ObjectStore) -> None:
+        """Write the record of the orphans found, before any is deleted."""
+        record = self._record
+        if record is not None and (record.entries or self._previous.existed):
+            record.save(store, self._key)
+
+    def close(self) -> None:
+        for part in (self._previous, self._record):
+            if part is not None:
+                part.close()
+
+
 def collect_orphans(
     base,
     store: ObjectStore,
@@ -162,6 +248,7 @@ def collect_orphans(
     grace: float = IN_FLIGHT_GRACE,
     stale_in_flight: bool = False,
     owed: frozenset[str] | set[str] = frozenset(),
+    retention: float = 0.0,
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs.
 
@@ -173,50 +260,56 @@ def collect_orphans(
     live database committed since that copy was made. Staging keys in
     *owed* (copies still to make, see :mod:`zodb_s3blobs.copier`) are kept
     whatever their age.
+
+    With a *retention* (seconds), a revision's orphaned object is deleted
+    only once collections have found it orphaned for that long; until then
+    it is pending (see :mod:`zodb_s3blobs.pending`). Staging objects are no
+    revision's and keep their own rule, the *grace*. With 0 every orphan is
+    deleted at once and no record is read or written.
     """
     report = CollectionReport()
-    with current_view(base) as view:
-        # Read before listing: anything committed later has a larger tid.
-        last_committed = view.lastTransaction()
-        now = time.time()
-        for key, size, last_modified in store.list_objects(layout.root):
-            report.scanned += 1
-            parsed = layout.parse(key)
-            if parsed is None:
-                report.foreign += 1
-                continue
-            oid, tid = parsed
-            if tid > last_committed:
-                if tid_time(tid) > now + grace:
-                    report.future += 1
-                if last_modified > now - grace:
-                    report.in_flight += 1  # may be voting: never touched
+    # Nothing is judged while another database writes under this prefix:
+    # its blobs would look like this one's orphans.
+    check_writers(store, layout.prefix, base, max(retention, grace))
+    now = time.time()
+    orphans = _Orphans(store, layout, report, retention, now)
+    try:
+        with current_view(base) as view:
+            # Read before listing: anything committed later has a larger tid.
+            last_committed = view.lastTransaction()
+            for key, size, last_modified in store.list_objects(layout.root):
+                report.scanned += 1
+                parsed = layout.parse(key)
+                if parsed is None:
+                    report.foreign += 1
                     continue
-                report.stale_in_flight += 1
-                report.stale.append(key)
-                if stale_in_flight:
-                    report.orphans.append(key)
-                    report.orphan_bytes += size
-            elif revision_held(view, oid, tid):
-                report.kept += 1
-            else:
-                report.orphans.append(key)
-                report.orphan_bytes += size
-    for key, size, last_modified in store.list_objects(layout.staging_root):
-        report.scanned += 1
-        if not layout.is_staging_key(key):
-            report.foreign += 1
-        elif last_modified > now - grace or key in owed:
-            report.staging += 1
-        else:
-            report.staging_expired += 1
-            report.orphans.append(key)
-            report.orphan_bytes += size
+                oid, tid = parsed
+                if tid > last_committed:
+                    if tid_time(tid) > now + grace:
+                        report.future += 1
+                    if last_modified > now - grace:
+                        report.in_flight += 1  # may be voting: never touched
+                        continue
+                    report.stale_in_flight += 1
+                    report.stale.append(key)
+                    if stale_in_flight:
+                        orphans.found(key, size, last_modified)
+                elif revision_held(view, oid, tid):
+                    report.kept += 1
+                else:
+                    orphans.found(key, size, last_modified)
+        _collect_staging(store, layout, report, now - grace, owed)
+        _abort_stale_uploads(store, layout, report, now - grace, dry_run)
+        if not dry_run:
+            orphans.save(store)
+    finally:
+        orphans.close()
     if not dry_run and report.orphans:
         try:
             report.deleted = store.delete(report.orphans)
         except ObjectStoreError as exc:
             raise OrphansNotDeleted(report, exc) from exc
+        report.deleted_bytes = report.orphan_bytes
         for key in report.orphans:
             revision = layout.parse(key)
             if revision is not None:
@@ -224,7 +317,9 @@ def collect_orphans(
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
         "%d foreign, %d staging, %d orphans (%d bytes, %d of them above the "
-        "last commit and %d staging, for more than %g s) %s",
+        "last commit and %d staging, for more than %g s) %s, %d pending "
+        "(%d bytes) for the retention of %g s; %d incomplete multipart "
+        "uploads older than that grace %s",
         store.url(layout.root),
         report.scanned,
         report.kept,
@@ -237,5 +332,55 @@ def collect_orphans(
         report.staging_expired,
         grace,
         "listed" if dry_run else "deleted",
+        report.pending,
+        report.pending_bytes,
+        retention,
+        report.uploads_stale,
+        "found" if dry_run else "aborted",
     )
     return report
+
+
+def _abort_stale_uploads(
+    store: ObjectStore,
+    layout: KeyLayout,
+    report: CollectionReport,
+    expired: float,
+    dry_run: bool,
+) -> None:
+    """Abort the multipart uploads to this storage's keys started before
+    *expired*: left by a process killed mid-upload, their parts are billed
+    and never listed as objects. Younger ones may still be running."""
+    for root in (layout.root, layout.staging_root):
+        for key, upload_id, initiated in store.list_uploads(root):
+            if layout.parse(key) is None and not layout.is_staging_key(key):
+                continue  # not ours
+            if initiated > expired:
+                report.uploads_running += 1
+                continue
+            report.uploads_stale += 1
+            if not dry_run:
+                store.abort_upload(key, upload_id)
+                report.uploads_aborted += 1
+
+
+def _collect_staging(
+    store: ObjectStore,
+    layout: KeyLayout,
+    report: CollectionReport,
+    expired: float,
+    owed: frozenset[str] | set[str],
+) -> None:
+    """Count the staging objects; those S3 last modified before *expired*
+    are orphans (no revision's: no retention applies), unless a copy is
+    still owed from them (*owed*)."""
+    for key, size, last_modified in store.list_objects(layout.staging_root):
+        report.scanned += 1
+        if not layout.is_staging_key(key):
+            report.foreign += 1
+        elif last_modified > expired or key in owed:
+            report.staging += 1
+        else:
+            report.staging_expired += 1
+            report.orphans.append(key)
+            report.orphan_bytes += size

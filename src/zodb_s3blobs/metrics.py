@@ -31,8 +31,12 @@ COUNTERS = {
         "Keys an aborted transaction sent to DELETE (every key its uploads "
         "were started for, failed uploads included), once the DELETE succeeded."
     ),
-    "orphans_found": "Objects no revision needs, found by pack or gc.",
+    "orphans_found": (
+        "Objects no revision needs, found by pack or gc and due for deletion "
+        "(orphaned for gc-retention; pending ones are not counted)."
+    ),
     "orphans_deleted": "Orphaned objects deleted by pack or gc.",
+    "orphans_deleted_bytes": "Bytes of the orphaned objects deleted by pack or gc.",
     "lazy_unghosts": (
         "Blob revisions loaded without downloading their file (each once, "
         "however many connections load it)."
@@ -49,6 +53,11 @@ GAUGES = {
         "Bytes of the blob files in the cache directory (all processes: the "
         "same in each; aggregate with max, not sum)."
     ),
+    "orphans_pending": (
+        "Orphans the last collection of this process kept for gc-retention "
+        "(None before its first collection)."
+    ),
+    "orphans_pending_bytes": "Bytes of those pending orphans.",
     "cache_files": (
         "Blob files in the cache as this process's index knows them (its "
         "last scan and its own changes since)."

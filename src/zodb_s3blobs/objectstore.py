@@ -1011,6 +1011,95 @@ class ObjectStore:
             response.get("ETag"),
         )
 
+    def put_object(self, key: str, body: BinaryIO) -> None:
+        """Write *body* (a file at its start) to *key* in one PUT, which S3
+        applies whole or not at all: for the package's own records."""
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, **self._put_args
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("PUT", key, exc) from exc
+
+    def list_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """Yield key, upload id and Initiated (seconds since the epoch) of
+        every incomplete multipart upload under *prefix*."""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Uploads", ()):
+                    initiated = item["Initiated"].timestamp()
+                    yield item["Key"], item["UploadId"], initiated
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST uploads", prefix, exc) from exc
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an incomplete multipart upload, freeing its parts."""
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id
+            )
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code != "NoSuchUpload":  # completed or aborted meanwhile
+                raise self._error("ABORT upload", key, exc) from exc
+
+    # -- versions (undelete) ------------------------------------------
+
+    def versioning_if_readable(self) -> str | None:
+        """:meth:`versioning`, or ``unknown`` where the credentials may not
+        read it (AccessDenied is an answer, not an error)."""
+        try:
+            return self.versioning()
+        except ObjectStoreError as exc:
+            if isinstance(exc.__cause__, ClientError) and (
+                _http_status(exc.__cause__) == 403
+            ):
+                return "unknown"
+            raise
+
+    def old_versions(self, key: str) -> list[str]:
+        """The ids of *key*'s versions that hold bytes, newest first, as S3
+        lists them (delete markers left out; LastModified, in seconds, may
+        not tell two versions apart)."""
+        paginator = self._client.get_paginator("list_object_versions")
+        try:
+            return [
+                item["VersionId"]
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=key)
+                for item in page.get("Versions", ())
+                if item["Key"] == key
+            ]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("LIST versions", key, exc) from exc
+
+    def version_checksum(self, key: str, version: str) -> tuple[str | None, str]:
+        """The CRC32 recorded in the metadata of *key*'s *version* (None for
+        objects written without one) and the CRC32 of its bytes, read in a
+        stream (8 hex digits each)."""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=key, VersionId=version, **self._get_args
+            )
+            crc = 0
+            for chunk in response["Body"].iter_chunks(_DOWNLOAD_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GET version", key, exc) from exc
+        recorded = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
+        return (recorded.lower() if recorded else None), f"{crc:08x}"
+
+    def restore_version(self, key: str, version: str) -> None:
+        """Make *key*'s *version* its current object again: a server-side
+        copy, which keeps the version's metadata (its CRC32)."""
+        source = {"Bucket": self.bucket, "Key": key, "VersionId": version}
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket, Key=key, CopySource=source, **self._copy_args
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("COPY version", key, exc) from exc
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""
         for item in self.list_objects(prefix):

@@ -45,7 +45,7 @@ from ZODB.POSException import (
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
-from . import gc, unghost
+from . import gc, unghost, writers
 from .cache import MIN_AGE, BlobCache
 from .copier import Copier
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
@@ -71,6 +71,7 @@ from .objectstore import (
     raise_first,
     written_crc32,
 )
+from .parent import open_parent
 from .redact import PresignedURL
 from .settings import S3Settings
 from .staging import PendingCommit, StagedBlob
@@ -153,6 +154,14 @@ class _Shared:
     #: Makes the copies owed after tpc_finish, on a base that learns its tid
     #: only there (ZEO's ClientStorage); None on the others.
     copier: Copier | None = None
+    #: Seconds an orphan is kept after it was first found (gc-retention).
+    gc_retention: float = 0.0
+    #: The orphans pending at the last collection: (count, bytes).
+    orphans_pending: tuple[int, int] | None = None
+    #: The parent bucket's store of fallback-s3-bucket (parent.py), if any.
+    parent_store: ObjectStore | None = None
+    #: This database's record as a writer under the prefix (writers.py).
+    writer: writers.WriterRecord | None = None
 
 
 class _FilesystemView:
@@ -233,7 +242,11 @@ class S3BlobStorage:
     ``s3://bucket/prefix/blobs/``; see :mod:`zodb_s3blobs.exposition`).
     *fallback_blob_dir* (a ZODB blob directory) or *fallback_blob_chunk*
     (RelStorage's ``blob_chunk`` table) is read for revisions S3 does not
-    have (yet), and with *fallback_upload* what is read there is uploaded.
+    have (yet), and with *fallback_upload* what is read there is uploaded;
+    so is *fallback_s3_prefix* (a parent site's prefix, in
+    *fallback_s3_bucket* or the same bucket) for a copy of a site.
+    Pack deletes an orphaned revision's object once it has been found
+    orphaned for *gc_retention* seconds (see :mod:`zodb_s3blobs.gc`).
     """
 
     def __init__(
@@ -251,8 +264,12 @@ class S3BlobStorage:
         fallback_blob_dir: str | None = None,
         fallback_blob_chunk: bool = False,
         fallback_upload: bool = True,
+        gc_retention: float = gc.DEFAULT_RETENTION,
+        fallback_s3_prefix: str | None = None,
+        fallback_s3_bucket: str | None = None,
     ) -> None:
         check_base(base)
+        gc_retention = gc.check_retention(gc_retention)
         layout = KeyLayout(settings.prefix)
         metrics = Metrics()
         # Checked before anything is created; written once the storage is set up.
@@ -267,7 +284,7 @@ class S3BlobStorage:
             if metrics_file
             else None
         )
-        cache = store = None
+        cache = store = parent_store = None
         try:
             cache = BlobCache(
                 cache_dir, cache_size, cache_min_age, cache_group, metrics
@@ -275,10 +292,19 @@ class S3BlobStorage:
             fallback = open_fallback(
                 fallback_blob_dir, fallback_blob_chunk, base, cache.temp_dir
             )
+            if fallback_s3_prefix is not None and fallback is not None:
+                raise ValueError(
+                    "fallback-s3-prefix excludes fallback-blob-dir and "
+                    "fallback-blob-chunk: a revision is read from one place"
+                )
             store = ObjectStore(settings, metrics)
             _reach_bucket(store, settings)
+            if fallback_s3_prefix is not None:
+                fallback, parent_store = open_parent(
+                    settings, store, fallback_s3_prefix, fallback_s3_bucket
+                )
         except BaseException:
-            for part in (store, cache, self._exporter):
+            for part in (parent_store, store, cache, self._exporter):
                 if part:
                     part.close()
             raise
@@ -292,7 +318,11 @@ class S3BlobStorage:
             fallback,
             fallback_upload,
             base=base,
+            gc_retention=gc_retention,
+            parent_store=parent_store,
         )
+        if not base.isReadOnly():
+            shared.writer = writers.WriterRecord(store, layout.prefix, base)
         self._setup(base, shared, True)
         if tid_at_finish(base):
             self._start_copier()
@@ -353,10 +383,13 @@ class S3BlobStorage:
         (docs/metrics.md): counters, the S3 request histogram, the bytes in
         the cache directory (all processes; None before its first scan) and
         the files this process knows there."""
+        pending = self._shared.orphans_pending
         return {
             **self._shared.metrics.snapshot(),
             "cache_bytes": self._cache.recorded_bytes(),
             "cache_files": self._cache.indexed_files(),
+            "orphans_pending": pending and pending[0],
+            "orphans_pending_bytes": pending and pending[1],
         }
 
     # -- IStorageWrapper: pass the base's calls up to the database ---------
@@ -958,6 +991,8 @@ class S3BlobStorage:
             owed = set(journal.staging_keys())
             commit.staging_keys = [k for k in commit.staging_keys if k not in owed]
         self._delete_staging(commit)
+        if self._shared.writer is not None:
+            self._shared.writer.committed(tid)
         return tid
 
     def tpc_abort(self, transaction):
@@ -1041,7 +1076,12 @@ class S3BlobStorage:
             result = self._base.pack(pack_time, referencesf, *args, **kw)
             try:
                 self.collect_orphans()
-            except (ObjectStoreError, gc.OrphansNotDeleted, OSError) as exc:
+            except (
+                ObjectStoreError,
+                gc.OrphansNotDeleted,
+                writers.SecondWriter,
+                OSError,
+            ) as exc:
                 # The pack itself worked; orphans only cost storage until the
                 # next pack or `zodb-s3blobs gc` removes them. Raising would
                 # report a failed pack to the ZMI. (OSError: the journals in
@@ -1058,14 +1098,21 @@ class S3BlobStorage:
             lock.release()
 
     def collect_orphans(
-        self, dry_run: bool = False, stale_in_flight: bool = False
+        self,
+        dry_run: bool = False,
+        stale_in_flight: bool = False,
+        retention: float | None = None,
     ) -> gc.CollectionReport:
-        """Delete (or with *dry_run* only list) objects no revision needs;
-        with *stale_in_flight* also keys above the last commit that are more
-        than a day old (see :func:`zodb_s3blobs.gc.collect_orphans`; pack
-        never deletes those). The staging objects of every journal in this
-        cache directory are kept: this process's, and those of processes
-        killed before their copies were made."""
+        """Delete (or with *dry_run* only list) objects no revision needs
+        that have been found orphaned for *retention* seconds (default
+        ``gc-retention``); with *stale_in_flight* also keys above the last
+        commit that are more than a day old (see
+        :func:`zodb_s3blobs.gc.collect_orphans`; pack never deletes those).
+        The staging objects of every journal in this cache directory are
+        kept: this process's, and those of processes killed before their
+        copies were made."""
+        if retention is None:
+            retention = self._shared.gc_retention
         report = None
         try:
             report = gc.collect_orphans(
@@ -1076,6 +1123,7 @@ class S3BlobStorage:
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
                 owed=owed_copies(self._journal_dir()).staging_keys,
+                retention=gc.check_retention(retention),
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report
@@ -1083,8 +1131,11 @@ class S3BlobStorage:
         finally:
             if report is not None:
                 self._shared.metrics.add(
-                    orphans_found=len(report.orphans), orphans_deleted=report.deleted
+                    orphans_found=len(report.orphans),
+                    orphans_deleted=report.deleted,
+                    orphans_deleted_bytes=report.deleted_bytes,
                 )
+                self._shared.orphans_pending = (report.pending, report.pending_bytes)
                 if report.deleted:
                     self._forget_deleted(report.orphans)
         return report
@@ -1100,8 +1151,8 @@ class S3BlobStorage:
         """Close the base; the storage that opened the parts closes them too,
         each even if another fails: the metrics' last write first (all still
         open), then the copier of a ZEO client (it may ask the base), the
-        store (background uploads that ask the database end), the database
-        view, the base, and the cache."""
+        store (background uploads that ask the database end), the parent
+        prefix's store, the database view, the base, and the cache."""
         with contextlib.ExitStack() as closing:
             if self._owner:
                 closing.callback(self._cache.close)
@@ -1109,6 +1160,8 @@ class S3BlobStorage:
             if not self._owner:
                 return
             closing.callback(self._release_view)
+            if self._shared.parent_store is not None:
+                closing.callback(self._shared.parent_store.close)
             closing.callback(self._store.close)
             if self._shared.copier is not None:
                 closing.callback(self._shared.copier.close)

@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "migrate",
     "verify",
     "gc",
+    "undelete",
     "cache",
 )
 

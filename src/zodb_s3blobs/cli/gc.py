@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import retention_interval
 from ..gc import CollectionReport, collect_orphans
 from ..journal import JOURNAL_DIR, Owed, owed_copies
 from . import EXIT_OK, CommandError, add_operator_options
@@ -30,9 +31,12 @@ alone; deleted objects' cached
 copies are removed from cache-dir if it exists and belongs to the user
 running gc (it is never created, and only the files of deleted orphans are
 removed; another user's cache is left to its own eviction). The base storage is opened
-read-only. A warning says when cache-dir belongs to another user than the
-one running gc; on a terminal, a progress bar counts the keys checked.
-The staging objects of the copies still owed by the journals in
+read-only. An orphan is deleted only once it has been found orphaned for
+gc-retention (default 7d; --retention overrides it for one run): until then
+it is pending, recorded with the time it was first found in
+[prefix/]gc/pending.gz. A warning says when cache-dir belongs to another user
+than the one running gc; on a terminal, a progress bar counts the keys
+checked. The staging objects of the copies still owed by the journals in
 cache-dir/locks/ (a ZEO client killed before its commits' copies were made)
 are kept, whatever their age, and counted: gc reads those journals, never
 completes them (the next storage opened on cache-dir does).
@@ -68,8 +72,24 @@ def register(
         help="list the keys of the orphans deleted (a dry run always lists "
         "those it would delete)",
     )
+    parser.add_argument(
+        "--retention",
+        type=_retention,
+        metavar="INTERVAL",
+        help="for this run, keep orphans until found orphaned for INTERVAL "
+        "(7d, 12h, 0: delete at once) instead of the configuration's "
+        "gc-retention",
+    )
     parser.set_defaults(run=run)
     return parser
+
+
+def _retention(value: str) -> float:
+    """``--retention``'s value in seconds; a clear usage error otherwise."""
+    try:
+        return retention_interval(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _NoCache:
@@ -114,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         problem(warning)
     journals = os.path.join(target.cache_dir, JOURNAL_DIR)
     owed = _owed(journals)
+    retention = args.retention
+    if retention is None:
+        retention = target.section.config.gc_retention
     with target.base() as base, target.store() as store:
         # A dry run deletes nothing, so has no cached copy to drop; nor is
         # another user's cache opened (its locks would become this user's):
@@ -131,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                     dry_run=args.dry_run,
                     stale_in_flight=args.stale_in_flight,
                     owed=owed.staging_keys,
+                    retention=retention,
                 )
         finally:
             if cache is not None:
@@ -138,12 +162,13 @@ def run(args: argparse.Namespace) -> int:
     document = {
         "ok": True,
         "dry_run": args.dry_run,
+        "retention": retention,
         "destination": target.url(),
         **dataclasses.asdict(report),
         "owed_copies": owed.copies,
         "owed_journals": owed.journals,
     }
-    lines = _lines(args, report, target)
+    lines = _lines(args, report, target, retention)
     if owed.copies:
         lines[2:2] = [
             f"{owed.copies} copies owed by journals in {journals}/ (completed "
@@ -169,13 +194,16 @@ def _owed(journals: str) -> Owed:
 
 
 def _lines(
-    args: argparse.Namespace, report: CollectionReport, target: Target
+    args: argparse.Namespace,
+    report: CollectionReport,
+    target: Target,
+    retention: float,
 ) -> list[str]:
     """The human report: the collector's counts, and with --dry-run or
     --list the keys (else where to find them)."""
     title = "Orphans in" if args.dry_run else "Orphan collection in"
     note = " (dry run: nothing deleted)" if args.dry_run else ""
-    lines = [f"{title} {target.url()}{note}", ""]
+    lines = [f"{title} {target.url()}{note}", f"Retention: {retention:g} s", ""]
     lines += table(
         ["objects", "count"],
         [
@@ -190,8 +218,18 @@ def _lines(
             ["foreign (not of the layout, left alone)", report.foreign],
             ["staging (younger than a day, left alone)", report.staging],
             ["staging older than a day (orphans)", report.staging_expired],
+            [
+                f"pending: orphaned for less than the retention "
+                f"({human_size(report.pending_bytes)}, kept)",
+                report.pending,
+            ],
             [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
-            ["deleted", report.deleted],
+            [f"deleted ({human_size(report.deleted_bytes)})", report.deleted],
+            [
+                "incomplete multipart uploads older than a day"
+                + (" (to abort)" if args.dry_run else " (aborted)"),
+                report.uploads_stale,
+            ],
         ],
     )
     if not report.orphans:
