@@ -48,10 +48,11 @@ storage check also runs what opening the storage checks beyond the base
 fallback); a Data.fs that does not exist yet is a warning (the first start
 creates it). cache-dir itself may have any mode but a writable one: the
 storage sets it (0700, or 0750 of cache-group) when it opens. The lifecycle
-check warns about missing rules zodb-s3blobs init adds, and fails on a
-rule that would expire blobs; it is skipped when the credentials may not
-read the lifecycle. Every check runs; exits 1 if any failed (a warning does
-not). The probe key is
+check warns about missing rules zodb-s3blobs init adds (and ones changed
+by hand), and fails on any rule, one init wrote for another database's
+folder too, that would expire blobs or move them to an archive class; it
+is skipped when the credentials may not read the lifecycle. Every check
+runs; exits 1 if any failed (a warning does not). The probe key is
 [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc leave
 alone should its deletion fail.
 """
