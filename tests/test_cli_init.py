@@ -67,6 +67,13 @@ def assert_check_is_clean(config: Path) -> None:
     assert result.stdout.splitlines()[-1] == "OK"
 
 
+def failed_init(config: Path) -> list[str]:
+    """The problems ``init`` names on stderr, after checking it exits 1."""
+    result = run("init", config)
+    assert result.returncode == 1, result.stdout
+    return result.stderr.splitlines()
+
+
 STAGING_ID = "zodb-s3blobs expire db/staging/"
 BLOBS_ID = "zodb-s3blobs abort-multipart db/blobs/"
 
@@ -147,9 +154,7 @@ def test_a_foreign_rule_expiring_blobs_is_reported_not_changed(tmp_path):
     client().put_bucket_lifecycle_configuration(
         Bucket=bucket, LifecycleConfiguration={"Rules": [danger]}
     )
-    result = run("init", config)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
+    assert failed_init(config) == [
         "zodb-s3blobs: lifecycle rule 'tidy up', not written by zodb-s3blobs, "
         "would lose blobs: it expires objects under db/blobs/; remove it or "
         "narrow its filter (rules zodb-s3blobs did not write are never changed)"
@@ -208,9 +213,7 @@ def test_the_staging_rule_of_one_database_is_named_for_another_s_blobs(tmp_path)
     production = bucket_config(tmp_path / "production", bucket, "")
     copy = bucket_config(tmp_path / "copy", bucket, "staging")
     assert run_json("init", production)[0] == 0
-    result = run("init", copy)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
+    assert failed_init(copy) == [
         "zodb-s3blobs: lifecycle rule 'zodb-s3blobs expire staging/', written by "
         "zodb-s3blobs init for other objects, would lose blobs: it expires "
         "objects under staging/blobs/; the folders of two databases overlap: "
