@@ -354,6 +354,40 @@ def test_a_state_file_is_private_and_refused_once_others_may_write_it(
     )
 
 
+def test_a_file_that_is_no_state_file_gets_nothing_appended(tmp_path, damaged):
+    """Failed before the fix: an existing file whose first line is not a
+    state file's header (a mistyped ``--state /etc/zope.conf``) counted as
+    one without entries, and the header and every check were appended to it."""
+    config, _key, _header = damaged
+    zope_conf = tmp_path / "zope.conf"
+    zope_conf.write_text("%import zodb_s3blobs\n<zodb_db main>\n</zodb_db>\n")
+    before = zope_conf.read_bytes()
+    code, report = run_json(*VERIFY, config, "--state", zope_conf)
+    assert code == 2, report
+    assert report["error"] == (
+        f"--state {zope_conf}: not a state file of verify --checksums (its first "
+        "line is not the header this command writes): give a new file, or an "
+        "empty one"
+    )
+    assert zope_conf.read_bytes() == before
+
+
+def test_a_state_file_with_another_name_is_refused(tmp_path, damaged):
+    """Failed before the fix: a state file with a second hard link (another
+    user's, where the kernel allows links to files of others: it may point
+    to any file of root's) was appended to."""
+    config, _key, header = damaged
+    state = tmp_path / "verify.state"
+    state.write_text(f"{header}\n")
+    os.link(state, tmp_path / "elsewhere")
+    code, report = run_json(*VERIFY, config, "--state", state)
+    assert code == 2, report
+    assert report["error"].startswith(
+        f"--state {state} has 2 hard links: it may be another file"
+    )
+    assert state.read_text() == f"{header}\n"
+
+
 # -- 6. presigned URLs and the fallback's temporary files ---------------------
 
 

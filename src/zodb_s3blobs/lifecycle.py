@@ -3,8 +3,10 @@ to a bucket's configuration without touching anybody else's.
 
 Rules this package writes have IDs starting with :data:`RULE_ID_PREFIX` and
 naming the folder they filter, so that databases sharing a bucket (each with
-its ``s3-prefix``) keep rules of their own. Any other rule is foreign: it is
-kept as it is, and one that expires current objects of the blobs folder is
+its ``s3-prefix``) keep rules of their own; one of ours an operator changed
+is kept as changed. Every rule, ours for another folder too, is judged by
+its filter against this database's blobs folder: one that expires its
+current objects, or moves them where a restore is needed to read them, is
 reported, never changed. No S3 client here: ``objectstore.py`` reads and
 writes the configuration; this module only computes it.
 """
@@ -71,18 +73,29 @@ def is_ours(rule: dict) -> bool:
     return str(rule.get("ID", "")).startswith(RULE_ID_PREFIX)
 
 
-def filter_prefix(rule: dict) -> str | None:
-    """The key prefix *rule* applies to ("" for the whole bucket), or None
-    when it also filters on tags or sizes, which no object here has."""
+#: Filters on object size: every object has one, so such a rule is judged
+#: as applying to every object under its prefix.
+_SIZE_FILTERS = ("ObjectSizeGreaterThan", "ObjectSizeLessThan")
+
+
+def _filter(rule: dict) -> dict | None:
+    """*rule*'s filter as one flat dict (``Prefix`` always set, "" for the
+    whole bucket), whichever way it is spelled; None when it filters on
+    tags, which no object here has."""
     if "Prefix" in rule:  # the form before Filter existed
-        return rule["Prefix"]
-    rule_filter = rule.get("Filter") or {}
-    if set(rule_filter) - {"Prefix", "And"}:
+        return {"Prefix": rule["Prefix"]}
+    rule_filter = dict(rule.get("Filter") or {})
+    rule_filter.update(rule_filter.pop("And", None) or {})
+    if "Tag" in rule_filter or "Tags" in rule_filter:
         return None
-    both = rule_filter.get("And")
-    if both is not None:
-        return both.get("Prefix", "") if set(both) <= {"Prefix"} else None
-    return rule_filter.get("Prefix", "")
+    return {"Prefix": "", **rule_filter}
+
+
+def filter_prefix(rule: dict) -> str | None:
+    """The key prefix *rule* applies to ("" for the whole bucket), size
+    filters or not; None when it filters on tags."""
+    found = _filter(rule)
+    return None if found is None else found["Prefix"]
 
 
 _ACTIONS = (
@@ -96,17 +109,34 @@ _ACTIONS = (
 
 def essentials(rule: dict) -> tuple:
     """What a rule does, in a form two servers' spellings of one rule share."""
+    found = _filter(rule)
     return (
         rule.get("Status"),
-        filter_prefix(rule),
+        None if found is None else tuple(sorted(found.items())),
         tuple((name, repr(rule.get(name))) for name in _ACTIONS if rule.get(name)),
     )
 
 
+#: Storage classes whose objects are read as any other: a transition to
+#: one of them loses nothing. Any other class (GLACIER, DEEP_ARCHIVE, a
+#: provider's own) is taken for one whose objects need a restore first.
+READABLE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER_IR",
+        "REDUCED_REDUNDANCY",
+    }
+)
+
+
 def threat(rule: dict, layout: KeyLayout) -> str | None:
-    """Why an enabled foreign *rule* would lose blobs (it expires or moves
-    to an archive class current objects under the blobs folder), or None."""
-    if is_ours(rule) or rule.get("Status") != "Enabled":
+    """Why an enabled *rule*, whoever wrote it, would lose this database's
+    blobs (it expires current objects under the blobs folder, or moves
+    them to a class read only after a restore), or None."""
+    if rule.get("Status") != "Enabled":
         return None
     prefix = filter_prefix(rule)
     if prefix is None or not (
@@ -116,21 +146,55 @@ def threat(rule: dict, layout: KeyLayout) -> str | None:
     expiration = rule.get("Expiration") or {}
     if "Days" in expiration or "Date" in expiration:
         return f"it expires objects under {layout.root}"
-    if rule.get("Transitions"):
-        return f"it moves objects under {layout.root} to another storage class"
+    archived = sorted(
+        {
+            str(transition.get("StorageClass"))
+            for transition in rule.get("Transitions") or []
+        }
+        - READABLE_CLASSES
+    )
+    if archived:
+        return (
+            f"it moves objects under {layout.root} to storage class "
+            f"{', '.join(archived)}, read only after a restore"
+        )
     return None
+
+
+def _threat_message(rule: dict, reason: str, own_ids: set[str]) -> str:
+    """The problem a *rule* that would lose blobs for *reason* makes."""
+    name = f"lifecycle rule {rule.get('ID')!r}"
+    if rule.get("ID") in own_ids:
+        return (
+            f"{name}, changed since zodb-s3blobs init wrote it, would lose blobs: "
+            f"{reason}; undo the change (zodb-s3blobs init --force writes it again)"
+        )
+    if is_ours(rule):
+        return (
+            f"{name}, written by zodb-s3blobs init for other objects, would lose "
+            f"blobs: {reason}; the folders of two databases overlap: give this "
+            "one an s3-prefix outside the other's (init never changes that rule)"
+        )
+    return (
+        f"{name}, not written by zodb-s3blobs, would lose blobs: {reason}; "
+        "remove it or narrow its filter (rules zodb-s3blobs did not write are "
+        "never changed)"
+    )
 
 
 @dataclass
 class Plan:
     """How a bucket's lifecycle configuration changes: the rules to add and
-    to replace (ours, written differently before), those already right, and
-    problems that stop the change (foreign rules that would lose blobs,
-    a staging folder holding other objects)."""
+    to replace (ours, as init wrote them otherwise before), those already
+    right, those of ours changed by hand (kept), and problems that stop the
+    change (rules that would lose blobs, a staging folder holding other
+    objects)."""
 
     add: list[dict] = field(default_factory=list)
     replace: list[dict] = field(default_factory=list)
     present: list[dict] = field(default_factory=list)
+    #: Rules with the ID of one init writes, but changed by hand: kept.
+    changed: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     #: The whole configuration to write: every existing rule, ours changed.
     rules: list[dict] = field(default_factory=list)
@@ -147,24 +211,28 @@ class Plan:
 
 def plan(
     existing: list[dict],
-    wanted: list[dict],
     layout: KeyLayout,
+    versioning: bool = False,
     staging_foreign: str | None = None,
+    force: bool = False,
 ) -> Plan:
-    """Add *wanted* to the *existing* rules: a rule of ours with a wanted ID
-    is replaced when it differs, every other rule is kept as it is. With
-    *staging_foreign* (a key under the staging folder that is not a staging
-    object), the staging rule is left out: it would expire that object."""
+    """Add the :func:`recommended` rules (with *versioning*, those of a
+    versioned bucket) to the *existing* ones. A rule of ours already there
+    in either form init writes is kept (a plain init leaves the non-current
+    expiry a ``--versioning`` run added), or replaced by the versioned form
+    when *versioning*; one changed by hand is kept, unless *force*. Every
+    other rule is kept as it is. With *staging_foreign* (a key under the
+    staging folder that is not a staging object), the staging rule is left
+    out: it would expire that object."""
     result = Plan()
+    wanted = recommended(layout, versioning)
+    written = {
+        essentials(rule)
+        for either in (False, True)
+        for rule in recommended(layout, either)
+    }
+    own_ids = {rule["ID"] for rule in wanted}
     by_id = {rule.get("ID"): rule for rule in existing}
-    for rule in existing:
-        reason = threat(rule, layout)
-        if reason:
-            result.problems.append(
-                f"lifecycle rule {rule.get('ID')!r}, not written by zodb-s3blobs, "
-                f"would lose blobs: {reason}; remove it (rules zodb-s3blobs did "
-                "not write are never changed)"
-            )
     if staging_foreign is not None:
         result.problems.append(
             f"{staging_foreign} is under {layout.staging_root} but is no staging "
@@ -177,11 +245,19 @@ def plan(
         old = by_id.get(rule["ID"])
         if old is None:
             result.add.append(rule)
-        elif essentials(old) == essentials(rule):
+        elif essentials(old) == essentials(rule) or (
+            not versioning and essentials(old) in written
+        ):
             result.present.append(old)
-        else:
+        elif essentials(old) in written or force:
             result.replace.append(rule)
             replaced[rule["ID"]] = rule
+        else:
+            result.changed.append(old)
     result.rules = [replaced.get(rule.get("ID"), rule) for rule in existing]
     result.rules += result.add
+    threats = [(rule, threat(rule, layout)) for rule in result.rules]
+    result.problems[:0] = [
+        _threat_message(rule, reason, own_ids) for rule, reason in threats if reason
+    ]
     return result

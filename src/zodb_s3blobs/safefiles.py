@@ -37,11 +37,15 @@ class UnsafeFileError(Exception):
         self.reason = reason
 
 
-def open_checked(path: str, flags: int, owner: int, limit: int | None) -> int:
+def open_checked(
+    path: str, flags: int, owner: int, limit: int | None, single_link: bool = False
+) -> int:
     """A file descriptor (the caller's to close) of the existing *path*,
     opened with *flags*, once ``fstat`` shows a regular file of user
     *owner*, of at most *limit* bytes (None: any size), which group and
-    others may not write. FileNotFoundError if it does not exist,
+    others may not write, and with *single_link*, with no other name (a
+    hard link another user made, where the kernel lets them, to a file of
+    this user's would be written through). FileNotFoundError if it does not exist,
     UnsafeFileError if it is not such a file."""
     try:
         fd = os.open(path, flags | _OPEN_FLAGS)
@@ -50,7 +54,12 @@ def open_checked(path: str, flags: int, owner: int, limit: int | None) -> int:
             raise UnsafeFileError(path, "is a symbolic link") from None
         raise
     try:
-        _check(path, os.fstat(fd), owner, limit)
+        st = os.fstat(fd)
+        _check(path, st, owner, limit)
+        if single_link and st.st_nlink > 1:
+            raise UnsafeFileError(
+                path, f"has {st.st_nlink} hard links: it may be another file"
+            )
     except BaseException:
         os.close(fd)
         raise

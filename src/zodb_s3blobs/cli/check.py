@@ -48,10 +48,11 @@ storage check also runs what opening the storage checks beyond the base
 fallback); a Data.fs that does not exist yet is a warning (the first start
 creates it). cache-dir itself may have any mode but a writable one: the
 storage sets it (0700, or 0750 of cache-group) when it opens. The lifecycle
-check warns about missing rules zodb-s3blobs init adds, and fails on a
-rule that would expire blobs; it is skipped when the credentials may not
-read the lifecycle. Every check runs; exits 1 if any failed (a warning does
-not). The probe key is
+check warns about missing rules zodb-s3blobs init adds (and ones changed
+by hand), and fails on any rule, one init wrote for another database's
+folder too, that would expire blobs or move them to an archive class; it
+is skipped when the credentials may not read the lifecycle. Every check
+runs; exits 1 if any failed (a warning does not). The probe key is
 [prefix/]blobs/zodb-s3blobs-check-RANDOM.probe, which pack and gc leave
 alone should its deletion fail.
 """
@@ -190,38 +191,44 @@ def check_conditional_writes(store: ObjectStore) -> Check:
 
 
 def check_lifecycle(target: Target, store: ObjectStore) -> Check:
-    """The lifecycle rules ``zodb-s3blobs init`` adds: missing ones are a
-    warning (the collector does their work too), a rule that would expire
-    blobs a failure; credentials that may not read the configuration
-    (the least-privilege policy) leave it unchecked."""
-    from ..lifecycle import plan, recommended
+    """The lifecycle rules ``zodb-s3blobs init`` adds: missing ones, or ones
+    changed by hand, are a warning (the collector does their work too), a
+    rule (whoever wrote it) that would expire or archive blobs a failure;
+    credentials that may not read the configuration (the least-privilege
+    policy) leave it unchecked."""
+    from ..lifecycle import plan
 
     bucket = target.settings.bucket
     try:
         rules = store.lifecycle_rules()
-        versioning = store.versioning()
     except ObjectStoreError as exc:
         if _code(exc) in ("AccessDenied", "403"):
             return Check(
                 "lifecycle",
                 "skipped",
                 f"these credentials may not read bucket {bucket!r}'s lifecycle "
-                f"or versioning ({exc.cause}): whoever may, can run "
+                f"({exc.cause}): whoever may, can run "
                 f"zodb-s3blobs init {target.path}",
             )
         return Check("lifecycle", "warning", f"cannot read it: {exc}")
-    wanted = recommended(target.layout, versioning is not None)
-    found = plan(rules, wanted, target.layout)
+    found = plan(rules, target.layout)
     if found.problems:
         return Check("lifecycle", "failed", "; ".join(found.problems))
+    warnings = []
     if found.missing:
-        return Check(
-            "lifecycle",
-            "warning",
+        warnings.append(
             f"bucket {bucket!r} lacks the recommended rules "
             f"{', '.join(map(repr, found.missing))}: zodb-s3blobs init "
-            f"{target.path} adds them (pack and gc collect what they would)",
+            f"{target.path} adds them (pack and gc collect what they would)"
         )
+    if found.changed:
+        warnings.append(
+            f"{', '.join(repr(rule['ID']) for rule in found.changed)} differ "
+            "from what zodb-s3blobs init writes (changed by hand?): "
+            f"zodb-s3blobs init --force {target.path} writes them again"
+        )
+    if warnings:
+        return Check("lifecycle", "warning", "; ".join(warnings))
     names = ", ".join(repr(rule["ID"]) for rule in found.present)
     return Check("lifecycle", "ok", f"the recommended rules are set: {names}")
 

@@ -226,15 +226,15 @@ class StateFile:
         """Read what earlier runs recorded, then keep FILE open to append."""
         with open(self._open(), "r+b") as file:
             text = file.read()
-            entries = _json_lines(text)
-            if entries:
-                self._check_header(entries[0])
+            if text:
+                self._check_header(_json_lines(text.split(b"\n", 1)[0]))
+                entries = _json_lines(text)
                 outcomes = {entry.get("key"): entry.get("outcome") for entry in entries}
                 self.passed = {key for key, out in outcomes.items() if out in PASSED}
             self._file = file
             if text and not text.endswith(b"\n"):
                 file.write(b"\n")  # end the torn line
-            if not entries:
+            if not text:
                 self._write(self.header)
             yield self
 
@@ -243,13 +243,16 @@ class StateFile:
         0600: it names keys and the bucket), or an existing regular file of
         this user that no other user may write, never through a link. A file
         another user could plant or change could make a rerun skip damaged
-        objects as verified."""
+        objects as verified; one with another name (a hard link) may be any
+        file, another user's link to one of root's too."""
         flags = os.O_RDWR | os.O_APPEND
         try:
             try:
                 return create_new(self.path, flags, 0o600)
             except FileExistsError:
-                return open_checked(self.path, flags, os.geteuid(), None)
+                return open_checked(
+                    self.path, flags, os.geteuid(), None, single_link=True
+                )
         except UnsafeFileError as exc:
             raise UsageError(
                 f"--state {exc}: give a file of your own that no other user "
@@ -259,13 +262,17 @@ class StateFile:
         except OSError as exc:
             raise UsageError(f"--state {self.path}: {exc.strerror}") from None
 
-    def _check_header(self, header: dict) -> None:
-        """Refuse a file that is not a state file, or records checks of
-        another destination or against another reference."""
+    def _check_header(self, first_line: list[dict]) -> None:
+        """Refuse a file whose *first_line* (its JSON object, if it is one)
+        is not the header of a state file (a mistyped --state must not get
+        lines appended), or records checks of another destination or
+        against another reference."""
+        header = first_line[0] if first_line else {}
         if header.get("state") != STATE_HEADER:
             raise UsageError(
                 f"--state {self.path}: not a state file of verify --checksums "
-                "(its first line does not say so)"
+                "(its first line is not the header this command writes): give "
+                "a new file, or an empty one"
             )
         for name, value in self.header.items():
             if header.get(name) != value:

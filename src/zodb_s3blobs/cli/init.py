@@ -8,7 +8,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
-from ..lifecycle import Plan, is_ours, plan, recommended
+from ..lifecycle import Plan, is_ours, plan
 from . import EXIT_FAILED, EXIT_OK, add_operator_options
 from .output import emit, problem, table
 from .target import Target, load_target
@@ -19,11 +19,15 @@ exist (in s3-region), and add the lifecycle rules docs/reliability.md
 recommends: objects under [prefix/]staging/ expire after 2 days, and
 multipart uploads left unfinished there and under [prefix/]blobs/ are
 aborted after 2 days. With --versioning, also turn versioning on and let
-non-current versions expire after 30 days (the same is added to a bucket
-whose versioning is on already). The rules it writes have IDs starting with
-"zodb-s3blobs" and naming their folder; every other rule of the bucket is
-kept as it is. A rule it did not write that would expire or move objects
-under [prefix/]blobs/ is reported, not changed, and makes it exit 1, as
+non-current versions expire after 30 days (only then: on a bucket whose
+versioning is on already, a plain init adds no such expiry, which would
+shorten a longer retention of the operator's). The rules it writes have IDs
+starting with "zodb-s3blobs" and naming their folder; every other rule of
+the bucket is kept as it is, and so is one of its own an operator changed
+(named on stderr; --force writes it again). Any rule, one it wrote for
+another database's folder too, that would expire objects under
+[prefix/]blobs/ or move them to a storage class read only after a restore
+(GLACIER, DEEP_ARCHIVE) is reported, not changed, and makes it exit 1, as
 does an object under [prefix/]staging/ that is no staging object (the
 staging rule would delete it; that rule is then not added). Running it again
 changes nothing. Needs s3:CreateBucket, s3:PutLifecycleConfiguration and
@@ -49,6 +53,12 @@ def register(
         "non-current versions after 30 days",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write again the rules of init's IDs an operator changed "
+        "(by default they are kept as changed, and named)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print what would be done, change nothing",
@@ -68,8 +78,9 @@ class Setup:
     plan: Plan = field(default_factory=Plan)
 
 
-def set_up(target: Target, versioning: bool, dry_run: bool) -> Setup:
-    """Bring the bucket to the recommended set-up (unless *dry_run*)."""
+def set_up(target: Target, versioning: bool, force: bool, dry_run: bool) -> Setup:
+    """Bring the bucket to the recommended set-up (unless *dry_run*); with
+    *force*, rewrite rules of ours an operator changed."""
     with target.store() as store:
         setup = Setup(store.clients[0].meta.region_name)
         exists = store.bucket_exists()
@@ -95,9 +106,7 @@ def set_up(target: Target, versioning: bool, dry_run: bool) -> Setup:
             setup.versioning_enabled = True
             if not dry_run:
                 store.enable_versioning()
-        versioned = versioning or setup.versioning is not None
-        wanted = recommended(target.layout, versioned)
-        setup.plan = plan(existing, wanted, target.layout, staging_foreign)
+        setup.plan = plan(existing, target.layout, versioning, staging_foreign, force)
         if setup.plan.changes and not dry_run:
             store.put_lifecycle_rules(setup.plan.rules)
     return setup
@@ -123,6 +132,8 @@ def _rows(setup: Setup, bucket: str, dry_run: bool) -> list[list[str]]:
             what = done["add"] if rule in setup.plan.add else done["replace"]
         elif is_ours(rule) and rule in setup.plan.present:
             what = "present"
+        elif rule in setup.plan.changed:
+            what = "kept (changed by hand)"
         else:
             what = "kept" if not is_ours(rule) else "kept (another prefix)"
         rows.append(["lifecycle rule", what, str(rule.get("ID", "(no ID)"))])
@@ -132,10 +143,15 @@ def _rows(setup: Setup, bucket: str, dry_run: bool) -> list[list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Create the bucket and add the rules; print what was done."""
     target = load_target(args.config, args.db)
-    setup = set_up(target, args.versioning, args.dry_run)
+    setup = set_up(target, args.versioning, args.force, args.dry_run)
     found = setup.plan
     for message in found.problems:
         problem(message)
+    for rule in found.changed:
+        problem(
+            f"note: lifecycle rule {rule['ID']!r} differs from what zodb-s3blobs "
+            "init writes: kept as it is (--force writes it again)"
+        )
     bucket = target.settings.bucket
     document = {
         "ok": not found.problems,
@@ -148,10 +164,11 @@ def run(args: argparse.Namespace) -> int:
         "rules_added": [rule["ID"] for rule in found.add],
         "rules_replaced": [rule["ID"] for rule in found.replace],
         "rules_present": [rule["ID"] for rule in found.present],
+        "rules_changed": [rule["ID"] for rule in found.changed],
         "rules_kept": [
             rule.get("ID")
             for rule in found.rules
-            if rule not in found.add + found.replace + found.present
+            if rule not in found.add + found.replace + found.present + found.changed
         ],
         "problems": found.problems,
         "lifecycle": {"Rules": found.rules},
