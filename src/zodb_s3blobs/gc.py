@@ -170,9 +170,10 @@ def collect_orphans(
     orphan only with *stale_in_flight* (the operator's explicit choice): run
     from an older copy of the database (a restored backup, a staging clone
     on the live prefix), the collector would otherwise delete every blob the
-    live database committed since that copy was made. Staging keys in
-    *owed* (copies still to make, see :mod:`zodb_s3blobs.copier`) are kept
-    whatever their age.
+    live database committed since that copy was made. Keys in *owed* (the
+    sources of copies still to make, see :mod:`zodb_s3blobs.copier`: staging
+    keys, and the revisions undo copies from) are kept whatever their age,
+    and whether or not the base still holds their revision.
     """
     report = CollectionReport()
     with current_view(base) as view:
@@ -197,7 +198,7 @@ def collect_orphans(
                 if stale_in_flight:
                     report.orphans.append(key)
                     report.orphan_bytes += size
-            elif revision_held(view, oid, tid):
+            elif key in owed or revision_held(view, oid, tid):
                 report.kept += 1
             else:
                 report.orphans.append(key)
