@@ -190,14 +190,15 @@ def test_gc_keeps_and_reports_the_copies_owed_by_journals_in_cache_dir(
     locks = tmp_path / "cache" / JOURNAL_DIR
     copies = [PendingCopy(staged, p64(7), None, True)]
     copies.append(PendingCopy(layout.key(p64(7), p64(1)), p64(8), None, False))
-    journal = Journal.create(str(locks), copies, p64(1), "", "")
+    destination = f"s3://{s3env.BUCKET}/{layout.root}"
+    journal = Journal.create(str(locks), copies, p64(1), "marker", destination)
     journal.release()  # as a SIGKILL leaves it
     written = Path(journal.path).read_bytes()
     result = run("gc", config)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[2] == (
         f"2 copies owed by journals in {locks}/ (completed when a storage "
-        "opens there); their staging objects are kept"
+        "opens there); the objects they copy from are kept"
     )
     code, report = run_json("gc", config)
     assert code == 0

@@ -6,6 +6,7 @@ outcome does not depend on how far the thread got."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -112,3 +113,45 @@ def test_a_copy_whose_source_is_there_is_retried(parts, monkeypatch):
     complete(store, layout, journal, deleted)
     assert [Path(journal.path)] == list(directory.glob("pending-*"))
     assert deleted == []
+
+
+def test_a_journal_that_cannot_be_removed_does_not_stop_the_copier(
+    parts, monkeypatch, caplog
+):
+    """Removing the first completed journal fails (EMFILE): the copier logs
+    it, deletes its staging object, and still completes a journal added
+    afterwards, without being closed.
+
+    Fails before the fix: the OSError ended the copier's thread, and add()
+    never started another: later copies waited for the next start."""
+    store, layout, directory = parts
+    client = s3env.server().client()
+    stagings = [layout.staging_key() for _ in range(2)]
+    journals = []
+    for index, staging in enumerate(stagings):
+        client.put_object(Bucket=s3env.BUCKET, Key=staging, Body=b"x")
+        oid = p64(0x20 + index)
+        journals.append(journal_of(directory, PendingCopy(staging, oid, None, True)))
+    remove = Journal.remove
+
+    def fails_once(journal):
+        monkeypatch.setattr(Journal, "remove", remove)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Journal, "remove", fails_once)
+    deleted: list[str] = []
+    copier = Copier(store, layout, lambda journal: None, deleted.extend)
+    try:
+        with caplog.at_level(logging.ERROR, "zodb_s3blobs.copier"):
+            for journal in journals:
+                copier.add(journal)
+                copier._thread.join()  # runs until nothing is owed
+        assert deleted == stagings
+        for index in range(2):
+            assert store.stat(layout.key(p64(0x20 + index), TID)) is not None
+        assert [r.getMessage() for r in copier_records(caplog)] == [
+            f"Could not remove {journals[0].path}"
+        ]
+        assert list(directory.glob("pending-*")) == [Path(journals[0].path)]
+    finally:
+        copier.close()

@@ -138,7 +138,11 @@ def test_staging_objects_owed_by_any_journal_in_the_cache_dir_are_kept(
 
     def journal_of(key: str) -> Journal:
         return Journal.create(
-            directory, [PendingCopy(key, p64(7), None, True)], p64(1), "", ""
+            directory,
+            [PendingCopy(key, p64(7), None, True)],
+            p64(1),
+            "marker",
+            storage._destination(),
         )
 
     live = journal_of(owed_live)
@@ -176,7 +180,7 @@ def test_a_pack_whose_journals_cannot_be_read_collects_nothing(
     orphan = storage._layout.key(p64(10_000), p64(5))
     s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"o")
 
-    def unreadable(directory: str):
+    def unreadable(directory: str, destination: str):
         raise PermissionError(13, "Permission denied", directory)
 
     monkeypatch.setattr(storage_module, "owed_copies", unreadable)

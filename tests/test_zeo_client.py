@@ -23,6 +23,7 @@ import transaction
 import ZEO
 import ZODB
 import ZODB.config
+from ZEO.Exceptions import ClientDisconnected
 from ZODB.blob import Blob
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
@@ -223,34 +224,233 @@ def test_a_client_killed_before_its_copy_is_completed_at_restart(site):
     assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
 
 
-def test_a_journal_without_tid_is_resolved_by_asking_the_server(site):
+def test_a_journal_without_tid_is_resolved_by_its_marker(site):
     """A process killed inside the base's tpc_finish recorded no tid: the
-    transaction is found by its oids, user and description after the last
-    one the process had seen; one that never committed is not."""
+    transaction after the last one it had seen whose extension carries the
+    journal's marker is its commit; a marker no transaction carries never
+    committed."""
     storage = site.storage(site.directory / "cache")
-    db = ZODB.DB(storage)
     try:
         before = storage.lastTransaction()
-        tm = transaction.TransactionManager()
-        txn = tm.begin()
-        txn.note("upload")
-        root = db.open(tm).root()
-        root["j"] = Blob(b"data")
-        tm.commit()
-        root["j"]._p_activate()
-        oid, tid = root["j"]._p_oid, root["j"]._p_serial
-        tm.abort()
+        txn = TransactionMetaData("admin", "upload")
+        storage.tpc_begin(txn)
+        oid = store_blob(storage, txn, b"data")
+        storage.tpc_vote(txn)
+        marker = txn.extension[journal.COMMIT_MARKER]
+        tid = storage.tpc_finish(txn)
+        [record] = storage.iterator(tid, tid)
+        assert record.extension == {journal.COMMIT_MARKER: marker}
 
-        def journal_of(oid: bytes, description: str) -> journal.Journal:
+        def journal_of(marker: str) -> journal.Journal:
             copy = journal.PendingCopy("staging/x.blob", oid, None, True)
-            return journal.Journal("", -1, [copy], before, "", description)
+            return journal.Journal("", None, [copy], before, marker, "")
 
-        assert journal.find_commit(storage, journal_of(oid, "upload")) == tid
-        assert journal.find_commit(storage, journal_of(oid, "other")) is None
-        unused = storage.new_oid()
-        assert journal.find_commit(storage, journal_of(unused, "upload")) is None
+        assert journal.find_commit(storage, journal_of(marker)) == tid
+        assert journal.find_commit(storage, journal_of("0" * 32)) is None
+    finally:
+        storage.close()
+
+
+def read_elsewhere(site: ZEOSite, oid: bytes, tid: bytes) -> bytes:
+    """Revision *tid* of blob *oid*, as a client with a new cache reads it."""
+    reader = site.storage(site.directory / "reader")
+    try:
+        return read_back(reader, oid, tid)
+    finally:
+        reader.close()
+
+
+def restart(site: ZEOSite, name: str) -> None:
+    """Open a storage on the cache directory *name* and close it again: it
+    completes (or drops) the journals left there."""
+    storage = site.storage(site.directory / name)
+    storage._shared.copier.close()
+    storage.close()
+
+
+def voted_then_killed(storage, data: bytes, oid: bytes | None = None) -> bytes:
+    """Commit a blob of *data* in *storage* up to its vote, then leave it as
+    a process killed inside the base's tpc_finish before the server
+    committed: journal unlocked without tid, transaction aborted on the
+    server. Return the blob's oid."""
+    txn = TransactionMetaData("admin", "/Plone/file/edit")
+    storage.tpc_begin(txn)
+    oid = store_blob(storage, txn, data, oid)
+    storage.tpc_vote(txn)
+    storage._commit.journal.release()
+    storage._base.tpc_abort(txn)
+    return oid
+
+
+def test_a_journal_never_takes_a_retried_commit_for_its_own(site):
+    """Client A is killed before the server commits its edit; the user's
+    retry commits the same oid through client B, with the same user and
+    description. A's journal, adopted at its restart, owes nothing: B's
+    revision keeps B's bytes.
+
+    Fails before the fix: the journal's transaction was guessed by user,
+    description and oids, B's commit taken for A's, and A's never-committed
+    bytes copied over B's revision."""
+    a = site.storage(site.directory / "a")
+    oid = voted_then_killed(a, b"never committed")
+    a.close()
+    b = site.storage(site.directory / "b")
+    try:
+        txn = TransactionMetaData("admin", "/Plone/file/edit")
+        b.tpc_begin(txn)
+        store_blob(b, txn, b"saved on retry", oid)
+        b.tpc_vote(txn)
+        tid = b.tpc_finish(txn)
+        b._shared.copier.close()
+    finally:
+        b.close()
+    restart(site, "a")
+    assert list((site.directory / "a" / "locks").glob("pending-*")) == []
+    assert site.staging_keys() == []
+    assert read_elsewhere(site, oid, tid) == b"saved on retry"
+
+
+def without_tid(path: str) -> None:
+    """Cut the journal at *path* back to its first line, as a process killed
+    before it recorded the tid leaves it."""
+    first = Path(path).read_bytes().splitlines(keepends=True)[0]
+    Path(path).write_bytes(first)
+
+
+def test_a_committed_journal_whose_new_oid_was_packed_away_is_completed(site):
+    """A transaction created blob x and changed blob y; its writer was
+    killed before it recorded the tid; x was then deleted and packed away.
+    At the restart the journal is found committed, and y's revision reads
+    back.
+
+    Fails before the fix: an oid the base could not load was taken to mean
+    the transaction never committed, and y's staging object was deleted."""
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        commit_blob(db, "y", b"y v1")
+        db.storage._shared.copier.close()
+        journals: list = []
+        db.storage._shared.copier.add = journals.append  # the kill comes first
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root["x"] = Blob(b"x, new")
+        with root["y"].open("w") as f:
+            f.write(b"y v2")
+        tm.commit()
+        root["y"]._p_activate()
+        oid, tid = root["y"]._p_oid, root["y"]._p_serial
+        del root["x"]
+        tm.commit()
+        tm.abort()
+        [left] = journals
+        left.release()
+        without_tid(left.path)
+        db.pack()
     finally:
         db.close()
+    restart(site, "cache")
+    assert list((site.directory / "cache" / "locks").glob("pending-*")) == []
+    assert read_elsewhere(site, oid, tid) == b"y v2"
+
+
+def test_a_finish_that_raises_leaves_the_journal_to_be_completed(site):
+    """The base's tpc_finish raises after the server committed (the ZEO
+    connection dropped): the error reaches the caller, and the copier
+    adopts the released journal, finds the commit by its marker and makes
+    the copy.
+
+    Fails before the fix: the journal stayed locked by a leaked descriptor
+    for the life of the process, and the copy was never made."""
+    storage = site.storage(site.directory / "cache")
+    try:
+        finish, committed = storage._base.tpc_finish, []
+
+        def finish_then_drop(txn, func=lambda tid: None):
+            committed.append(finish(txn, func))
+            raise ClientDisconnected("connection lost during tpc_finish")
+
+        storage._base.tpc_finish = finish_then_drop
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        oid = store_blob(storage, txn, b"committed")
+        storage.tpc_vote(txn)
+        with pytest.raises(ClientDisconnected):
+            storage.tpc_finish(txn)
+        storage.tpc_abort(txn)
+        storage._shared.copier.close()
+        [tid] = committed
+        assert_nothing_owed(site, storage)
+        assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, tid)]
+    finally:
+        storage.close()
+
+
+def test_the_source_of_an_owed_undo_copy_survives_a_pack(site):
+    """An undo's copy from the earlier revision's key is still owed (S3
+    refuses copies) when the database is packed: the collector keeps that
+    key although the base no longer holds its revision, and the copy made
+    afterwards reads back.
+
+    Fails before the fix: the collector kept only the journals' staging
+    keys, deleted the source, and the undone-to blob was lost."""
+    db = ZODB.DB(site.storage(site.directory / "cache"))
+    try:
+        oid, first = commit_blob(db, "u", b"version one")
+        commit_blob(db, "u", b"version two")
+        copier = db.storage._shared.copier
+        copier.close()
+        copier._closing = False  # reopened, with copies refused at first
+        refused = [True]
+        complete = copier._complete
+
+        def refusing(journal):
+            if refused:
+                raise RuntimeError("503 SlowDown")
+            complete(journal)
+
+        copier._complete = refusing
+        tm = transaction.TransactionManager()
+        db.undo(db.undoLog(0, 1)[0]["id"], tm.get())
+        tm.commit()
+        root = db.open(tm).root()
+        root["u"]._p_activate()
+        tid = root["u"]._p_serial
+        tm.abort()
+        db.pack()
+        assert blob_key(site.prefix, oid, first) in bucket_keys(site.prefix)
+        refused.clear()
+        copier.close()
+        assert_nothing_owed(site, db.storage)
+    finally:
+        db.close()
+    assert read_elsewhere(site, oid, tid) == b"version one"
+
+
+def test_journals_of_another_database_sharing_the_cache_dir_are_left(site):
+    """A journal owing copies to another prefix, in the same cache
+    directory, is neither adopted by this storage nor counted as owed by
+    its collector; it stays, unlocked, for its own database.
+
+    Fails before the fix: whichever database opened first adopted it and
+    copied the other database's blob into its own prefix."""
+    locks = site.directory / "cache" / journal.JOURNAL_DIR
+    locks.mkdir(parents=True, mode=0o700)
+    other = KeyLayout(site.prefix + "-other")
+    copy = journal.PendingCopy(other.staging_key(), b"\0" * 8, None, True)
+    destination = f"s3://{s3env.BUCKET}/{other.root}"
+    left = journal.Journal.create(str(locks), [copy], b"\0" * 8, "m", destination)
+    left.release()
+    written = Path(left.path).read_bytes()
+    storage = site.storage(site.directory / "cache")
+    try:
+        assert storage._shared.copier.pending() == 0
+        assert journal.owed_copies(str(locks), storage._destination()) == (
+            journal.Owed()
+        )
+        assert journal.owed_copies(str(locks), destination).journals == 1
+    finally:
+        storage.close()
+    assert Path(left.path).read_bytes() == written
 
 
 def test_pack_and_gc_through_a_client(site):
@@ -395,7 +595,8 @@ def assert_nothing_owed(site: ZEOSite, storage) -> None:
     copier, and no staging object left in S3."""
     locks = site.directory / "cache" / journal.JOURNAL_DIR
     assert list(locks.glob("pending-*")) == []
-    assert journal.owed_copies(str(locks)) == journal.Owed()
+    destination = storage._destination()
+    assert journal.owed_copies(str(locks), destination) == journal.Owed()
     assert storage._shared.copier.pending() == 0
     assert site.staging_keys() == []
 

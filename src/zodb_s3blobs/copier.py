@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ZODB.utils import oid_repr, tid_repr
 
@@ -51,12 +51,15 @@ class Copier:
         layout: KeyLayout,
         find_tid: Callable[[Journal], bytes | None],
         done: Callable[[list[str]], None],
+        abandoned: Callable[[], Iterable[Journal]] = tuple,
     ) -> None:
         self._store = store
         self._layout = layout
         self._find_tid = find_tid
         #: Called with the staging keys of a completed journal (to delete).
         self._done = done
+        #: The journals of this storage nobody holds, now locked (adopt).
+        self._abandoned = abandoned
         self._journals: list[Journal] = []
         self._lock = threading.Condition()
         self._closing = False
@@ -70,11 +73,18 @@ class Copier:
                 return
             self._journals.append(journal)
             self._lock.notify()
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="zodb-s3blobs-copier", daemon=True
                 )
                 self._thread.start()
+
+    def adopt(self) -> None:
+        """Take on the journals nobody holds: left by killed processes, or
+        released by this one when its base's tpc_finish failed."""
+        for journal in self._abandoned():
+            log.info("Completing the blob copies left in %s", journal.path)
+            self.add(journal)
 
     def pending(self) -> int:
         with self._lock:
@@ -113,9 +123,19 @@ class Copier:
                 continue
             with self._lock:
                 self._journals.remove(journal)
-            journal.remove()
-            self._done(journal.staging_keys())
+            self._forget(journal)
         return all_done
+
+    def _forget(self, journal: Journal) -> None:
+        """Remove a completed journal and delete its staging objects; a
+        journal that cannot be removed is only logged (its copies are made:
+        completed again, they are found landed)."""
+        try:
+            journal.remove()
+        except OSError:
+            log.error("Could not remove %s", journal.path, exc_info=True)
+            journal.release()
+        self._done(journal.staging_keys())
 
     def _complete(self, journal: Journal) -> None:
         if journal.tid is None:

@@ -257,9 +257,10 @@ def collect_orphans(
     orphan only with *stale_in_flight* (the operator's explicit choice): run
     from an older copy of the database (a restored backup, a staging clone
     on the live prefix), the collector would otherwise delete every blob the
-    live database committed since that copy was made. Staging keys in
-    *owed* (copies still to make, see :mod:`zodb_s3blobs.copier`) are kept
-    whatever their age.
+    live database committed since that copy was made. Keys in *owed* (the
+    sources of copies still to make, see :mod:`zodb_s3blobs.copier`: staging
+    keys, and the revisions undo copies from) are kept whatever their age,
+    and whether or not the base still holds their revision.
 
     With a *retention* (seconds), a revision's orphaned object is deleted
     only once collections have found it orphaned for that long; until then
@@ -294,7 +295,7 @@ def collect_orphans(
                     report.stale.append(key)
                     if stale_in_flight:
                         orphans.found(key, size, last_modified)
-                elif revision_held(view, oid, tid):
+                elif key in owed or revision_held(view, oid, tid):
                     report.kept += 1
                 else:
                     orphans.found(key, size, last_modified)

@@ -16,11 +16,17 @@ process next opens a storage on the cache directory adopts and completes it
 (:func:`abandoned_journals`). Until its copies are made, the collector
 running with that cache directory keeps its staging objects
 (:func:`owed_copies` reads every journal there without adopting it).
-One without a tid (the process died inside the base's ``tpc_finish``) is
-resolved by asking the base which transaction, after the last one the
-voting process had seen, stored the journal's oids with its user and
-description (:func:`find_commit`); none means the transaction never
-committed.
+One without a tid (the process died inside the base's ``tpc_finish``, or
+that call raised) is resolved exactly: every transaction through such a
+storage carries a random marker in its extension (:data:`COMMIT_MARKER`,
+set before the base's ``tpc_begin`` sends the metadata to the server), the
+journal records it, and :func:`find_commit` looks for the transaction
+after the last one the voting process had seen that carries it; none
+means the transaction never committed.
+
+A journal records the destination (``s3://bucket/[prefix/]blobs/``) it
+owes copies to: databases sharing a cache directory adopt, and their
+collectors keep, only their own journals' objects.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
-from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,17 @@ PREFIX, SUFFIX = "pending-", ".journal"
 JOURNAL_DIR = "locks"
 #: A journal is never larger than this (a transaction of 100 000 blobs).
 MAX_JOURNAL = 64 << 20
+#: The key of the transaction extension that carries a commit's marker.
+COMMIT_MARKER = "zodb-s3blobs-commit"
+
+
+def mark_transaction(transaction) -> str:
+    """Give *transaction*'s metadata a new random marker under
+    :data:`COMMIT_MARKER` (a new extension dict: the application's is left
+    as it was) and return it; call before the base's ``tpc_begin``."""
+    marker = secrets.token_hex(16)
+    transaction.extension = {**transaction.extension, COMMIT_MARKER: marker}
+    return marker
 
 
 @dataclass(frozen=True)
@@ -64,12 +82,15 @@ class Journal:
     """One transaction's pending copies, in a file this process holds locked."""
 
     path: str
-    fd: int
+    #: The open journal, locked; None once released (or only read).
+    file: BinaryIO | None
     copies: list[PendingCopy]
     #: The last transaction the voting process had seen: the commit is later.
     after: bytes
-    user: str
-    description: str
+    #: The transaction's :data:`COMMIT_MARKER`.
+    marker: str
+    #: Where the copies go: ``s3://bucket/[prefix/]blobs/``.
+    destination: str
     tid: bytes | None = None
     #: Copies made already (by this process, since it took the journal).
     done: set[PendingCopy] = field(default_factory=set)
@@ -80,37 +101,36 @@ class Journal:
         directory: str,
         copies: list[PendingCopy],
         after: bytes,
-        user: str,
-        description: str,
+        marker: str,
+        destination: str,
     ) -> Journal:
         """Write a journal under *directory*: complete, fsynced and locked
         before it appears under its name. Raises OSError."""
         record = {
             "after": after.hex(),
-            "user": user,
-            "description": description,
+            "marker": marker,
+            "destination": destination,
             "copies": [[c.source, c.oid.hex(), c.checksum, c.staged] for c in copies],
         }
         fd, new = tempfile.mkstemp(dir=directory, prefix=PREFIX, suffix=".new")
+        file = os.fdopen(fd, "ab")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_all(fd, json.dumps(record).encode() + b"\n")
-            os.fsync(fd)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _append(file, record)
             path = new[: -len(".new")] + SUFFIX
             os.replace(new, path)
             _fsync_directory(directory)
         except BaseException:
-            os.close(fd)
+            file.close()
             with contextlib.suppress(OSError):
                 os.remove(new)
             raise
-        return cls(path, fd, copies, after, user, description)
+        return cls(path, file, copies, after, marker, destination)
 
     def record_tid(self, tid: bytes) -> None:
         """Append the committed tid, fsynced. Raises OSError."""
         self.tid = tid
-        _write_all(self.fd, json.dumps({"tid": tid.hex()}).encode() + b"\n")
-        os.fsync(self.fd)
+        _append(self.file, {"tid": tid.hex()})
 
     def remove(self) -> None:
         """Remove the journal (its copies are done, or were never owed)."""
@@ -121,15 +141,19 @@ class Journal:
 
     def release(self) -> None:
         """Let go of the journal, leaving it for a later process to complete."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def owed(self) -> list[PendingCopy]:
         return [c for c in self.copies if c not in self.done]
 
     def staging_keys(self) -> list[str]:
         return [c.source for c in self.copies if c.staged]
+
+    def revision_sources(self) -> list[str]:
+        """The earlier revisions' keys that undo copies read from."""
+        return [c.source for c in self.copies if not c.staged]
 
 
 @dataclass(frozen=True)
@@ -140,11 +164,20 @@ class Owed:
     copies: int = 0
     #: Their staging objects: the collector must keep them, whatever their age.
     staging_keys: frozenset[str] = frozenset()
+    #: The revisions' keys their undo copies read from: the collector must
+    #: keep them even once the base no longer holds those revisions.
+    revision_sources: frozenset[str] = frozenset()
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every object the copies read from."""
+        return self.staging_keys | self.revision_sources
 
 
-def owed_copies(directory: str) -> Owed:
-    """The copies owed by every journal under *directory*, whether a live
-    process holds it or its writer was killed, read without adopting any:
+def owed_copies(directory: str, destination: str) -> Owed:
+    """The copies owed to *destination* (``s3://bucket/[prefix/]blobs/``)
+    by the journals under *directory*, whether a live process holds one or
+    its writer was killed, read without adopting any:
     no lock is taken and nothing is written. A missing *directory* owes
     nothing; a file named like a journal that is not one of the directory
     owner's regular files, is too large or cannot be parsed is skipped with
@@ -161,17 +194,21 @@ def owed_copies(directory: str) -> Owed:
         for name in _journal_names(os.listdir(dir_fd)):
             path = os.path.join(directory, name)
             try:
-                journals.append(_read(path, name, dir_fd, owner))
+                journal = _read(path, name, dir_fd, owner)
             except FileNotFoundError:
                 continue  # completed meanwhile
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("Skipping pending-copy journal %s: %s", path, exc)
+                continue
+            if journal.destination == destination:
+                journals.append(journal)
     finally:
         os.close(dir_fd)
     return Owed(
         len(journals),
         sum(len(j.copies) for j in journals),
         frozenset(key for j in journals for key in j.staging_keys()),
+        frozenset(key for j in journals for key in j.revision_sources()),
     )
 
 
@@ -180,7 +217,7 @@ def _read(path: str, name: str, dir_fd: int, owner: int) -> Journal:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(name, flags, dir_fd=dir_fd)
     try:
-        return _parse(path, -1, _checked_lines(fd, owner))
+        return _parse(path, None, _checked_lines(fd, owner))
     finally:
         os.close(fd)
 
@@ -198,14 +235,16 @@ def _checked_lines(fd: int, owner: int) -> list[bytes]:
     if st.st_size > MAX_JOURNAL:
         raise ValueError(f"larger than {MAX_JOURNAL} bytes")
     with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(0)  # an adopted journal is open for appending, at its end
         return f.read(MAX_JOURNAL).splitlines()
 
 
-def abandoned_journals(directory: str) -> Iterator[Journal]:
-    """The journals under *directory* that no process holds (their writer
-    was killed), each now locked by this process. Anything else named like a
-    journal (not a regular file of ours, too large, unreadable) is skipped
-    with a warning."""
+def abandoned_journals(directory: str, destination: str) -> Iterator[Journal]:
+    """The journals owing copies to *destination* under *directory* that no
+    process holds (their writer was killed, or let go of them), each now
+    locked by this process. Anything else named like a journal (not a
+    regular file of ours, too large, unreadable) is skipped with a
+    warning."""
     for name in _journal_names(os.listdir(directory)):
         path = os.path.join(directory, name)
         try:
@@ -213,46 +252,48 @@ def abandoned_journals(directory: str) -> Iterator[Journal]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("Skipping pending-copy journal %s: %s", path, exc)
             continue
-        if journal is not None:
-            yield journal
+        if journal is None:
+            continue
+        if journal.destination != destination:
+            journal.release()  # another database's, sharing the directory
+            continue
+        yield journal
 
 
 def _adopt(path: str) -> Journal | None:
     """The journal at *path*, locked, if no live process holds it."""
     flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        file = os.fdopen(os.open(path, flags), "ab")
     except FileNotFoundError:
         return None  # completed meanwhile
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            file.close()
             return None  # its process is alive and completing it
-        if os.fstat(fd).st_nlink == 0:
-            os.close(fd)
+        if os.fstat(file.fileno()).st_nlink == 0:
+            file.close()
             return None  # completed between our open and our lock
-        journal = _parse(path, fd, _checked_lines(fd, os.geteuid()))
+        return _parse(path, file, _checked_lines(file.fileno(), os.geteuid()))
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        file.close()
         raise
-    return journal
 
 
-def _parse(path: str, fd: int, lines: list[bytes]) -> Journal:
+def _parse(path: str, file: BinaryIO | None, lines: list[bytes]) -> Journal:
     record = json.loads(lines[0])
     journal = Journal(
         path,
-        fd,
+        file,
         [
             PendingCopy(source, bytes.fromhex(oid), checksum, bool(staged))
             for source, oid, checksum, staged in record["copies"]
         ],
         bytes.fromhex(record["after"]),
-        record["user"],
-        record["description"],
+        record["marker"],
+        record["destination"],
     )
     for line in lines[1:]:
         # A line cut off by the kill recorded no tid.
@@ -263,28 +304,13 @@ def _parse(path: str, fd: int, lines: list[bytes]) -> Journal:
 
 def find_commit(base, journal: Journal) -> bytes | None:
     """The tid under which *base* committed the transaction of *journal*
-    (which recorded no tid), or None if it never committed.
-
-    The transaction is later than ``journal.after``, stored every oid of the
-    journal and carries its user and description. A new oid (allocated for
-    this transaction alone) that the base cannot load shows at once that it
-    did not commit; otherwise the transactions after ``journal.after`` are
-    read until one matches.
-    """
-    oids = {c.oid for c in journal.copies}
-    for oid in oids:
-        try:
-            base.load(oid)
-        except POSKeyError:
-            return None  # created by this transaction, which never committed
+    (which recorded no tid), or None if it never committed: the transaction
+    after ``journal.after`` whose extension carries the journal's marker
+    (:data:`COMMIT_MARKER`)."""
     transactions = base.iterator(p64(u64(journal.after) + 1))
     try:
         for txn in transactions:
-            if (
-                metadata_text(txn.user) == journal.user
-                and metadata_text(txn.description) == journal.description
-                and oids <= {record.oid for record in txn}
-            ):
+            if txn.extension.get(COMMIT_MARKER) == journal.marker:
                 return txn.tid
     finally:
         if hasattr(transactions, "close"):
@@ -292,15 +318,11 @@ def find_commit(base, journal: Journal) -> bytes | None:
     return None
 
 
-def metadata_text(value: str | bytes) -> str:
-    """Transaction metadata as text (ZODB gives bytes or str)."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _append(file: BinaryIO, record: dict) -> None:
+    """Append *record* as a line of JSON to *file*, fsynced."""
+    file.write(json.dumps(record).encode() + b"\n")
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def _fsync_directory(directory: str) -> None:

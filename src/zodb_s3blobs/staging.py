@@ -58,6 +58,9 @@ class PendingCommit:
     #: The copies owed after tpc_finish, where the base learns the tid only
     #: there (a journal.Journal, written at vote).
     journal: object | None = None
+    #: The transaction's commit marker (journal.COMMIT_MARKER), on a base
+    #: that learns its tid at finish.
+    marker: str | None = None
 
     def upload_at_vote(self, size: int, budget: int) -> bool:
         """Should a blob of *size* bytes wait for the vote (True), or be

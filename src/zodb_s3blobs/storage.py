@@ -58,7 +58,7 @@ from .journal import (
     PendingCopy,
     abandoned_journals,
     find_commit,
-    metadata_text,
+    mark_transaction,
     owed_copies,
 )
 from .keys import KeyLayout
@@ -337,10 +337,11 @@ class S3BlobStorage:
             self._layout,
             functools.partial(find_commit, self._base),
             self._delete_staging_keys,
+            functools.partial(
+                abandoned_journals, self._journal_dir(), self._destination()
+            ),
         )
-        for left in abandoned_journals(self._journal_dir()):
-            log.info("Completing the blob copies left in %s", left.path)
-            self._shared.copier.add(left)
+        self._shared.copier.adopt()
 
     def _setup(self, base, shared: _Shared, owner: bool) -> None:
         self._base = base
@@ -829,8 +830,14 @@ class S3BlobStorage:
         return commit
 
     def tpc_begin(self, transaction, *args, **kw):
+        marker = None
+        if self._shared.copier is not None:
+            # Sent to the server with the metadata by the base's tpc_begin:
+            # finds the commit of a journal that learnt no tid (find_commit).
+            marker = mark_transaction(transaction)
         result = self._base.tpc_begin(transaction, *args, **kw)
         self._commit = PendingCommit(transaction, tid_at_begin(self._base))
+        self._commit.marker = marker
         return result
 
     def tpc_vote(self, transaction):
@@ -851,6 +858,10 @@ class S3BlobStorage:
     def _journal_dir(self) -> str:
         return os.path.join(self._cache.directory, JOURNAL_DIR)
 
+    def _destination(self) -> str:
+        """Where this storage's copies go, as its journals record it."""
+        return self._store.url(self._layout.root)
+
     def _journal_at_vote(self, commit: PendingCommit, transaction) -> None:
         """Record the copies owed after tpc_finish durably, on a base that
         learns the tid only there (see :mod:`zodb_s3blobs.copier`)."""
@@ -868,8 +879,8 @@ class S3BlobStorage:
                 self._journal_dir(),
                 copies,
                 self._base.lastTransaction(),
-                metadata_text(transaction.user),
-                metadata_text(transaction.description),
+                commit.marker,
+                self._destination(),
             )
 
     def _count_uploads(self, commit: PendingCommit) -> None:
@@ -942,8 +953,13 @@ class S3BlobStorage:
         commit = self._take_commit(transaction)
         if commit is None:
             raise StorageTransactionError(self, transaction)
-        tid = self._base.tpc_finish(transaction, func)
         journal = commit.journal
+        try:
+            tid = self._base.tpc_finish(transaction, func)
+        except BaseException:
+            if journal is not None:
+                self._orphan_journal(commit)
+            raise
         if journal is not None:
             try:
                 journal.record_tid(tid)
@@ -994,6 +1010,24 @@ class S3BlobStorage:
         if self._shared.writer is not None:
             self._shared.writer.committed(tid)
         return tid
+
+    def _orphan_journal(self, commit: PendingCommit) -> None:
+        """The base's tpc_finish raised (a ZEO connection lost while the
+        server committed, or not): whether the transaction committed is
+        unknown. Its journal is released, for the copier to adopt and
+        resolve by its marker (or the next process on this cache directory,
+        if this one ends first); its staging objects stay."""
+        log.error(
+            "The base's tpc_finish failed: the blob copies of the transaction "
+            "are made if it committed (journal %s)",
+            commit.journal.path,
+        )
+        commit.journal.release()
+        try:
+            commit.discard_files()
+        except OSError:
+            log.warning("Could not remove staged files", exc_info=True)
+        self._shared.copier.adopt()
 
     def tpc_abort(self, transaction):
         commit = self._take_commit(transaction)
@@ -1122,7 +1156,7 @@ class S3BlobStorage:
                 self._cache,
                 dry_run=dry_run,
                 stale_in_flight=stale_in_flight,
-                owed=owed_copies(self._journal_dir()).staging_keys,
+                owed=owed_copies(self._journal_dir(), self._destination()).keys,
                 retention=gc.check_retention(retention),
             )
         except gc.OrphansNotDeleted as exc:

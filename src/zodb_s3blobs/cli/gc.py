@@ -36,10 +36,11 @@ gc-retention (default 7d; --retention overrides it for one run): until then
 it is pending, recorded with the time it was first found in
 [prefix/]gc/pending.gz. A warning says when cache-dir belongs to another user
 than the one running gc; on a terminal, a progress bar counts the keys
-checked. The staging objects of the copies still owed by the journals in
-cache-dir/locks/ (a ZEO client killed before its commits' copies were made)
-are kept, whatever their age, and counted: gc reads those journals, never
-completes them (the next storage opened on cache-dir does).
+checked. The sources of the copies still owed to this bucket and prefix by
+the journals in cache-dir/locks/ (a ZEO client killed before its commits'
+copies were made) are kept, whatever their age: staging objects, and the
+earlier revisions an undo copies from. They are counted: gc reads those
+journals, never completes them (the next storage opened on cache-dir does).
 """
 
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         problem(warning)
     journals = os.path.join(target.cache_dir, JOURNAL_DIR)
-    owed = _owed(journals)
+    owed = _owed(journals, target.url())
     retention = args.retention
     if retention is None:
         retention = target.section.config.gc_retention
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                     cache or _NoCache(),
                     dry_run=args.dry_run,
                     stale_in_flight=args.stale_in_flight,
-                    owed=owed.staging_keys,
+                    owed=owed.keys,
                     retention=retention,
                 )
         finally:
@@ -172,19 +173,19 @@ def run(args: argparse.Namespace) -> int:
     if owed.copies:
         lines[2:2] = [
             f"{owed.copies} copies owed by journals in {journals}/ (completed "
-            "when a storage opens there); their staging objects are kept",
+            "when a storage opens there); the objects they copy from are kept",
             "",
         ]
     emit(args, document, lines)
     return EXIT_OK
 
 
-def _owed(journals: str) -> Owed:
-    """The copies owed by the journals in *journals* (none if it does not
-    exist); CommandError if it cannot be read: the staging objects they owe
-    would not be kept."""
+def _owed(journals: str, destination: str) -> Owed:
+    """The copies owed to *destination* by the journals in *journals* (none
+    if it does not exist); CommandError if it cannot be read: the objects
+    they read from would not be kept."""
     try:
-        return owed_copies(journals)
+        return owed_copies(journals, destination)
     except OSError as exc:
         raise CommandError(
             f"cannot read the pending-copy journals in {journals} "
