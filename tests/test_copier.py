@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,38 @@ def test_a_journal_that_cannot_be_removed_does_not_stop_the_copier(
         assert list(directory.glob("pending-*")) == [Path(journals[0].path)]
     finally:
         copier.close()
+
+
+@pytest.mark.s3_servers("moto")
+def test_close_spends_a_bounded_time_on_copies_s3_refuses(parts, monkeypatch):
+    """S3 refuses every copy (their sources exist), each attempt taking its
+    time: close tries the journals owed until CLOSE_DEADLINE has passed, then
+    releases the others for the next start, rather than trying each with the
+    full retry budget (minutes with S3 unreachable). Fails before the fix
+    (every journal was tried). A deadline of 0.05 s and attempts of 0.1 s
+    stand for the default's 30 s and a real attempt's retries."""
+    import zodb_s3blobs.copier as copier_module
+
+    store, layout, directory = parts
+    attempts = []
+
+    def refused(uploads, copies):
+        attempts.append(copies)
+        time.sleep(0.1)
+        raise OSError(errno.EIO, "refused")
+
+    monkeypatch.setattr(store, "transfer", refused)
+    monkeypatch.setattr(copier_module, "CLOSE_DEADLINE", 0.05)
+    copier = Copier(store, layout, lambda journal: None, lambda keys: None)
+    for n in range(3):
+        source = layout.staging_key()
+        store._client.put_object(Bucket=store.bucket, Key=source, Body=b"x")
+        (directory / str(n)).mkdir()
+        copy = PendingCopy(source, OID, "0000abcd", True)
+        # Owed at close, the copier's thread not started: only close tries.
+        copier._journals.append(journal_of(directory / str(n), copy))
+    copier.close()
+    assert len(attempts) == 1
+    assert copier.pending() == 0
+    for n in range(3):
+        assert len(list((directory / str(n)).glob("pending-*"))) == 1, "kept"

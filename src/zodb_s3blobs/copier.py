@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from ZODB.utils import oid_repr, tid_repr
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Retries of a copy wait up to this long (seconds).
 _MAX_RETRY_PAUSE = 60.0
+#: Seconds close() spends at most on copies still owed (then left for the
+#: next start: the journals are durable).
+CLOSE_DEADLINE = 30.0
 _FIRST_RETRY_PAUSE = 0.5
 
 
@@ -85,6 +89,10 @@ class Copier:
         for journal in self._abandoned():
             log.info("Completing the blob copies left in %s", journal.path)
             self.add(journal)
+
+    def _snapshot(self) -> list[Journal]:
+        with self._lock:
+            return list(self._journals)
 
     def pending(self) -> int:
         with self._lock:
@@ -191,17 +199,29 @@ class Copier:
         return True
 
     def close(self) -> None:
-        """Try what is owed once more, then stop; a journal left is
-        released for the next process that opens this cache directory."""
+        """Try what is owed once more, for at most :data:`CLOSE_DEADLINE`
+        seconds (a journal whose copies are running then goes on to its
+        end), then stop; a journal left is released for the next process that
+        opens this cache directory. With S3 unreachable, a shutdown waits for
+        one journal's attempt at most, not for every journal's."""
+        deadline = time.monotonic() + CLOSE_DEADLINE
         with self._lock:
             self._closing = True
             self._lock.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join()
-        with self._lock:
-            journals = list(self._journals)
-        self.complete(journals)
+            thread.join(CLOSE_DEADLINE)
+            if thread.is_alive():
+                log.error(
+                    "Blob copies still running after %gs at close: the "
+                    "journals not being copied are left for the next start",
+                    CLOSE_DEADLINE,
+                )
+                thread.join()  # the journal it copies: one attempt's bound
+        for journal in self._snapshot():
+            if time.monotonic() > deadline:
+                break
+            self.complete([journal])
         with self._lock:
             left, self._journals = self._journals, []
         for journal in left:
