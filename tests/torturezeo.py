@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +49,21 @@ class Owed:
         return (oid, tid) in self.revisions or oid in self.oids_without_tid
 
 
+def _journal_paths(directory: Path) -> Iterator[Path]:
+    """The journal files under *directory*: os.walk skips what vanishes
+    while it walks (another process evicting a cache), where a glob raises."""
+    for parent, _dirs, names in os.walk(directory):
+        if os.path.basename(parent) == JOURNAL_DIR:
+            for name in names:
+                if name.startswith(PREFIX) and name.endswith(SUFFIX):
+                    yield Path(parent, name)
+
+
 def owed(directory: Path) -> Owed:
     """Read (without locking: a live process holds its own) every journal in
     the cache directories under *directory*."""
     found = Owed()
-    for path in sorted(directory.glob(f"**/{JOURNAL_DIR}/{PREFIX}*{SUFFIX}")):
+    for path in sorted(_journal_paths(directory)):
         with contextlib.suppress(FileNotFoundError):  # completed meanwhile
             lines = path.read_bytes().splitlines()
         if not lines:
