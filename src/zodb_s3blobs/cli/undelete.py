@@ -81,7 +81,7 @@ def undelete(store: ObjectStore, key: str, report: Report, dry_run: bool) -> Non
             )
             continue
         if not dry_run:
-            store.restore_version(key, version)
+            store.restore_version(key, version, recorded)
         (report.restored if recorded else report.unchecked).append(key)
         return
     report.not_found.append(key)
