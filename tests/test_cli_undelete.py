@@ -26,10 +26,10 @@ def versioned(tmp_path):
     """CONFIG on a new versioned bucket with three current blobs and one
     old revision (history the base keeps); returns CONFIG, the bucket's
     name and ``key -> bytes`` of every revision."""
-    return _versioned(tmp_path, [100, 200, 300], 1)
+    return versioned_config(tmp_path, [100, 200, 300], 1)
 
 
-def _versioned(tmp_path, sizes: list[int], updates: int, extra: str = ""):
+def versioned_config(tmp_path, sizes: list[int], updates: int, extra: str = ""):
     """CONFIG (with *extra* keys) on a new versioned bucket holding blobs of
     *sizes*, the first *updates* of them rewritten once; the fixture's
     answer."""
@@ -112,7 +112,7 @@ def test_a_version_above_the_multipart_threshold_is_copied_in_parts(tmp_path):
     s3-multipart-threshold is copied in parts (UploadPartCopy of that
     version), with its CRC32 recorded. The threshold is lowered to 1 KB so
     that a small blob shows it; the default one is the same code path."""
-    config, bucket, revisions = _versioned(
+    config, bucket, revisions = versioned_config(
         tmp_path, [3000], 0, extra="s3-multipart-threshold 1KB"
     )
     client = s3env.server().client()
