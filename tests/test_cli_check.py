@@ -22,9 +22,14 @@ from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 
 import clitools
+import s3env
 from clitools import run, run_json
+from s3hooks import failing
 from test_cache_group import other_group
+from test_cli_undelete import versioned_config
+from zodb_s3blobs.cli.check import check_lifecycle
 from zodb_s3blobs.cli.localserver import REGION
+from zodb_s3blobs.cli.target import load_target
 
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
@@ -700,3 +705,57 @@ def test_an_unset_environment_variable_is_named(tmp_path, command):
         "export it before running this command (sudo drops the environment: "
         "sudo --preserve-env=ZODB_S3BLOBS_UNSET_SECRET)"
     ]
+
+
+def _lifecycle(report: dict) -> dict:
+    [check] = [c for c in report["checks"] if c["name"] == "lifecycle"]
+    return check
+
+
+def test_a_versioned_bucket_whose_old_versions_never_expire_is_a_warning(tmp_path):
+    """Versioning on and no rule expiring non-current versions: the warning
+    says what it costs and prints the rule; init --versioning adds it."""
+    config, bucket, _revisions = versioned_config(tmp_path, [100], 0)
+    root = clitools.layout(config).root
+    code, report = run_json("check", config)
+    detail = _lifecycle(report)["detail"]
+    assert code == 0 and _lifecycle(report)["status"] == "warning"
+    assert f"bucket '{bucket}' is versioned and no enabled lifecycle rule" in detail
+    assert "billed for ever, so pack frees nothing" in detail
+    assert f"zodb-s3blobs init --versioning {config}" in detail
+    assert '"NoncurrentVersionExpiration": {"NoncurrentDays": 30}' in detail
+    assert f'"Prefix": "{root}"' in detail
+
+    assert run("init", config, "--versioning").returncode == 0
+    code, report = run_json("check", config)
+    assert (code, _lifecycle(report)["status"]) == (0, "ok"), report
+
+
+def test_an_operator_s_rule_expiring_old_versions_is_enough(tmp_path):
+    """A rule of the operator's for the whole bucket expires the non-current
+    versions: no versioning warning (only the missing rules of ours)."""
+    config, bucket, _revisions = versioned_config(tmp_path, [100], 0)
+    rule = {
+        "ID": "site policy",
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": 90},
+    }
+    s3env.server().client().put_bucket_lifecycle_configuration(
+        Bucket=bucket, LifecycleConfiguration={"Rules": [rule]}
+    )
+    _code, report = run_json("check", config)
+    detail = _lifecycle(report)["detail"]
+    assert "lacks the recommended rules" in detail
+    assert "non-current versions" not in detail
+
+
+def test_versioning_that_may_not_be_read_is_not_checked(tmp_path):
+    """AccessDenied reading the versioning: that part is left out, as the
+    lifecycle is when it may not be read."""
+    config, _bucket, _revisions = versioned_config(tmp_path, [100], 0)
+    target = load_target(str(config))
+    with target.store() as store:
+        assert "non-current versions" in check_lifecycle(target, store).detail
+        with failing(store, "GetBucketVersioning"):
+            assert "non-current" not in check_lifecycle(target, store).detail

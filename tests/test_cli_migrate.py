@@ -17,6 +17,8 @@ import clitools
 import s3env
 from clitools import run, run_json
 from faultserver import Faults, Gate, faulty_s3
+from test_parent_prefix import site_copy, snapshot
+from zodb_s3blobs.objectstore import CHECKSUM_METADATA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -497,3 +499,75 @@ def test_a_blob_dir_named_through_a_symlink(tmp_path):
     assert code == 0, report
     assert report["uploaded"]["count"] == len(revisions)
     assert str(blob_dir) in report["source"]
+
+
+@pytest.mark.parametrize("other_bucket", [False, True], ids=["same", "other"])
+def test_from_s3_prefix_copies_what_the_copy_holds_then_the_parent_can_go(
+    tmp_path, other_bucket
+):
+    """A site copy's base holds the parent's revisions and one of its own:
+    --from-s3-prefix copies the parent's server-side into the copy's prefix
+    (CRC32 kept), skips what is there, never changes the parent; then the
+    copy reads every revision with the parent gone."""
+    bucket = f"zodb-s3blobs-parent-{tmp_path.name[-6:].lower()}".replace("_", "-")
+    parent, copy, revisions = site_copy(tmp_path, bucket if other_bucket else None)
+    parent_bucket = bucket if other_bucket else s3env.BUCKET
+    parent_prefix = clitools.prefix_of(parent)
+    own = clitools.commit_blobs(clitools.open_storage(copy), [300])
+    before = snapshot(parent_prefix, parent_bucket)
+    layout = clitools.layout(copy)
+
+    dry = run("migrate", copy, "--from-s3-prefix", parent_prefix, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    listed = {line.split()[0] for line in dry.stdout.splitlines() if line.strip()}
+    assert {layout.key(*ref) for ref in revisions} <= listed
+    assert set(clitools.s3_objects(copy)) == {layout.key(*ref) for ref in own}
+
+    code, report = run_json("migrate", copy, "--from-s3-prefix", parent_prefix)
+    assert code == 0, report
+    assert (
+        report["source"] == f"parent prefix s3://{parent_bucket}/{parent_prefix}/blobs/"
+    )
+    assert report["uploaded"]["count"] == len(revisions)
+    assert report["present"]["count"] == len(own)
+    for ref, data in revisions.items():
+        copied = (
+            s3env.server()
+            .client()
+            .get_object(Bucket=s3env.BUCKET, Key=layout.key(*ref))
+        )
+        assert copied["Body"].read() == data
+        assert copied["Metadata"][CHECKSUM_METADATA] == clitools.crc32(data)
+    code, again = run_json("migrate", copy, "--from-s3-prefix", parent_prefix)
+    assert (code, again["uploaded"]["count"]) == (0, 0)
+    assert again["present"]["count"] == len(revisions) + len(own)
+    assert snapshot(parent_prefix, parent_bucket) == before, "the parent is only read"
+
+    client = s3env.server().client()
+    for key in before:
+        client.delete_object(Bucket=parent_bucket, Key=key)
+    assert clitools.read_through(copy, {**revisions, **own}) == {**revisions, **own}
+
+
+def test_from_s3_prefix_names_a_revision_found_nowhere(tmp_path):
+    """A revision the copy's base holds that the parent lost: the others are
+    copied, it is named, and the run fails."""
+    parent, copy, revisions = site_copy(tmp_path)
+    parent_prefix = clitools.prefix_of(parent)
+    lost = sorted(revisions)[0]
+    lost_key = clitools.layout(parent).key(*lost)
+    s3env.server().client().delete_object(Bucket=s3env.BUCKET, Key=lost_key)
+    result = run("migrate", copy, "--from-s3-prefix", parent_prefix)
+    assert result.returncode == 1
+    assert f"skipped s3://{s3env.BUCKET}/{lost_key}: under neither" in result.stderr
+    assert "1 blob revision was skipped" in result.stderr
+    copied = clitools.s3_objects(copy)
+    layout = clitools.layout(copy)
+    assert set(copied) == {layout.key(*ref) for ref in revisions if ref != lost}
+
+
+def test_from_s3_prefix_refuses_the_copy_s_own_prefix(tmp_path):
+    _parent, copy, _revisions = site_copy(tmp_path)
+    result = run("migrate", copy, "--from-s3-prefix", clitools.prefix_of(copy))
+    assert result.returncode == 2
+    assert "--from-s3-prefix" in result.stderr and "itself" in result.stderr

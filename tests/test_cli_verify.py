@@ -18,6 +18,7 @@ from clitools import run, run_json
 from faultserver import Faults, Gate, faulty_s3
 from s3hooks import calling, error_response
 from test_downloads import PART, put_object, ranged_store
+from test_parent_prefix import site_copy
 from zodb_s3blobs.cli.checksums import Downloads, check_one
 from zodb_s3blobs.keys import hex_id
 
@@ -561,3 +562,25 @@ def test_a_state_file_resumes_against_blob_chunk_on_postgresql(postgresql, tmp_p
     code, again = run_json(*args)
     assert code == 0, again
     assert again["checksums"]["verified_earlier"] == first["checksums"]["checked"]
+
+
+def test_verify_says_when_the_parent_prefix_can_go(tmp_path):
+    """A site copy reading its parent's prefix: the parent can go only once
+    every revision its base holds is under the copy's own prefix, which
+    migrate --from-s3-prefix does."""
+    parent, copy, revisions = site_copy(tmp_path)
+    prefix = clitools.prefix_of(parent)
+    code, report = run_json("verify", copy, "--all-revisions")
+    assert code == 1
+    assert report["fallback_removable"] is False
+    assert report["fallback"]["key"] == f"fallback-s3-prefix {prefix}"
+    assert report["fallback"]["not_in_s3"] == len(revisions)
+    assert f"migrate --from-s3-prefix {prefix}" in report["fallback"]["reason"]
+
+    assert run("migrate", copy, "--from-s3-prefix", prefix).returncode == 0
+    code, report = run_json("verify", copy)
+    assert (code, report["fallback_removable"]) == (0, False)  # history unchecked
+    code, report = run_json("verify", copy, "--all-revisions")
+    assert (code, report["fallback_removable"]) == (0, True)
+    result = run("verify", copy, "--all-revisions")
+    assert f"Remove fallback-s3-prefix {prefix} from" in " ".join(result.stdout.split())

@@ -4,12 +4,14 @@ its prefix lacks from the parent's, and never changes the parent."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import ZODB
 import ZODB.config
 from ZODB.FileStorage import FileStorage
 
+import clitools
 import s3env
 from test_gc_retention import change_all, read_all
 from test_storage import commit_blobs
@@ -18,11 +20,12 @@ from zodb_s3blobs.errors import S3BlobStorageError
 pytestmark = pytest.mark.s3_servers("moto", "rgw")
 
 
-def snapshot(prefix: str) -> dict[str, tuple]:
-    """Every object under *prefix*: key -> (size, ETag, LastModified)."""
+def snapshot(prefix: str, bucket: str = s3env.BUCKET) -> dict[str, tuple]:
+    """Every object under *prefix* (of *bucket*): key -> (size, ETag,
+    LastModified)."""
     client = s3env.server().client()
     pages = client.get_paginator("list_objects_v2").paginate(
-        Bucket=s3env.BUCKET, Prefix=f"{prefix}/"
+        Bucket=bucket, Prefix=f"{prefix}/"
     )
     return {
         item["Key"]: (item["Size"], item["ETag"], item["LastModified"])
@@ -93,3 +96,32 @@ def test_the_keys_are_read_from_zope_conf(tmp_path):
     bad = text.replace("fallback-s3-prefix live/site", "fallback-s3-prefix /abs")
     with pytest.raises(Exception, match="fallback-s3-prefix"):
         ZODB.config.storageFromString(bad)
+
+
+def site_copy(tmp_path: Path, bucket: str | None = None):
+    """A parent site (CONFIG ``parent.conf``, in *bucket* or the session's)
+    with blobs and history, and a copy of it (CONFIG ``copy/s3.conf``): its
+    Data.fs copied, its own s3-prefix, reading the parent's through
+    fallback-s3-prefix. Returns both CONFIGs and ``(oid, tid) -> bytes`` of
+    every revision the parent wrote."""
+    parent_fs = tmp_path / "parent.fs"
+    parent = clitools.write_config(
+        tmp_path, clitools.filestorage(parent_fs), name="parent.conf"
+    )
+    extra = f"fallback-s3-prefix {clitools.prefix_of(parent)}"
+    if bucket is not None:
+        s3env.server().client().create_bucket(Bucket=bucket)
+        parent.write_text(
+            parent.read_text().replace(
+                f"bucket-name {s3env.BUCKET}", f"bucket-name {bucket}"
+            )
+        )
+        extra += f"\n  fallback-s3-bucket {bucket}"
+    revisions = clitools.commit_blobs(clitools.open_storage(parent), [100, 2000], 1)
+    (tmp_path / "copy").mkdir()
+    copy_fs = tmp_path / "copy" / "Data.fs"
+    shutil.copy(parent_fs, copy_fs)
+    copy = clitools.write_config(
+        tmp_path / "copy", clitools.filestorage(copy_fs), extra=extra
+    )
+    return parent, copy, revisions

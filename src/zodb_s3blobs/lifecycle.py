@@ -261,3 +261,26 @@ def plan(
         _threat_message(rule, reason, own_ids) for rule, reason in threats if reason
     ]
     return result
+
+
+def expires_noncurrent(rules: list[dict], layout: KeyLayout) -> bool:
+    """Whether an enabled rule among *rules*, whoever wrote it, expires the
+    non-current versions of every object under this database's blobs
+    folder (a rule filtering on tags or sizes covers only some)."""
+    for rule in rules:
+        found = _filter(rule)
+        if (
+            rule.get("Status") == "Enabled"
+            and rule.get("NoncurrentVersionExpiration")
+            and found is not None
+            and not any(name in found for name in _SIZE_FILTERS)
+            and layout.root.startswith(found["Prefix"])
+        ):
+            return True
+    return False
+
+
+def noncurrent_rule(layout: KeyLayout) -> dict:
+    """The rule ``zodb-s3blobs init --versioning`` writes for the blobs
+    folder, which expires its non-current versions."""
+    return recommended(layout, True)[1]

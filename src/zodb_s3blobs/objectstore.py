@@ -247,12 +247,17 @@ class ObjectInfo(NamedTuple):
 class Copy(NamedTuple):
     """A server-side copy of *source* to *key*. With *checksum* the copy
     records that CRC32 rather than keep the source's metadata; with *source*
-    known (*source_info*, from a HEAD made earlier) no HEAD is sent first."""
+    known (*source_info*, from a HEAD made earlier) no HEAD is sent first.
+    The source is in this store's bucket unless *source_bucket* names
+    another (a parent site's), and is its current version unless
+    *source_version* names one (undelete)."""
 
     source: str
     key: str
     checksum: str | None = None
     source_info: ObjectInfo | None = None
+    source_bucket: str | None = None
+    source_version: str | None = None
 
 
 class _Running:
@@ -595,7 +600,7 @@ class ObjectStore:
                 args["Metadata"] = {CHECKSUM_METADATA: copy.checksum}
                 args["MetadataDirective"] = "REPLACE"
             future = self._transfers.copy(
-                {"Bucket": self.bucket, "Key": copy.source},
+                self._copy_source(copy),
                 self.bucket,
                 copy.key,
                 extra_args=args,
@@ -618,9 +623,16 @@ class ObjectStore:
                     failures.append(failure)
         raise_first(failures, len(futures))
 
+    def _copy_source(self, copy: Copy) -> dict[str, str]:
+        """The CopySource of *copy*: bucket, key and perhaps version id."""
+        source = {"Bucket": copy.source_bucket or self.bucket, "Key": copy.source}
+        if copy.source_version is not None:
+            source["VersionId"] = copy.source_version
+        return source
+
     def _copied_info(self, copy: Copy) -> ObjectInfo:
         """What *copy* writes: its source's size, and the CRC32 it records."""
-        source = copy.source_info or self.stat(copy.source)
+        source = copy.source_info or self._head(self._copy_source(copy))
         if source is None:
             return ObjectInfo(-1, None)
         return ObjectInfo(source.size, copy.checksum or source.checksum)
@@ -996,9 +1008,14 @@ class ObjectStore:
     def stat(self, key: str, quick: bool = False) -> ObjectInfo | None:
         """The object's size and recorded CRC32, or None when it does not exist
         (HEAD); *quick* tries once, with the download timeouts."""
+        return self._head({"Bucket": self.bucket, "Key": key}, quick)
+
+    def _head(self, source: dict[str, str], quick: bool = False) -> ObjectInfo | None:
+        """:meth:`stat` of the object *source* names (bucket, key, version)."""
         client = self._reader if quick else self._client
+        key = source["Key"]
         try:
-            response = client.head_object(Bucket=self.bucket, Key=key, **self._get_args)
+            response = client.head_object(**source, **self._get_args)
         except (ClientError, BotoCoreError) as exc:
             error = self._error("HEAD", key, exc)
             if isinstance(error, ObjectNotFound):
@@ -1089,16 +1106,12 @@ class ObjectStore:
         recorded = (response.get("Metadata") or {}).get(CHECKSUM_METADATA)
         return (recorded.lower() if recorded else None), f"{crc:08x}"
 
-    def restore_version(self, key: str, version: str) -> None:
+    def restore_version(self, key: str, version: str, checksum: str | None) -> None:
         """Make *key*'s *version* its current object again: a server-side
-        copy, which keeps the version's metadata (its CRC32)."""
-        source = {"Bucket": self.bucket, "Key": key, "VersionId": version}
-        try:
-            self._client.copy_object(
-                Bucket=self.bucket, Key=key, CopySource=source, **self._copy_args
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("COPY version", key, exc) from exc
+        copy (in parts above the multipart threshold, so beyond CopyObject's
+        5 GB) recording *checksum*, or keeping the version's metadata when
+        it recorded none."""
+        self.transfer([], [Copy(key, key, checksum, source_version=version)])
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Yield ``(key, size)`` of every object under *prefix*."""

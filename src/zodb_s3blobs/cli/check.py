@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import json
 import os
 import stat
 import tempfile
@@ -194,8 +195,9 @@ def check_lifecycle(target: Target, store: ObjectStore) -> Check:
     """The lifecycle rules ``zodb-s3blobs init`` adds: missing ones, or ones
     changed by hand, are a warning (the collector does their work too), a
     rule (whoever wrote it) that would expire or archive blobs a failure;
-    credentials that may not read the configuration (the least-privilege
-    policy) leave it unchecked."""
+    so is a versioned bucket whose non-current blobs never expire (see
+    :func:`_versioning_warning`). Credentials that may not read the
+    configuration (the least-privilege policy) leave it unchecked."""
     from ..lifecycle import plan
 
     bucket = target.settings.bucket
@@ -227,10 +229,40 @@ def check_lifecycle(target: Target, store: ObjectStore) -> Check:
             "from what zodb-s3blobs init writes (changed by hand?): "
             f"zodb-s3blobs init --force {target.path} writes them again"
         )
+    versioning = _versioning_warning(target, store, rules)
+    if versioning is not None:
+        warnings.append(versioning)
     if warnings:
         return Check("lifecycle", "warning", "; ".join(warnings))
     names = ", ".join(repr(rule["ID"]) for rule in found.present)
     return Check("lifecycle", "ok", f"the recommended rules are set: {names}")
+
+
+def _versioning_warning(
+    target: Target, store: ObjectStore, rules: list[dict]
+) -> str | None:
+    """A warning when the bucket's versioning is Enabled and no enabled rule
+    expires the non-current versions of this database's blobs: every
+    object pack deletes stays, billed, for ever. None otherwise, and when
+    the credentials may not read the versioning."""
+    from ..lifecycle import expires_noncurrent, noncurrent_rule
+
+    try:
+        versioning = store.versioning()
+    except ObjectStoreError as exc:
+        if _code(exc) in ("AccessDenied", "403"):
+            return None
+        return f"cannot read the bucket's versioning: {exc}"
+    if versioning != "Enabled" or expires_noncurrent(rules, target.layout):
+        return None
+    rule = json.dumps(noncurrent_rule(target.layout), sort_keys=True)
+    return (
+        f"bucket {target.settings.bucket!r} is versioned and no enabled lifecycle "
+        f"rule expires non-current versions under {target.layout.root}: the "
+        "bytes of every blob pack or gc deletes stay billed for ever, so pack "
+        f"frees nothing; zodb-s3blobs init --versioning {target.path} adds the "
+        f"rule, or add it yourself: {rule}"
+    )
 
 
 def _existing_ancestor(path: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from .output import (
     table,
     use_progress_interval,
 )
+from .parentsource import ParentPrefixSource
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
 from .target import Target, load_target
 
@@ -42,9 +43,13 @@ Upload the blobs of an existing ZODB database to the keys CONFIG's
 <s3blobstorage> reads them from: from a blob directory (a FileStorage's
 blob-dir or a ZEO server's blob directory, bushy or lawn layout) with
 --from-blob-dir, or from the blob_chunk table of the RelStorage that is the
-base storage in CONFIG with --from-relstorage. Objects already in S3 with the
-same size are skipped, so running it again resumes an interrupted run and
-uploads only what is missing. Nothing is deleted.
+base storage in CONFIG with --from-relstorage. A copy of a site that reads
+its parent's prefix (fallback-s3-prefix) copies every blob revision its base
+storage holds from there into its own prefix with --from-s3-prefix PREFIX,
+server-side (in CONFIG's fallback-s3-bucket, or the same bucket); the parent
+is only read, and once verify says so it is no longer needed. Objects
+already in S3 with the same size are skipped, so running it again resumes an
+interrupted run and uploads only what is missing. Nothing is deleted.
 """
 
 
@@ -58,7 +63,14 @@ def register(
         description=DESCRIPTION,
     )
     add_operator_options(parser)
-    add_source_options(parser, required=True)
+    sources = add_source_options(parser, required=True)
+    sources.add_argument(
+        "--from-s3-prefix",
+        metavar="PREFIX",
+        help="the parent site's s3-prefix, which a copy of the site reads "
+        "through fallback-s3-prefix: copy server-side every revision its base "
+        "storage holds",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -69,8 +81,11 @@ def register(
     return parser
 
 
-def add_source_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    """Add the mutually exclusive --from-blob-dir and --from-relstorage."""
+def add_source_options(
+    parser: argparse.ArgumentParser, required: bool
+) -> argparse._MutuallyExclusiveGroup:
+    """Add the mutually exclusive --from-blob-dir and --from-relstorage, and
+    return their group."""
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(
         "--from-blob-dir",
@@ -83,21 +98,37 @@ def add_source_options(parser: argparse.ArgumentParser, required: bool) -> None:
         action="store_true",
         help="the blob_chunk table of the RelStorage base storage in CONFIG",
     )
+    return group
+
+
+#: What migrate reads from.
+Source = BlobDirSource | RelStorageSource | ParentPrefixSource
 
 
 @contextlib.contextmanager
 def open_source(
-    args: argparse.Namespace, target: Target, base: Any = None
-) -> Iterator[BlobDirSource | RelStorageSource]:
-    """The source the options name, closed on exit; --from-relstorage reads
-    *base* if given, else opens CONFIG's base storage for the purpose."""
+    args: argparse.Namespace,
+    target: Target,
+    base: Any = None,
+    store: ObjectStore | None = None,
+    existing: dict[str, int] | None = None,
+) -> Iterator[Source]:
+    """The source the options name, closed on exit; --from-relstorage and
+    --from-s3-prefix read *base* if given, else open CONFIG's base storage
+    for the purpose. --from-s3-prefix also needs *store* and its listing
+    *existing*."""
     if args.from_blob_dir is not None:
         yield BlobDirSource(args.from_blob_dir)
         return
     with contextlib.ExitStack() as stack:
         if base is None:
             base = stack.enter_context(target.base())
-        source = RelStorageSource(base)
+        prefix = getattr(args, "from_s3_prefix", None)
+        if prefix is not None:
+            assert store is not None and existing is not None
+            source: Source = ParentPrefixSource(prefix, target, base, store, existing)
+        else:
+            source = RelStorageSource(base)
         stack.callback(source.close)
         yield source
 
@@ -120,7 +151,7 @@ class Plan:
 
 
 def plan(
-    revisions: Iterator[BlobRevision], existing: dict[str, int], target: Target
+    revisions: Iterable[BlobRevision], existing: dict[str, int], target: Target
 ) -> Plan:
     """Sort the source's revisions into present (same size in S3) and to upload."""
     result = Plan()
@@ -155,9 +186,31 @@ def batches(
         yield batch
 
 
+def send(
+    source: Source,
+    store: ObjectStore,
+    batch: list[tuple[BlobRevision, str]],
+    replace: list[str],
+) -> list[tuple[BlobRevision, str]]:
+    """Upload (or copy server-side) one *batch*, writing over only the keys
+    in *replace*; return what was sent (a source may skip files it can no
+    longer open safely)."""
+    if isinstance(source, ParentPrefixSource):
+        store.transfer([], source.copies(batch), replace)
+        return batch
+    with source.files([revision for revision, _key in batch]) as paths:
+        sent = [
+            (path, revision, key)
+            for path, (revision, key) in zip(paths, batch, strict=True)
+            if path is not None
+        ]
+        store.transfer([(path, key) for path, _r, key in sent], [], replace)
+    return [(revision, key) for _path, revision, key in sent]
+
+
 def upload(
     todo: Plan,
-    source: BlobDirSource | RelStorageSource,
+    source: Source,
     store: ObjectStore,
     concurrency: int,
 ) -> tuple[int, int]:
@@ -169,25 +222,17 @@ def upload(
     with progress(todo.upload_bytes, "upload") as bar:
         for batch in batches(todo.uploads, BATCH_PER_SLOT * concurrency):
             try:
-                with source.files([revision for revision, _key in batch]) as paths:
-                    sent = [
-                        (path, revision, key)
-                        for path, (revision, key) in zip(paths, batch, strict=True)
-                        if path is not None
-                    ]
-                    # An object of another size (a partial upload, a stale
-                    # copy) is what migrate replaces; any other key in S3
-                    # by now holds the same bytes or stays.
-                    store.transfer(
-                        [(path, key) for path, _r, key in sent], [], todo.differing
-                    )
+                # An object of another size (a partial upload, a stale copy)
+                # is what migrate replaces; any other key in S3 by now holds
+                # the same bytes or stays.
+                sent = send(source, store, batch, todo.differing)
             except ObjectStoreError as exc:
                 raise CommandError(
                     f"{exc} (before this batch, {done} of {len(todo.uploads)} "
                     "uploads were done; run migrate again to resume)"
                 ) from exc
             done += len(sent)
-            done_bytes += sum(revision.size for _path, revision, _key in sent)
+            done_bytes += sum(revision.size for revision, _key in sent)
             bar.update(sum(revision.size for revision, _key in batch))
     return done, done_bytes
 
@@ -196,8 +241,10 @@ def run(args: argparse.Namespace) -> int:
     """Plan from one listing of S3, then upload (or with --dry-run list)."""
     use_progress_interval(args)
     target = load_target(args.config, args.db)
-    with open_source(args, target) as source, target.store() as store:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(target.store())
         existing = dict(store.list(target.layout.root))
+        source = stack.enter_context(open_source(args, target, None, store, existing))
         todo = plan(source.revisions(), existing, target)
         uploaded = (len(todo.uploads), todo.upload_bytes)
         if not args.dry_run:
@@ -228,11 +275,15 @@ def run(args: argparse.Namespace) -> int:
             lines += ["", f"{len(skipped)} skipped (named on stderr)"]
         emit(args, document, lines)
     if skipped:
-        entries = (
-            "entry of the blob directory was"
-            if len(skipped) == 1
-            else ("entries of the blob directory were")
-        )
+        one = len(skipped) == 1
+        if isinstance(source, ParentPrefixSource):
+            entries = "blob revision was" if one else "blob revisions were"
+        else:
+            entries = (
+                "entry of the blob directory was"
+                if one
+                else "entries of the blob directory were"
+            )
         problem(
             f"{len(skipped)} {entries} skipped (named above): the run is not complete"
         )

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import EXIT_FAILED, EXIT_OK, add_operator_options
+from .history import blob_revisions
 from .output import counter, emit, problem, table
 from .target import Target, load_target
-from .verify import blob_revisions
 
 if TYPE_CHECKING:
     from ..objectstore import ObjectStore
@@ -81,7 +81,7 @@ def undelete(store: ObjectStore, key: str, report: Report, dry_run: bool) -> Non
             )
             continue
         if not dry_run:
-            store.restore_version(key, version)
+            store.restore_version(key, version, recorded)
         (report.restored if recorded else report.unchecked).append(key)
         return
     report.not_found.append(key)

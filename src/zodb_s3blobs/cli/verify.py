@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from ZODB.blob import is_blob_record
+from typing import Any
 
 from ..cache import revision_path
 from ..keys import hex_id
@@ -36,10 +34,10 @@ from .checksums import (
     StateFile,
     check_all,
 )
+from .history import blob_revisions, counted, keeps_history
 from .migrate import add_source_options, open_source
 from .output import (
     add_progress_option,
-    counter,
     emit,
     problem,
     table,
@@ -47,8 +45,6 @@ from .output import (
 )
 from .sources import BlobDirSource, BlobRevision, RelStorageSource
 from .target import Target, load_target
-
-T = TypeVar("T")
 
 DESCRIPTION = """\
 Check that every blob revision the base storage in CONFIG holds has its
@@ -70,8 +66,9 @@ FILE each object checked is recorded in FILE as it is checked; a rerun with
 the same FILE skips those that passed, so an interrupted run resumes.
 
 With a fallback in CONFIG, the report says whether the fallback can be
-removed: every blob revision the base holds is in S3 (a history-preserving
-base needs --all-revisions to know) and nothing else is wrong.
+removed: every blob revision the base holds is in S3 (for a site copy's
+fallback-s3-prefix, under CONFIG's own prefix; a history-preserving base
+needs --all-revisions to know) and nothing else is wrong.
 
 The base storage is opened read-only; cache-dir is only read. On a terminal,
 progress bars count what was read.
@@ -133,44 +130,6 @@ def check_options(args: argparse.Namespace) -> None:
             "--download compares each object with its own recorded CRC32: "
             "leave out --from-blob-dir and --from-relstorage"
         )
-
-
-def keeps_history(base: Any) -> bool:
-    """Whether *base* may hold non-current revisions (only a history-free
-    RelStorage says it does not)."""
-    return bool(getattr(base, "keep_history", True))
-
-
-def blob_revisions(
-    base: Any, until: bytes, all_revisions: bool
-) -> list[tuple[bytes, bytes]]:
-    """``(oid, tid)`` of the blob revisions *base* holds up to tid *until*:
-    all of them, or only each object's current one (a progress bar counts
-    the transactions read, on a terminal)."""
-    current: dict[bytes, bytes] = {}
-    every: list[tuple[bytes, bytes]] = []
-    transactions = base.iterator(None, until)
-    try:
-        for transaction in _counted(transactions, "read base", "txn"):
-            for record in transaction:
-                if is_blob_record(record.data):
-                    current[record.oid] = record.tid
-                    every.append((record.oid, record.tid))
-                else:  # deleted, or no longer a blob
-                    current.pop(record.oid, None)
-    finally:
-        if hasattr(transactions, "close"):  # FileStorage's iterator holds a file
-            transactions.close()
-    return every if all_revisions else sorted(current.items())
-
-
-def _counted(items: Iterable[T], description: str, unit: str) -> Iterator[T]:
-    """*items*, each counted on a progress bar while it is worked on (shown
-    only on a terminal)."""
-    with counter(description, unit) as bar:
-        for item in items:
-            yield item
-            bar.update(1)
 
 
 @dataclass
@@ -305,7 +264,7 @@ def _compare_sizes(
     """--sizes: compare the listed sizes of the *present* revisions."""
     with _local_sizes(args, target, base) as (where, local_size):
         report.compared_with = where
-        for oid, tid in _counted(present, "compare sizes", "blobs"):
+        for oid, tid in counted(present, "compare sizes", "blobs"):
             size = local_size(oid, tid)
             if size is None:
                 continue
@@ -323,7 +282,7 @@ def verify(args: argparse.Namespace, target: Target) -> Report:
     report = Report()
     with target.base() as base, target.store() as store:
         until = base.lastTransaction()
-        existing = dict(_counted(store.list(target.layout.root), "list S3", "keys"))
+        existing = dict(counted(store.list(target.layout.root), "list S3", "keys"))
         revisions = blob_revisions(base, until, args.all_revisions)
         report.revisions = len(revisions)
         report.whole_history = args.all_revisions or not keeps_history(base)
@@ -343,16 +302,45 @@ def verify(args: argparse.Namespace, target: Target) -> Report:
     return report
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """CONFIG's fallback in words: the key(s) naming it, where the blobs
+    must be before it can go, and the command that puts them there."""
+
+    key: str
+    destination: str
+    migrate: str
+
+
+def configured(target: Target) -> Fallback | None:
+    """CONFIG's fallback (a blob directory, blob_chunk, or a parent prefix),
+    or None without one."""
+    config = target.section.config
+    prefix = getattr(config, "fallback_s3_prefix", None)
+    if prefix:
+        key = f"fallback-s3-prefix {prefix}"
+        bucket = getattr(config, "fallback_s3_bucket", None)
+        if bucket:
+            key += f" and fallback-s3-bucket {bucket}"
+        command = f"zodb-s3blobs migrate --from-s3-prefix {prefix}"
+        return Fallback(key, "this storage's own prefix", command)
+    fallback = configured_fallback(target)
+    if fallback is None:
+        return None
+    return Fallback(fallback_key(fallback), "S3", "zodb-s3blobs migrate")
+
+
 def fallback_verdict(target: Target, report: Report) -> dict | None:
     """Whether CONFIG's fallback can be removed, and if not why; None when
     CONFIG has none."""
-    fallback = configured_fallback(target)
+    fallback = configured(target)
     if fallback is None:
         return None
     if report.missing:
         reason = (
-            f"{len(report.missing)} blob revision(s) are not in S3 yet, only in "
-            "the fallback: run zodb-s3blobs migrate, then verify again"
+            f"{len(report.missing)} blob revision(s) are not in "
+            f"{fallback.destination} yet, only in the fallback: run "
+            f"{fallback.migrate}, then verify again"
         )
     elif not report.whole_history:
         reason = (
@@ -364,7 +352,7 @@ def fallback_verdict(target: Target, report: Report) -> dict | None:
     else:
         reason = None
     return {
-        "key": fallback_key(fallback),
+        "key": fallback.key,
         "removable": reason is None,
         "not_in_s3": len(report.missing),
         "reason": reason,
