@@ -454,14 +454,18 @@ def test_journals_of_another_database_sharing_the_cache_dir_are_left(site):
 
 
 def test_pack_and_gc_through_a_client(site):
-    """db.pack() from a client packs the server's FileStorage, then removes
-    the objects of the revisions it no longer holds (asked over ZEO)."""
+    """db.pack() from a client packs the server's FileStorage, then finds the
+    objects of the revisions it no longer holds (asked over ZEO) orphaned:
+    kept for gc-retention (the default, a week), deleted by a collection
+    with retention 0."""
     db = ZODB.DB(site.storage(site.directory / "cache"))
     try:
         revisions = [commit_blob(db, "p", payload()) for _ in range(3)]
         db.storage._shared.copier.close()
         assert len(bucket_keys(site.prefix)) == 3
         db.pack()
+        assert len(bucket_keys(site.prefix)) == 3
+        assert db.storage.collect_orphans(retention=0).deleted == 2
         oid, last = revisions[-1]
         assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
     finally:
@@ -538,7 +542,8 @@ def test_the_commands_take_a_client_configuration(own_site):
     for command in ("check", "verify"):
         result = clitools.run(command, config)
         assert result.returncode == 0, result.stdout + result.stderr
-    result = clitools.run("gc", config)
+    # --retention 0: deleted now (the default keeps them a week).
+    result = clitools.run("gc", config, "--retention", "0")
     assert result.returncode == 0, result.stdout + result.stderr
     oid, last = revisions[-1]
     assert bucket_keys(site.prefix) == [blob_key(site.prefix, oid, last)]
