@@ -4,6 +4,7 @@ of pending orphans survives a collection killed at any point."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import ZODB
+from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64
 
@@ -320,4 +322,64 @@ def test_incomplete_multipart_uploads_are_aborted_only_past_the_grace(
     assert (report.uploads_stale, report.uploads_aborted) == (2, 2)
     listed = client.list_multipart_uploads(Bucket=s3env.BUCKET, Prefix=layout.prefix)
     assert [upload["Key"] for upload in listed.get("Uploads", ())] == [foreign]
+    db.close()
+
+
+class _ModuleClock(_Clock):
+    """:class:`_Clock` standing in for a whole ``time`` module."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_a_record_older_than_a_restore_never_makes_an_orphan_due_early(
+    tmp_path, monkeypatch, s3_settings
+):
+    """Day 0 backup; day 1 an edit and a pack record the revision K as
+    orphaned; day 2 the day-0 backup is restored (K current again) and no
+    collection runs for a week; day 8 a backup; day 9 an edit and a pack.
+    The day-8 backup, restored on day 10, reads K. Fails before the fix: the
+    day-1 record made K due at once on day 9. One clock for the database's
+    transaction ids and the collector, days ahead, as on one host."""
+    import ZODB.BaseStorage
+
+    from zodb_s3blobs import S3BlobStorage
+
+    clock = _ModuleClock()
+    monkeypatch.setattr(gc, "time", clock)
+    monkeypatch.setattr(ZODB.BaseStorage, "time", clock)
+    data_fs = tmp_path / "Data.fs"
+
+    def opened():
+        return ZODB.DB(
+            S3BlobStorage(FileStorage(str(data_fs)), s3_settings, str(tmp_path / "c"))
+        )
+
+    def restore(backup):
+        for extension in ("", ".index", ".lock", ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{data_fs}{extension}")
+        shutil.copy(backup, data_fs)
+
+    db = opened()
+    with db.transaction() as conn:
+        conn.root()["x"] = Blob(b"K, committed on day 0")
+    shutil.copy(data_fs, tmp_path / "day0.fs")
+    clock.offset = DAY
+    change_all(db, ["x"])
+    db.pack(clock.time() + 1)
+    db.close()
+    clock.offset = 2 * DAY
+    restore(tmp_path / "day0.fs")
+    clock.offset = 8 * DAY
+    shutil.copy(data_fs, tmp_path / "day8.fs")
+    clock.offset = 9 * DAY
+    db = opened()
+    change_all(db, ["x"])
+    db.pack(clock.time() + 1)
+    db.close()
+    clock.offset = 10 * DAY
+    restore(tmp_path / "day8.fs")
+    db = opened()
+    assert read_all(db, ["x"]) == {"x": b"K, committed on day 0"}
     db.close()

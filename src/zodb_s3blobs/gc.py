@@ -44,10 +44,11 @@ on a history-free base. Safety rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from persistent.TimeStamp import TimeStamp
@@ -208,8 +209,21 @@ class _Orphans:
         self._previous = PreviousRecord(store, self._key) if retention > 0 else None
         self._record = NewRecord() if retention > 0 else None
 
-    def found(self, key: str, size: int, last_modified: float) -> None:
-        """*key* is an orphan: due now, or pending for the retention."""
+    def found(
+        self,
+        key: str,
+        size: int,
+        last_modified: float,
+        superseded: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """*key* is an orphan: due now, or pending for the retention.
+
+        The retention runs from the later of when a collection first found it
+        orphaned and *superseded*() (when its object's current revision was
+        committed, if the object still exists): a record written before a
+        restore brought the revision back, or by another database on the
+        same prefix, then never makes it due early, since an edit after the
+        restore supersedes it anew."""
         report = self._report
         if self._previous is None:
             report.orphans.append(key)
@@ -220,6 +234,8 @@ class _Orphans:
         if first is None:
             first = self._now
         self._record.add(Pending(key, first, modified, size))
+        if self._now - first >= self._retention:
+            first = max(first, superseded() or first)
         if self._now - first >= self._retention:
             report.orphans.append(key)
             report.orphan_bytes += size
@@ -237,6 +253,16 @@ class _Orphans:
         for part in (self._previous, self._record):
             if part is not None:
                 part.close()
+
+
+def _current_revision_time(view, oid: bytes) -> float | None:
+    """When the current revision of *oid* was committed, per *view*; None if
+    the object no longer exists."""
+    try:
+        _data, serial = view.load(oid)
+    except (POSKeyError, KeyError):
+        return None
+    return tid_time(serial)
 
 
 def collect_orphans(
@@ -298,7 +324,12 @@ def collect_orphans(
                 elif key in owed or revision_held(view, oid, tid):
                     report.kept += 1
                 else:
-                    orphans.found(key, size, last_modified)
+                    orphans.found(
+                        key,
+                        size,
+                        last_modified,
+                        functools.partial(_current_revision_time, view, oid),
+                    )
         _collect_staging(store, layout, report, now - grace, owed)
         _abort_stale_uploads(store, layout, report, now - grace, dry_run)
         if not dry_run:
