@@ -154,3 +154,19 @@ def test_the_record_names_no_secret(make_storage, tmp_path):
     other = writers.identity(type("Secret", (), {"getName": lambda s: "pw=hunter2"})())
     assert "hunter2" not in other[1]
     db.close()
+
+
+def test_a_zeo_clients_identity_does_not_change_with_its_connection():
+    """ClientStorage's name ends in its connection's state: a client opened
+    while disconnected must not count as another database (every other
+    client's pack would refuse). Fails before the fix."""
+    from zodb_s3blobs.writers import identity
+
+    class Client:
+        def __init__(self, state: str) -> None:
+            self.state = state
+
+        def getName(self) -> str:  # noqa: N802 -- ZODB's name
+            return f"('zeo', 8100) ({self.state})"
+
+    assert identity(Client("connected")) == identity(Client("disconnected"))

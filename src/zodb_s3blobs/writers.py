@@ -59,6 +59,9 @@ RECORD_INTERVAL = 3600.0
 RECENT = 24 * 3600.0
 #: An object's address in a repr: `` at 0x7f00deadbeef``.
 _ADDRESS = re.compile(r" at (?:0x)?[0-9a-fA-F]{6,}\b")
+#: ZEO's ClientStorage names itself with its connection's state, which
+#: changes while it runs: ``('zeo', 8100) (disconnected)``.
+_CONNECTION_STATE = re.compile(r" \((?:dis)?connected\)$")
 #: A record's name: the database's id and since when it writes there.
 _RECORD = re.compile(r"([0-9a-f]{16})-([0-9]{1,12})\.json")
 
@@ -73,9 +76,9 @@ def identity(base) -> tuple[str, str]:
     """The id (a hash) and a printable label of *base*'s database. Object
     addresses in the name (RelStorage's default name holds its adapter's,
     ``<PostgreSQLAdapter at 7f...``) differ from process to process and are
-    left out."""
+    left out, and so is a ZEO client's connection state."""
     kind = f"{type(base).__module__}.{type(base).__qualname__}"
-    name = _ADDRESS.sub("", str(base.getName()))
+    name = _CONNECTION_STATE.sub("", _ADDRESS.sub("", str(base.getName())))
     host = socket.gethostname()
     if isinstance(base, FileStorage):
         key, label = f"{kind}\0{name}\0{host}", f"FileStorage {name} on {host}"
