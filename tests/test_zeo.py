@@ -7,7 +7,6 @@ through the server, which keeps them in S3 and in its own cache-dir."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,10 @@ import ZEO
 import ZODB
 
 import s3env
-from deploy import blob_key, bucket_keys, console_script, payload
-from ports import HOST, free_port, wait_for_port
+from deploy import blob_key, bucket_keys, payload
+from ports import HOST
 from test_gc import blob_revisions
-from zeoserver import end_with_the_tests
+from zeoserver import runzeo
 
 
 @dataclass
@@ -39,30 +38,14 @@ class ZEOServer:
 
 @pytest.fixture
 def zeo_server(tmp_path) -> Iterator[ZEOServer]:
-    port = free_port()
     prefix = s3env.new_prefix()
     base = f"<filestorage>\n    path {tmp_path / 'Data.fs'}\n  </filestorage>"
-    config = tmp_path / "zeo.conf"
-    config.write_text(
-        f"<zeo>\n  address {HOST}:{port}\n</zeo>\n"
-        # gc-retention 0: the pack test checks what a pack deletes, at once.
-        + s3env.zconfig(
-            base, str(tmp_path / "server-cache"), prefix, extra="gc-retention 0"
-        )
+    # gc-retention 0: the pack test checks what a pack deletes, at once.
+    section = s3env.zconfig(
+        base, str(tmp_path / "server-cache"), prefix, extra="gc-retention 0"
     )
-    with open(tmp_path / "zeo.log", "w") as log:
-        server = subprocess.Popen(
-            [console_script("runzeo"), "-C", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=end_with_the_tests,
-        )
-    try:
-        wait_for_port(port, server)
+    with runzeo(tmp_path, section) as port:
         yield ZEOServer(port, prefix)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_commits_from_one_client_are_read_by_another(zeo_server, tmp_path):
