@@ -53,10 +53,13 @@ def zeoclient_storage(
     address: tuple[str, int], cache_dir: str, prefix: str, server: str | None = None
 ):
     """``<s3blobstorage><zeoclient>`` on the ZEO server at *address*, on the
-    S3 server of kind *server* (default: the active one)."""
+    S3 server of kind *server* (default: the active one). gc-retention 0:
+    ZODB's packing tests expect a packed revision's file gone at once."""
     host, port = address
     base = f"<zeoclient>\n    server {host}:{port}\n  </zeoclient>"
-    text = s3env.zconfig(base, cache_dir=cache_dir, prefix=prefix, server=server)
+    text = s3env.zconfig(
+        base, cache_dir=cache_dir, prefix=prefix, server=server, extra="gc-retention 0"
+    )
     return ZODB.config.storageFromString(text)
 
 

@@ -39,7 +39,7 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -331,3 +331,24 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def iterate_unmarked(transactions: Iterable) -> Iterator:
+    """*transactions* (a base's ``iterator()``) with :data:`COMMIT_MARKER`
+    left out of each extension: applications, and ZODB's conformance tests,
+    see the extension they committed."""
+    try:
+        for txn in transactions:
+            txn.extension.pop(COMMIT_MARKER, None)
+            yield txn
+    finally:
+        if hasattr(transactions, "close"):
+            transactions.close()
+
+
+def unmarked_log(entries: list[dict]) -> list[dict]:
+    """``undoLog``/``undoInfo`` *entries* (the extension merged into each)
+    without :data:`COMMIT_MARKER`."""
+    for entry in entries:
+        entry.pop(COMMIT_MARKER, None)
+    return entries
