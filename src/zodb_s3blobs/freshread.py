@@ -38,5 +38,9 @@ def download_fresh(store: ObjectStore, key: str, serial: bytes, out: BinaryIO) -
                 or time.monotonic() + pause > deadline
             ):
                 raise
-            log.debug("Waiting for %s, committed %s ago", key, serial)
+            log.debug(
+                "Waiting for %s, committed %.1fs ago",
+                key,
+                time.time() - tid_time(serial),
+            )
             time.sleep(pause)

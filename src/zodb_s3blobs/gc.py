@@ -159,15 +159,6 @@ def revision_held(view, oid: bytes, tid: bytes) -> bool:
     return state is not None
 
 
-def revision_held_now(base, oid: bytes, tid: bytes) -> bool:
-    """:func:`revision_held` as of *base*'s latest commit: for a reader that
-    found a revision's object gone, the question is whether a pack removed
-    the revision since its connection's snapshot (RelStorage's own
-    ``loadSerial`` would answer from its cache)."""
-    with current_view(base) as view:
-        return revision_held(view, oid, tid)
-
-
 @contextlib.contextmanager
 def current_view(base) -> Iterator:
     """*base* as of its latest commit: an IMVCCStorage through a new instance

@@ -580,7 +580,7 @@ class S3BlobStorage:
                 return download_fresh(self._store, key, serial, out)
             return self._store.download(key, out)
         except ObjectNotFound as exc:
-            if not gc.revision_held_now(self._base, oid, serial):
+            if not self._held_now(oid, serial):
                 # Packed away (with its object) since the caller loaded it:
                 # lazy loading defers the download, so a connection may hold a
                 # revision a pack has since removed. A conflict makes Zope
@@ -617,10 +617,12 @@ class S3BlobStorage:
             log.debug("Not uploading %s now: too many uploads wait", key)
 
     def _held_now(self, oid: bytes, serial: bytes) -> bool:
-        """:func:`gc.revision_held_now`, through one instance of an MVCC base
-        kept for these questions and polled each time, rather than a new one
-        (on RelStorage, a new database connection) per question: presigned
-        URLs are asked for by the page."""
+        """:func:`gc.revision_held` as of the base's latest commit (a pack may
+        have removed the revision since a connection's snapshot; RelStorage's
+        ``loadSerial`` would answer from its cache), through one instance of
+        an MVCC base kept for these questions and polled each time, rather
+        than a new one (on RelStorage, a new database connection) per
+        question: presigned URLs are asked for by the page."""
         shared = self._shared
         if not IMVCCStorage.providedBy(shared.base):
             return gc.revision_held(shared.base, oid, serial)
