@@ -328,7 +328,9 @@ class DelayLine:
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
-            writer.write(data)
+            # Counted before it is written: the reader may have the bytes (and
+            # read the counters) before this thread runs again.
             with self._counts_lock:
                 self._counts[direction] += len(data)
+            writer.write(data)
             await writer.drain()
