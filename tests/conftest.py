@@ -27,6 +27,16 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``-n``, ``--dist loadgroup``), every test on Ceph's
+    RGW runs in one worker, so that one Ceph cluster serves them all instead
+    of one per worker."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("s3_kind") == "rgw":
+            item.add_marker(pytest.mark.xdist_group("rgw"))
+
+
 def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("s3_servers")
     if marker is not None:
