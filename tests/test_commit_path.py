@@ -25,10 +25,9 @@ from deploy import payload, relstorage_section
 from s3hooks import calling, failing, holding, requests
 from test_storage import commit_blobs
 from zodb_s3blobs import ObjectStoreError, S3BlobStorage, gc, staging
-from zodb_s3blobs.errors import ChangedSource
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
 from zodb_s3blobs.keys import KeyLayout, hex_id
-from zodb_s3blobs.objectstore import CHECKSUM_METADATA, ObjectStore
+from zodb_s3blobs.objectstore import CHECKSUM_METADATA
 from zodb_s3blobs.settings import MiB, S3Settings
 
 #: Larger than the default s3-staged-copy-threshold (1MB).
@@ -574,24 +573,3 @@ def test_a_staged_copy_is_one_request_under_the_lock(make_relstorage):
         instance.release()
     ops = [op for op, _u in seen]
     assert ops == ["CopyObject"], ops
-
-
-def test_a_small_upload_records_the_crc32_of_the_bytes_it_sends(tmp_path):
-    """Small files go in one PUT of bytes read once; the CRC32 recorded is
-    theirs, and a caller's measured CRC32 that the file no longer has stops
-    the upload, naming the key and the file, before anything is sent."""
-    store = ObjectStore(s3env.settings())
-    try:
-        path = tmp_path / "blob"
-        path.write_bytes(b"original bytes")
-        key = f"{s3env.new_prefix()}/blobs/small.blob"
-        crc = store.upload(str(path), key)
-        assert crc == f"{zlib.crc32(b'original bytes'):08x}"
-        assert store.stat(key).checksum == crc
-        path.write_bytes(b"changed bytes")
-        other = f"{s3env.new_prefix()}/blobs/changed.blob"
-        with pytest.raises(ChangedSource, match=f"{other}.*{path}.*not uploaded"):
-            store.upload(str(path), other, crc=crc)
-        assert store.stat(other) is None
-    finally:
-        store.close()

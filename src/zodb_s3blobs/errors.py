@@ -41,8 +41,3 @@ class ObjectNotFound(ObjectStoreError):
 class ChecksumMismatch(ObjectStoreError):
     """A download's bytes do not match the CRC32 recorded at upload: the
     whole object arrived, and it is not what was stored."""
-
-
-class ChangedSource(ObjectStoreError):
-    """A file to upload no longer holds the bytes whose CRC32 was measured:
-    nothing was sent."""

@@ -52,7 +52,6 @@ from s3transfer.subscribers import BaseSubscriber
 from .conditional import WriteGuard, conflicted, refused_as_existing
 from .crc32combine import crc32_combine
 from .errors import (
-    ChangedSource,
     ChecksumMismatch,
     ObjectNotFound,
     ObjectStoreError,
@@ -76,12 +75,6 @@ T = TypeVar("T")
 
 #: How many uploads :meth:`ObjectStore.upload_soon` lets wait at most.
 SPARE_QUEUE = 200
-#: Files up to this size are uploaded by :meth:`ObjectStore.upload` in one
-#: PUT of their bytes, read once for the CRC32 and the request: for small
-#: blobs the transfer manager's queues and second read of the file cost as
-#: much as the request (about 10% of 64 PUTs of 256 KiB over a 10 ms round
-#: trip). Memory: at most this much per upload running.
-SMALL_PUT = 1 * MiB
 #: S3 accepts at most this many keys in one DeleteObjects request.
 DELETE_BATCH = 1000
 #: Object metadata holding the CRC32 of the blob, recorded at upload
@@ -686,27 +679,8 @@ class ObjectStore:
         )
 
     def _start_upload(self, manager, path: str, key: str, crc: str):
-        return manager.upload(path, self.bucket, key, extra_args=self._put_with(crc))
-
-    def _put_with(self, crc: str) -> dict[str, object]:
-        """The arguments of a PUT recording CRC32 *crc*."""
-        return {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
-
-    def _read_small(self, path: str, key: str, crc: str | None) -> tuple[bytes, str]:
-        """The bytes of the file at *path* (at most :data:`SMALL_PUT`), read
-        once for the PUT to *key*, and their CRC32, which the PUT records.
-        Where the caller measured one (*crc*), the bytes must still have it."""
-        with open(path, "rb") as f:
-            body = f.read()
-        measured = f"{zlib.crc32(body):08x}"
-        if crc is not None and crc != measured:
-            raise ChangedSource(
-                "upload",
-                self.url(key),
-                f"{path} changed after its CRC32 was measured ({crc}, now "
-                f"{measured}): not uploaded",
-            )
-        return body, measured
+        args = {**self._put_args, "Metadata": {CHECKSUM_METADATA: crc}}
+        return manager.upload(path, self.bucket, key, extra_args=args)
 
     def submit(self, job: Callable[..., T], *args, urgent: bool = False) -> Future[T]:
         """Run ``job(*args)`` in the background, at most ``max_concurrency``
@@ -778,23 +752,14 @@ class ObjectStore:
         running: _Running | None = None,
         crc: str | None = None,
     ) -> str:
-        """Upload and wait: a file of up to :data:`SMALL_PUT` bytes in one PUT
-        of its bytes, a larger one through *manager* (the transfer in
-        *running* meanwhile, if given). Return the CRC32 recorded (*crc*, if
-        the caller has measured it)."""
+        """Upload through *manager* and wait; return the CRC32 recorded (*crc*,
+        if the caller has measured it). The transfer is in *running*
+        meanwhile, if given."""
         try:
-            if os.path.getsize(path) <= SMALL_PUT:
-                body, crc = self._read_small(path, key, crc)
-                self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, **self._put_with(crc)
-                )
-            else:
-                crc = crc or file_crc32(path)
-                transfer = self._start_upload(manager, path, key, crc)
-                with running.holding(transfer) if running else contextlib.nullcontext():
-                    transfer.result()
-        except ChangedSource:
-            raise
+            crc = crc or file_crc32(path)
+            transfer = self._start_upload(manager, path, key, crc)
+            with running.holding(transfer) if running else contextlib.nullcontext():
+                transfer.result()
         except Exception as exc:
             failure = self._refusal(
                 "upload", key, exc, functools.partial(_file_info, path, crc)
