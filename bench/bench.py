@@ -34,12 +34,13 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -507,8 +508,11 @@ def ratio_row(
     note: str,
 ) -> Row:
     """A row comparing the best storage time with the best baseline time
-    (boto3's, unless the note says otherwise)."""
+    (boto3's, unless the note says otherwise); the note adds the ratio of
+    the medians, which a lucky round does not move."""
     best, baseline = min(storage), min(plain)
+    median = statistics.median(storage) / statistics.median(plain)
+    note = f"{note}; medians {median:.2f}"
     return Row(path, best, baseline, best / baseline, limit, note=note)
 
 
@@ -537,21 +541,23 @@ def commit_small(bench: Bench, wan: bool = False) -> Row:
     return ratio_row(COMMIT_SMALL + link.label, storage, plain, 1.1, note)
 
 
-def cold_read_small(bench: Bench) -> Row:
-    """Read every small blob through an empty cache vs GETs one after another."""
+def cold_read_small(bench: Bench, wan: bool = False) -> Row:
+    """Read every small blob that :func:`commit_small` committed through the
+    same line, through an empty cache, vs GETs one after another."""
     scale = bench.scale
-    keys = [bench.link.plain_key(f"small-0/{n}") for n in range(scale.blobs)]
+    link, repeats = link_and_repeats(bench, wan, scale.repeats)
+    keys = [link.plain_key(f"small-0/{n}") for n in range(scale.blobs)]
     storage, plain = [], []
-    with bench.database() as db:
-        for _attempt in range(scale.repeats):
+    with bench.database(link.name, link) as db:
+        for _attempt in range(repeats):
             seconds, read = cold_read(db, "small-0")
             check(read, bench.small, COLD_SMALL)
             storage.append(seconds)
-            seconds, read = measure(partial(bench.link.get_each, keys))
+            seconds, read = measure(partial(link.get_each, keys))
             check(read, bench.small, "GET")
             plain.append(seconds)
     note = f"{scale.blobs} x {human(scale.blob_size)}, one after another"
-    return ratio_row(COLD_SMALL, storage, plain, 1.1, note)
+    return ratio_row(COLD_SMALL + link.label, storage, plain, 1.1, note)
 
 
 def commit_large(bench: Bench, wan: bool = False) -> Row:
@@ -570,20 +576,23 @@ def commit_large(bench: Bench, wan: bool = False) -> Row:
     return ratio_row(COMMIT_LARGE + link.label, storage, plain, 1.1, note)
 
 
-def cold_read_large(bench: Bench) -> Row:
-    """Read the large blob through an empty cache vs one plain GET."""
+def cold_read_large(bench: Bench, wan: bool = False) -> Row:
+    """Read the large blob that :func:`commit_large` committed through the
+    same line, through an empty cache, vs one plain GET."""
     scale = bench.scale
+    link, repeats = link_and_repeats(bench, wan, scale.large_repeats)
     storage, plain = [], []
-    with bench.database() as db:
-        for _attempt in range(scale.large_repeats):
+    with bench.database(link.name, link) as db:
+        for _attempt in range(repeats):
             seconds, read = cold_read(db, "large-0")
             check(read, bench.large, COLD_LARGE)
             storage.append(seconds)
-            key = bench.link.plain_key("large-0")
-            seconds, data = measure(partial(bench.link.get, key))
+            key = link.plain_key("large-0")
+            seconds, data = measure(partial(link.get, key))
             check([data], bench.large, "GET")
             plain.append(seconds)
-    return ratio_row(COLD_LARGE, storage, plain, 1.2, human(scale.large_size))
+    note = human(scale.large_size)
+    return ratio_row(COLD_LARGE + link.label, storage, plain, 1.2, note)
 
 
 def unghost(bench: Bench) -> Row:
@@ -995,7 +1004,9 @@ STEPS: tuple[Callable[[Bench], Row | list[Row]], ...] = (
     eviction_check,
     install_fsync,
     partial(commit_small, wan=True),
+    partial(cold_read_small, wan=True),
     partial(commit_large, wan=True),
+    partial(cold_read_large, wan=True),
     partial(lock_ratio, wan=True),
     lock_ratio,
     staged_copy_threshold,
@@ -1007,15 +1018,22 @@ STEPS: tuple[Callable[[Bench], Row | list[Row]], ...] = (
 
 
 def step_name(step: Callable[[Bench], object]) -> str:
-    """A step's function name, marked when it runs through the capped line."""
+    """A step's function name, ending in ``_capped`` when it runs through the
+    capped line: what ``--only`` selects it by."""
     if isinstance(step, partial):
-        return step.func.__name__ + (" (capped)" if step.keywords.get("wan") else "")
+        return step.func.__name__ + ("_capped" if step.keywords.get("wan") else "")
     return getattr(step, "__name__", repr(step))
 
 
-def run(scale: Scale, delay: float, bandwidth: float) -> list[Row]:
+def run(
+    scale: Scale,
+    delay: float,
+    bandwidth: float,
+    only: Collection[str] = (),
+) -> list[Row]:
     """Start the server and the two delay lines (the second capped at
-    *bandwidth* bytes per second), run every step, clean up."""
+    *bandwidth* bytes per second), run every step (those named in *only*,
+    if any), clean up."""
     rows: list[Row] = []
     with (
         ranges_cost_their_size(),
@@ -1031,6 +1049,8 @@ def run(scale: Scale, delay: float, bandwidth: float) -> list[Row]:
         bench = Bench(server, (line, capped), workdir, scale)
         try:
             for step in STEPS:
+                if only and step_name(step) not in only:
+                    continue
                 seconds, result = measure(partial(step, bench))
                 print(f"{step_name(step)}: {seconds:.1f}s", file=sys.stderr, flush=True)
                 rows.extend(result if isinstance(result, list) else [result])
@@ -1096,7 +1116,7 @@ def print_table(rows: list[Row], scale: Scale, delay: float, megabits: float) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line's options: --quick, --delay and --bandwidth."""
+    """The command line's options: --quick, --delay, --bandwidth, --only."""
     parser = argparse.ArgumentParser(
         description="Benchmark S3BlobStorage against plain boto3 through a "
         "delay line to a local S3 server."
@@ -1119,6 +1139,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the capped line's bandwidth each way, in Mbit/s "
         f"(default {DEFAULT_MEGABITS:g})",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        choices=[step_name(step) for step in STEPS],
+        metavar="STEP",
+        help="run these steps only (a cold read reads what the commit step of "
+        "its line wrote: name both); one of: %(choices)s",
+    )
     args = parser.parse_args(argv)
     if args.delay < 0:
         parser.error("--delay must not be negative")
@@ -1134,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
     # The server's HTTP layer logs every request at INFO.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
-        rows = run(scale, args.delay, megabits(args.bandwidth))
+        rows = run(scale, args.delay, megabits(args.bandwidth), args.only)
     except Exception:
         traceback.print_exc()
         print("bench: failed", file=sys.stderr)

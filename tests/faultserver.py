@@ -71,6 +71,7 @@ class Faults:
     range_error_rate: float = 0.0  # answer a GET with a Range header 500
     reset_rate: float = 0.0  # drop the connection before answering
     cut_rate: float = 0.0  # send half the body, then drop the connection
+    corrupt_rate: float = 0.0  # answer a GET whole, one byte of its body flipped
     body_stall: float = 0.0  # seconds to wait after half the body
     stall: float = 0.0  # seconds to wait before answering
     refused_keys: set[str] = field(default_factory=set)  # answer 403
@@ -170,6 +171,13 @@ class FaultyApp:
         if faults.draw() < faults.cut_rate:
             faults.note(f"cut {method} {path}")
             return self._cut_off(environ, start_response)
+        if (
+            faults.corrupt_rate
+            and method == "GET"
+            and faults.draw() < faults.corrupt_rate
+        ):
+            faults.note(f"corrupted {method} {path} {environ.get('HTTP_RANGE', '')}")
+            return self._corrupted(environ, start_response)
         if faults.body_stall:
             faults.note(f"stalled the body of {method} {path}")
             return self._stall_body(environ, start_response)
@@ -217,6 +225,12 @@ class FaultyApp:
             raise ConnectionResetError("injected: connection dropped mid-body")
 
         return half_then_drop()
+
+    def _corrupted(self, environ, start_response):
+        body = bytearray(b"".join(self.app(environ, start_response)))
+        if body:
+            body[len(body) // 2] ^= 0xFF
+        return [bytes(body)]
 
     def _stall_body(self, environ, start_response):
         body = b"".join(self.app(environ, start_response))

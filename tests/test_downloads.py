@@ -14,7 +14,7 @@ import pytest
 
 import s3env
 from faultserver import Faults, faulty_s3
-from zodb_s3blobs.errors import ObjectStoreError
+from zodb_s3blobs.errors import ChecksumMismatch, ObjectStoreError
 from zodb_s3blobs.objectstore import CHECKSUM_METADATA, ObjectStore
 from zodb_s3blobs.settings import MiB
 
@@ -129,6 +129,71 @@ def test_a_retry_after_a_failed_range_writes_the_right_bytes(tmp_path):
         finally:
             store.close()
     assert sum(failing in note for note in faults.injected) == 1
+
+
+def test_a_ranged_download_checks_its_crc32_without_reading_the_file_back(tmp_path):
+    """Fails before the fix: after switching to parallel ranges, the download
+    read the whole file again to compute its CRC32 (a second pass over every
+    byte); now each range's CRC32 is computed as it streams and the results
+    combined. The file here is open for writing only, through a descriptor
+    (no name to open it again by): any read of it fails."""
+    data = os.urandom(3 * PART + 12_345)  # a last range of odd length
+    key = f"{s3env.new_prefix()}/blobs/ranged.blob"
+    put_object(key, data)
+    store = ranged_store(s3env.server().endpoint_url)
+    ranges = []
+    store.clients[1].meta.events.register(
+        "before-parameter-build.s3.GetObject",
+        lambda params, **kw: ranges.append(params.get("Range")),
+    )
+    target = tmp_path / "download"
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as out:
+            assert store.download(key, out) == len(data)
+    finally:
+        store.close()
+    assert len([r for r in ranges if r]) == 3  # the ranged path was taken
+    assert target.read_bytes() == data
+
+
+def corrupted_range_download(tmp_path, times: int) -> tuple[bytes, Faults, object]:
+    """Download an object of four parts through ranges, one range of which
+    the server corrupts (one byte flipped) the first *times* times; return
+    the object's bytes, the faults, and what the download returned or raised."""
+    data = os.urandom(3 * PART + 777)
+    key = f"{s3env.new_prefix()}/blobs/corrupted.blob"
+    put_object(key, data)
+    corrupted = f"bytes={2 * PART}-{3 * PART - 1}"
+    faults = Faults(corrupt_rate=1.0, when=one_range_fails(corrupted, 0.0, times))
+    with faulty_s3(faults) as server:
+        store = ranged_store(server.endpoint_url)
+        try:
+            with open(tmp_path / "download", "wb") as out:
+                try:
+                    result: object = store.download(key, out)
+                except ObjectStoreError as exc:
+                    result = exc
+        finally:
+            store.close()
+    assert any(corrupted in note for note in faults.injected)
+    return data, faults, result
+
+
+def test_a_corrupted_range_fails_the_checksum_and_is_fetched_again(tmp_path):
+    """One byte flipped in one range (the others intact) is caught by the
+    combined CRC32; the download starts again and gets the right bytes."""
+    data, faults, result = corrupted_range_download(tmp_path, times=1)
+    assert result == len(data)
+    assert (tmp_path / "download").read_bytes() == data
+    assert sum("corrupted" in note for note in faults.injected) == 1
+
+
+def test_a_range_corrupted_every_time_is_a_checksum_mismatch(tmp_path):
+    _data, _faults, result = corrupted_range_download(tmp_path, times=1_000)
+    assert isinstance(result, ChecksumMismatch)
+    assert "checksum mismatch" in str(result)
+    assert "corrupted.blob" in str(result)
 
 
 def blob_gets(method: str, path: str) -> bool:

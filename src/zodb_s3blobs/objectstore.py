@@ -50,6 +50,7 @@ from botocore.handlers import add_expect_header
 from s3transfer.subscribers import BaseSubscriber
 
 from .conditional import WriteGuard, conflicted, refused_as_existing
+from .crc32combine import crc32_combine
 from .errors import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -864,7 +865,9 @@ class ObjectStore:
         ``part_size`` and its first part arrived slower than :data:`FAST_STREAM`
         bytes a second (one connection is the bottleneck, as with S3 over a
         WAN), the stream is abandoned and the rest fetched in parallel ranges.
-        The bytes are checked against the CRC32 recorded at upload, if any."""
+        The bytes are checked against the CRC32 recorded at upload, if any,
+        computed as they stream (the ranges' combined): the file is not read
+        again."""
         try:
             response = self._reader.get_object(
                 Bucket=self.bucket, Key=key, **self._get_args
@@ -886,8 +889,8 @@ class ObjectStore:
                 else:
                     body.close()  # drops the connection; the parts are faster
                     out.flush()
-                    written += self._fetch_parts(key, out, written, size)
-                    crc = None
+                    more, crc = self._fetch_parts(key, out, written, size, crc)
+                    written += more
         finally:
             body.close()
         if written != size:
@@ -896,17 +899,14 @@ class ObjectStore:
             )
             self.metrics.failed(failure_cause(short))  # answered: not the hook's
             raise short
-        if expected is not None:
-            if crc is None:
-                crc = written_crc32(out)
-            if f"{crc:08x}" != expected.lower():
-                self.metrics.failed("checksum_mismatch")
-                raise ChecksumMismatch(
-                    "GET",
-                    self.url(key),
-                    f"checksum mismatch: CRC32 {crc:08x}, recorded {expected}",
-                    True,
-                )
+        if expected is not None and f"{crc:08x}" != expected.lower():
+            self.metrics.failed("checksum_mismatch")
+            raise ChecksumMismatch(
+                "GET",
+                self.url(key),
+                f"checksum mismatch: CRC32 {crc:08x}, recorded {expected}",
+                True,
+            )
         return size
 
     def _copy(
@@ -931,9 +931,14 @@ class ObjectStore:
             raise self._error("GET", key, exc) from exc
         return copied, crc
 
-    def _fetch_parts(self, key: str, out: BinaryIO, start: int, size: int) -> int:
+    def _fetch_parts(
+        self, key: str, out: BinaryIO, start: int, size: int, crc: int
+    ) -> tuple[int, int]:
         """Fetch bytes start..size-1 of *key* into *out* in ranged GETs of
-        part_size, in parallel; return how many bytes were written.
+        part_size, in parallel; return how many bytes were written, and *crc*
+        (that of bytes 0..start-1) continued over them: each range computes
+        its own while it streams, and they are combined in order, so the
+        file is never read again for the check.
 
         No worker outlives this call: on the first failure the queued ranges
         are cancelled, the running ones told to stop (between chunks), and all
@@ -965,16 +970,22 @@ class ObjectStore:
         for future in done:
             if future.exception() is not None:
                 raise future.exception()
-        return sum(future.result() for future in futures)
+        written = 0
+        for future in futures:
+            count, range_crc = future.result()
+            crc = crc32_combine(crc, range_crc, count)
+            written += count
+        return written, crc
 
     def _fetch_range(
         self, key: str, target: RawIOBase, start: int, end: int, stop: threading.Event
-    ) -> int:
+    ) -> tuple[int, int]:
         """GET bytes start..end-1 and write them at their offset in *target*;
-        return how many were written (fewer once *stop* is set)."""
+        return how many were written (fewer once *stop* is set) and their
+        CRC32."""
         if stop.is_set():
-            return 0
-        offset = start
+            return 0, 0
+        offset, crc = start, 0
         try:
             response = self._reader.get_object(
                 Bucket=self.bucket,
@@ -995,6 +1006,7 @@ class ObjectStore:
                             "the endpoint ignore Range headers?",
                         )
                     os.pwrite(target.fileno(), chunk, offset)
+                    crc = zlib.crc32(chunk, crc)
                     offset += len(chunk)
             except BotoCoreError as exc:
                 self.metrics.failed(failure_cause(exc))  # answered: not the hook's
@@ -1003,7 +1015,7 @@ class ObjectStore:
                 body.close()
         except (ClientError, BotoCoreError) as exc:
             raise self._error("GET", key, exc) from exc
-        return offset - start
+        return offset - start, crc
 
     def stat(self, key: str, quick: bool = False) -> ObjectInfo | None:
         """The object's size and recorded CRC32, or None when it does not exist
