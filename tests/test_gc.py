@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from s3hooks import requests
 from test_storage import keys, stage_one_blob
 from zodb_s3blobs import gc
 from zodb_s3blobs import storage as storage_module
+from zodb_s3blobs.errors import ObjectStoreError
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
 from zodb_s3blobs.journal import JOURNAL_DIR, Journal, PendingCopy
 
@@ -225,3 +227,47 @@ def test_pack_refuses_to_run_twice_at_once(make_storage):
     finally:
         storage._shared.pack_lock.release()
     assert os.path.isdir(storage.temporaryDirectory())
+
+
+def _collector_threads() -> list[str]:
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(("zodb-s3blobs-readahead", "zodb-s3blobs-delete"))
+    ]
+
+
+def test_a_listing_failure_stops_the_pipeline_after_judged_pages_only(
+    make_storage, tmp_path, monkeypatch
+):
+    """Pages of two keys (the default is S3's 1000: small pages show the
+    pipeline with few keys): the listing fails on its third page. The error
+    reaches the caller, no collector thread is left, and only keys of pages
+    judged before the failure may have been deleted."""
+    storage = make_storage(base=MappingStorage(), gc_retention=0)
+    db = ZODB.DB(storage)
+    blob_revisions(db, [b"live"])
+    f = tmp_path / "f"
+    f.write_bytes(b"orphan")
+    orphans = [storage._layout.key(p64(10_000 + n), p64(5)) for n in range(6)]
+    storage._store.transfer([(str(f), k) for k in orphans], [])
+    monkeypatch.setattr(gc, "PAGE", 2)
+    listing = storage._store.list_objects
+
+    def failing(prefix):
+        for n, item in enumerate(listing(prefix)):
+            if n == 4:
+                raise ObjectStoreError("LIST", prefix, "connection reset")
+            yield item
+
+    monkeypatch.setattr(storage._store, "list_objects", failing)
+    deleted = []
+    with pytest.raises(ObjectStoreError, match="connection reset"):
+        storage.collect_orphans(on_orphan=deleted.append)
+    assert _collector_threads() == []
+    assert set(deleted) <= set(orphans[:3])
+    monkeypatch.undo()
+    assert set(orphans[3:]) <= set(keys(storage)), "never judged, never deleted"
+    assert storage.collect_orphans(retention=0).deleted == 6 - len(deleted)
+    assert _collector_threads() == []
+    db.close()
