@@ -60,7 +60,8 @@ def test_dry_run_lists_and_deletes_nothing(bucket):
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0].endswith("(dry run: nothing deleted)")
-    assert lines[lines.index("Would delete:") + 1 :] == [f"  {keys['orphan'][0]}"]
+    listed = lines[lines.index("Would delete:") + 1 :]
+    assert listed[: listed.index("")] == [f"  {keys['orphan'][0]}"]
     assert clitools.s3_objects(config) == before
 
 
@@ -68,7 +69,7 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
     config, keys = bucket
     code, report = run_json("gc", config, *AT_ONCE)
     assert code == 0
-    assert report["orphans"] == keys["orphan"]
+    assert report["orphans"] == len(keys["orphan"])
     assert report["orphan_bytes"] == 5
     assert report["deleted"] == 1
     assert report["foreign"] == 2
@@ -79,7 +80,7 @@ def test_gc_deletes_orphans_and_leaves_foreign_keys_alone(bucket):
 
     code, again = run_json("gc", config, *AT_ONCE)
     assert code == 0
-    assert again["orphans"] == []
+    assert again["orphans"] == 0
 
 
 def test_gc_says_where_the_list_is_and_lists_with_list(bucket):
@@ -94,14 +95,15 @@ def test_gc_says_where_the_list_is_and_lists_with_list(bucket):
     result = run("gc", config, "--retention", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == (
-        "The keys deleted: run with --list, or see orphans in the --json document."
+        "The keys deleted: run with --list to list them."
     )
     orphan = clitools.layout(config).key(p64(0x997), p64(1))
     s3env.server().client().put_object(Bucket=s3env.BUCKET, Key=orphan, Body=b"1")
     result = run("gc", config, "--list", "--retention", "0")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[lines.index("Deleted:") + 1 :] == [f"  {orphan}"]
+    listed = lines[lines.index("Deleted:") + 1 :]
+    assert listed[: listed.index("")] == [f"  {orphan}"]
     assert orphan not in clitools.s3_objects(config)
 
 
@@ -111,7 +113,7 @@ def test_gc_keeps_orphans_for_the_configured_retention(bucket):
     code, report = run_json("gc", config)
     assert code == 0
     assert report["retention"] == 7 * 24 * 3600
-    assert (report["orphans"], report["deleted"]) == ([], 0)
+    assert (report["orphans"], report["deleted"]) == (0, 0)
     assert (report["pending"], report["pending_bytes"]) == (1, 5)
     assert set(keys["orphan"]) <= set(clitools.s3_objects(config))
     result = run("gc", config)

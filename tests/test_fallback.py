@@ -18,7 +18,8 @@ from ZODB.POSException import POSKeyError, ReadConflictError
 import clitools
 import s3env
 from s3hooks import failing, holding, requests
-from zodb_s3blobs import BlobReadError, gc
+from zodb_s3blobs import BlobReadError
+from zodb_s3blobs.revisions import revision_exists
 
 #: Blob sizes of the site before the switch: one empty, small ones, one in
 #: several parts.
@@ -361,7 +362,7 @@ def test_a_packed_revision_is_never_served_from_the_fallback(tmp_path):
         expected = {layout.key(*ref) for ref in revisions}
         eventually(lambda: set(clitools.s3_objects(config)) == expected)
         db.pack(time.time() + 1)
-        packed = [ref for ref in revisions if not gc.revision_exists(site._base, *ref)]
+        packed = [ref for ref in revisions if not revision_exists(site._base, *ref)]
         assert packed, "the pack removed the old revisions"
         site._cache.discard(*packed[0])
         with pytest.raises(ReadConflictError):

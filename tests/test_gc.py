@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from s3hooks import requests
 from test_storage import keys, stage_one_blob
 from zodb_s3blobs import gc
 from zodb_s3blobs import storage as storage_module
+from zodb_s3blobs.errors import ObjectStoreError
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
 from zodb_s3blobs.journal import JOURNAL_DIR, Journal, PendingCopy
 
@@ -81,7 +83,7 @@ def test_keys_of_a_transaction_still_voting_are_never_collected(make_storage):
     storage.tpc_vote(txn)
     (in_flight,) = storage._commit.attempted_keys
     report = storage.collect_orphans()
-    assert report.in_flight == 1 and report.orphans == []
+    assert report.in_flight == 1 and report.orphans == 0
     tid = storage.tpc_finish(txn)
     assert keys(storage) == [in_flight]
     with open(storage.loadBlob(oid, tid), "rb") as f:
@@ -104,7 +106,7 @@ def test_foreign_keys_are_left_alone(make_storage, tmp_path):
     f.write_bytes(b"not ours")
     storage._store.transfer([(str(f), k) for k in foreign], [])
     report = storage.collect_orphans()
-    assert report.foreign == 4 and report.orphans == []
+    assert report.foreign == 4 and report.orphans == 0
     listed = {k for k, _ in storage._store.list(root[: -len("blobs/")])}
     assert set(foreign) <= listed
     db.close()
@@ -151,9 +153,10 @@ def test_staging_objects_owed_by_any_journal_in_the_cache_dir_are_kept(
     before = {path: Path(path).read_bytes() for path in (live.path, dead.path)}
     try:
         monkeypatch.setattr(gc, "time", _TwoDaysLater)
-        report = storage.collect_orphans()
+        deleted = []
+        report = storage.collect_orphans(on_orphan=deleted.append)
         assert (report.staging, report.staging_expired) == (2, 1)
-        assert report.orphans == [unowed]
+        assert deleted == [unowed]
         left = {key for key, _size in storage._store.list(layout.staging_root)}
         assert left == {owed_live, owed_dead}
         for path, content in before.items():
@@ -200,7 +203,7 @@ def test_orphans_are_deleted_1000_keys_a_request(make_storage, tmp_path):
     orphans = [storage._layout.key(p64(10_000 + n), p64(5)) for n in range(2001)]
     storage._store.transfer([(str(f), k) for k in orphans], [])
     dry = storage.collect_orphans(dry_run=True)
-    assert len(dry.orphans) == 2001 and dry.deleted == 0
+    assert dry.orphans == 2001 and dry.deleted == 0
     assert len(keys(storage)) == 2002
     with requests(storage._store) as sent:
         report = storage.collect_orphans()
@@ -224,3 +227,47 @@ def test_pack_refuses_to_run_twice_at_once(make_storage):
     finally:
         storage._shared.pack_lock.release()
     assert os.path.isdir(storage.temporaryDirectory())
+
+
+def _collector_threads() -> list[str]:
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(("zodb-s3blobs-readahead", "zodb-s3blobs-delete"))
+    ]
+
+
+def test_a_listing_failure_stops_the_pipeline_after_judged_pages_only(
+    make_storage, tmp_path, monkeypatch
+):
+    """Pages of two keys (the default is S3's 1000: small pages show the
+    pipeline with few keys): the listing fails on its third page. The error
+    reaches the caller, no collector thread is left, and only keys of pages
+    judged before the failure may have been deleted."""
+    storage = make_storage(base=MappingStorage(), gc_retention=0)
+    db = ZODB.DB(storage)
+    blob_revisions(db, [b"live"])
+    f = tmp_path / "f"
+    f.write_bytes(b"orphan")
+    orphans = [storage._layout.key(p64(10_000 + n), p64(5)) for n in range(6)]
+    storage._store.transfer([(str(f), k) for k in orphans], [])
+    monkeypatch.setattr(gc, "PAGE", 2)
+    listing = storage._store.list_objects
+
+    def failing(prefix):
+        for n, item in enumerate(listing(prefix)):
+            if n == 4:
+                raise ObjectStoreError("LIST", prefix, "connection reset")
+            yield item
+
+    monkeypatch.setattr(storage._store, "list_objects", failing)
+    deleted = []
+    with pytest.raises(ObjectStoreError, match="connection reset"):
+        storage.collect_orphans(on_orphan=deleted.append)
+    assert _collector_threads() == []
+    assert set(deleted) <= set(orphans[:3])
+    monkeypatch.undo()
+    assert set(orphans[3:]) <= set(keys(storage)), "never judged, never deleted"
+    assert storage.collect_orphans(retention=0).deleted == 6 - len(deleted)
+    assert _collector_threads() == []
+    db.close()

@@ -142,9 +142,9 @@ from torturechild import (  # noqa: E402
 from tortureevictor import Evictor  # noqa: E402
 from zeoserver import runzeo, zeoclient_section  # noqa: E402
 from zodb_s3blobs.errors import S3BlobStorageError  # noqa: E402
-from zodb_s3blobs.gc import revision_exists  # noqa: E402
 from zodb_s3blobs.keys import KeyLayout  # noqa: E402
 from zodb_s3blobs.objectstore import FAST_STREAM as DEFAULT_FAST_STREAM  # noqa: E402
+from zodb_s3blobs.revisions import revision_exists  # noqa: E402
 from zodb_s3blobs.settings import MiB  # noqa: E402
 
 PART_SIZE = 5 * MiB

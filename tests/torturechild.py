@@ -35,7 +35,7 @@ from ZODB.POSException import ConflictError, POSError, POSKeyError
 
 from zodb_s3blobs import S3BlobStorage
 from zodb_s3blobs.errors import BlobReadError, ObjectStoreError, S3BlobStorageError
-from zodb_s3blobs.gc import current_view, revision_exists
+from zodb_s3blobs.revisions import current_view, revision_exists
 from zodb_s3blobs.settings import S3Settings
 
 #: How long a child holds a commit between vote and finish before giving up

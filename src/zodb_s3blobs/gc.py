@@ -39,34 +39,65 @@ on a history-free base. Safety rules:
   :mod:`zodb_s3blobs.writers`), nothing is judged nor deleted;
 - deletes go out in DeleteObjects batches of 1000 keys, and the cached copies
   of deleted revisions are dropped.
+
+How it scales. The collection is a pipeline whose memory does not grow with
+the bucket: one thread lists the next pages while the current one is judged
+(:mod:`zodb_s3blobs.readahead`); each page's revisions are asked of the base
+at once (:mod:`zodb_s3blobs.revisions`: one query a page on RelStorage, one
+walk of each object's records on FileStorage); the orphans due go out in
+DeleteObjects batches sent by a small pool while the listing goes on
+(:mod:`zodb_s3blobs.batchdelete`), and the report counts them (the keys go
+to the caller's ``on_orphan`` as S3 deletes them, never into a list). A
+batch is sent only with keys already judged, and an error of the listing or
+of the base stops the collection, waiting for the batches being sent and
+cancelling those not sent: what was deleted was an orphan. No thread outlives
+the collection.
+
+Concurrent commits. ``pack()`` first packs the base, whose ``pack`` returns
+having released its own locks (FileStorage's pack lock and commit lock,
+RelStorage's pack lock), and only then collects, holding no lock of the
+base: commits go on during the collection. They are safe by the in-flight
+rule above. ZODB's transaction ids increase strictly (``IStorage``:
+``lastTransaction`` is the id of the last committed transaction, and each
+new transaction's id is above it: FileStorage takes it under its commit lock
+in ``tpc_begin``, ``newTid(last)``; RelStorage under its database-wide
+commit lock at vote, ``max(clock, last + 1)``), and uploads of a transaction
+happen before its ``tpc_finish``; so every key a commit writes during the
+collection, or a transaction voting when it starts, has a tid above the last
+commit read at the start (from a snapshot polled then, on an MVCC base) and
+is in flight, untouched while young. A revision that a concurrent pack of
+the base removes after its page was judged is kept until the next
+collection (the base only ever loses revisions: a kept key is the safe
+error); one that a concurrent undo copies from is held by the base, hence
+kept.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from persistent.TimeStamp import TimeStamp
-from ZODB.interfaces import IMVCCStorage
-from ZODB.POSException import POSKeyError
-from ZODB.utils import u64
 
+from .batchdelete import BatchDeleter
 from .cache import BlobCache
 from .errors import ObjectStoreError, S3BlobStorageError
 from .keys import KeyLayout
 from .objectstore import ObjectStore
 from .pending import NewRecord, Pending, PreviousRecord, record_key, stamp
+from .readahead import ReadAhead
+from .revisions import Revisions, current_view, revisions_of
 from .writers import check as check_writers
 
 log = logging.getLogger(__name__)
 
 #: How many orphan keys an error message names.
 _KEYS_SHOWN = 5
+#: Keys judged together: a ListObjectsV2 page.
+PAGE = 1000
 #: Seconds an orphan's object is kept after it was first found orphaned
 #: (``gc-retention``): a week, so that last week's backup of the base
 #: storage, restored, still finds its blobs.
@@ -78,7 +109,8 @@ IN_FLIGHT_GRACE = 24 * 3600.0
 
 @dataclass
 class CollectionReport:
-    """What one collection saw and did."""
+    """What one collection saw and did: counts only, however many keys (the
+    keys themselves go to the caller's *on_orphan* as they are settled)."""
 
     scanned: int = 0
     kept: int = 0
@@ -86,16 +118,15 @@ class CollectionReport:
     #: Keys above the last commit, older than the grace period: orphans only
     #: when the collection is asked to delete them.
     stale_in_flight: int = 0
-    stale: list[str] = field(default_factory=list)
     #: Keys whose tid's timestamp is more than the grace period ahead of now.
     future: int = 0
     foreign: int = 0
     #: Staging objects younger than the grace period: left alone.
     staging: int = 0
-    #: Staging objects older than it: orphans (also in ``orphans``).
+    #: Staging objects older than it: orphans (also counted in ``orphans``).
     staging_expired: int = 0
     #: Orphans due for deletion (all of them without a retention).
-    orphans: list[str] = field(default_factory=list)
+    orphans: int = 0
     orphan_bytes: int = 0
     #: Incomplete multipart uploads to this storage's keys: younger than the
     #: grace period (may be running), and older (aborted unless a dry run).
@@ -113,13 +144,16 @@ class OrphansNotDeleted(S3BlobStorageError):
     """The collector found orphans but S3 refused (some of) their deletes; they
     stay until a later collection removes them."""
 
-    def __init__(self, report: CollectionReport, cause: ObjectStoreError) -> None:
+    def __init__(
+        self, report: CollectionReport, cause: ObjectStoreError, refused: list[str]
+    ) -> None:
         self.report = report
-        first = ", ".join(report.orphans[:_KEYS_SHOWN])
-        more = " ..." if len(report.orphans) > _KEYS_SHOWN else ""
+        first = ", ".join(refused[:_KEYS_SHOWN])
+        more = " ..." if len(refused) > _KEYS_SHOWN else ""
         super().__init__(
-            f"{len(report.orphans)} orphan(s) ({report.orphan_bytes} bytes) could "
-            f"not all be deleted: {cause}; first: {first}{more}"
+            f"{report.orphans - report.deleted} of {report.orphans} orphan(s) "
+            f"({report.orphan_bytes} bytes in all) could not be deleted: {cause}; "
+            f"the refused batch: {first}{more}"
         )
 
 
@@ -133,51 +167,66 @@ def check_retention(seconds: float) -> float:
     return float(seconds)
 
 
-def revision_exists(base, oid: bytes, tid: bytes) -> bool:
-    """Can *base* still load revision *tid* of *oid*? (ZODB's own pack rule.)"""
-    try:
-        base.loadSerial(oid, tid)
-    except (POSKeyError, KeyError):
-        return False
-    return True
-
-
-def revision_held(view, oid: bytes, tid: bytes) -> bool:
-    """:func:`revision_exists`, as the database itself answers it, for the
-    collector's :func:`current_view`. RelStorage 4's ``loadSerial`` answers
-    from its local cache first, even for a revision another process has
-    packed away (relstorage/storage/load.py), so a process whose connections
-    still viewed that revision would keep its object; its database is asked
-    instead, through the view's load connection, which sees the snapshot the
-    view polled (tested in tests/test_relstorage.py)."""
-    relstorage = sys.modules.get("relstorage.storage")
-    if relstorage is None or not isinstance(view, relstorage.RelStorage):
-        return revision_exists(view, oid, tid)
-    state = view._adapter.mover.load_revision(
-        view._load_connection.cursor, u64(oid), u64(tid)
-    )
-    return state is not None
-
-
-@contextlib.contextmanager
-def current_view(base) -> Iterator:
-    """*base* as of its latest commit: an IMVCCStorage through a new instance
-    polled now (released afterwards), so that ``lastTransaction`` and
-    ``loadSerial`` answer from one current snapshot; any other base as is."""
-    if not IMVCCStorage.providedBy(base):
-        yield base
-        return
-    view = base.new_instance()
-    try:
-        view.poll_invalidations()
-        yield view
-    finally:
-        view.release()
-
-
 def tid_time(tid: bytes) -> float:
     """The time (seconds since the epoch) ZODB's TimeStamp encodes in *tid*."""
     return TimeStamp(tid).timeTime()
+
+
+class _Due:
+    """Where the orphans due go: counted, then deleted in batches as they
+    come (listed to *on_orphan* once S3 deleted them, their cached copies
+    dropped) or, in a dry run, listed at once. A context manager: no delete
+    is still being sent once it is left."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: KeyLayout,
+        cache: BlobCache,
+        report: CollectionReport,
+        on_orphan: Callable[[str], None],
+        dry_run: bool,
+    ) -> None:
+        self._layout = layout
+        self._cache = cache
+        self._report = report
+        self._on_orphan = on_orphan
+        self._deleter = None if dry_run else BatchDeleter(store, self._deleted)
+
+    def __enter__(self) -> _Due:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._deleter is not None:
+            self._deleter.close()
+
+    def __call__(self, key: str, size: int) -> None:
+        self._report.orphans += 1
+        self._report.orphan_bytes += size
+        if self._deleter is None:
+            self._on_orphan(key)
+        else:
+            self._deleter.add(key, size)
+
+    def finish(self) -> None:
+        """Wait for the last deletes; OrphansNotDeleted if S3 refused any."""
+        if self._deleter is None:
+            return
+        try:
+            self._deleter.finish()
+        except ObjectStoreError as exc:
+            refused = self._deleter.failure[1]
+            raise OrphansNotDeleted(self._report, exc, refused) from exc
+
+    def _deleted(self, keys: list[str], size: int) -> None:
+        """S3 deleted *keys* (*size* bytes)."""
+        self._report.deleted += len(keys)
+        self._report.deleted_bytes += size
+        for key in keys:
+            revision = self._layout.parse(key)
+            if revision is not None:
+                self._cache.discard(*revision)
+            self._on_orphan(key)
 
 
 class _Orphans:
@@ -205,9 +254,10 @@ class _Orphans:
         key: str,
         size: int,
         last_modified: float,
+        due: Callable[[str, int], None],
         superseded: Callable[[], float | None] = lambda: None,
     ) -> None:
-        """*key* is an orphan: due now, or pending for the retention.
+        """*key* is an orphan: *due* now, or pending for the retention.
 
         The retention runs from the later of when a collection first found it
         orphaned and *superseded*() (when its object's current revision was
@@ -215,10 +265,8 @@ class _Orphans:
         restore brought the revision back, or by another database on the
         same prefix, then never makes it due early, since an edit after the
         restore supersedes it anew."""
-        report = self._report
         if self._previous is None:
-            report.orphans.append(key)
-            report.orphan_bytes += size
+            due(key, size)
             return
         modified = stamp(last_modified)
         first = self._previous.first_seen(key, modified)
@@ -228,14 +276,13 @@ class _Orphans:
         if self._now - first >= self._retention:
             first = max(first, superseded() or first)
         if self._now - first >= self._retention:
-            report.orphans.append(key)
-            report.orphan_bytes += size
+            due(key, size)
         else:
-            report.pending += 1
-            report.pending_bytes += size
+            self._report.pending += 1
+            self._report.pending_bytes += size
 
     def save(self, store: ObjectStore) -> None:
-        """Write the record of the orphans found, before any is deleted."""
+        """Write the record of the orphans found."""
         record = self._record
         if record is not None and (record.entries or self._previous.existed):
             record.save(store, self._key)
@@ -246,14 +293,67 @@ class _Orphans:
                 part.close()
 
 
-def _current_revision_time(view, oid: bytes) -> float | None:
-    """When the current revision of *oid* was committed, per *view*; None if
-    the object no longer exists."""
-    try:
-        _data, serial = view.load(oid)
-    except (POSKeyError, KeyError):
-        return None
-    return tid_time(serial)
+def _current_revision_time(revisions: Revisions, oid: bytes) -> float | None:
+    """When the current revision of *oid* was committed, per *revisions*;
+    None if the object no longer exists."""
+    serial = revisions.current(oid)
+    return None if serial is None else tid_time(serial)
+
+
+@dataclass
+class _Rules:
+    """What one collection judges listed keys by."""
+
+    layout: KeyLayout
+    report: CollectionReport
+    orphans: _Orphans
+    due: _Due
+    last_committed: bytes
+    now: float
+    grace: float
+    stale_in_flight: bool
+    owed: frozenset[str] | set[str]
+
+
+def _judge_page(rules: _Rules, revisions: Revisions, page: list) -> None:
+    """Judge one listing page: its revisions at or below the last commit
+    are asked of the base at once, then every orphan goes to the record
+    and the deletes in listing order (the record is a sorted stream)."""
+    report = rules.report
+    judged: list[tuple[tuple, tuple[bytes, bytes] | None]] = []
+    for item in page:
+        report.scanned += 1
+        parsed = rules.layout.parse(item[0])
+        if parsed is None:
+            report.foreign += 1
+        elif parsed[1] > rules.last_committed:
+            if tid_time(parsed[1]) > rules.now + rules.grace:
+                report.future += 1
+            if item[2] > rules.now - rules.grace:
+                report.in_flight += 1  # may be voting: never touched
+                continue
+            report.stale_in_flight += 1
+            if rules.stale_in_flight:
+                judged.append((item, None))
+        elif item[0] in rules.owed:
+            report.kept += 1
+        else:
+            judged.append((item, parsed))
+    held = revisions.held([revision for _, revision in judged if revision])
+    for (key, size, last_modified), revision in judged:
+        if revision is None:
+            rules.orphans.found(key, size, last_modified, rules.due)
+        elif revision in held:
+            report.kept += 1
+        else:
+            superseded = functools.partial(
+                _current_revision_time, revisions, revision[0]
+            )
+            rules.orphans.found(key, size, last_modified, rules.due, superseded)
+
+
+def _ignore(key: str) -> None:
+    """No one asked for the keys."""
 
 
 def collect_orphans(
@@ -266,11 +366,12 @@ def collect_orphans(
     stale_in_flight: bool = False,
     owed: frozenset[str] | set[str] = frozenset(),
     retention: float = 0.0,
+    on_orphan: Callable[[str], None] = _ignore,
 ) -> CollectionReport:
     """Find, and unless *dry_run* delete, objects no revision of *base* needs.
 
     A key above the last commit is in flight while S3 modified it within
-    *grace* seconds. After that it is stale: listed in the report, and an
+    *grace* seconds. After that it is stale: counted in the report, and an
     orphan only with *stale_in_flight* (the operator's explicit choice): run
     from an older copy of the database (a restored backup, a staging clone
     on the live prefix), the collector would otherwise delete every blob the
@@ -284,6 +385,9 @@ def collect_orphans(
     it is pending (see :mod:`zodb_s3blobs.pending`). Staging objects are no
     revision's and keep their own rule, the *grace*. With 0 every orphan is
     deleted at once and no record is read or written.
+
+    *on_orphan* is called with the key of each orphan once S3 deleted it
+    (in a dry run, as it is found), in the caller's thread.
     """
     report = CollectionReport()
     # Nothing is judged while another database writes under this prefix:
@@ -292,51 +396,31 @@ def collect_orphans(
     now = time.time()
     orphans = _Orphans(store, layout, report, retention, now)
     try:
-        with current_view(base) as view:
-            # Read before listing: anything committed later has a larger tid.
-            last_committed = view.lastTransaction()
-            for key, size, last_modified in store.list_objects(layout.root):
-                report.scanned += 1
-                parsed = layout.parse(key)
-                if parsed is None:
-                    report.foreign += 1
-                    continue
-                oid, tid = parsed
-                if tid > last_committed:
-                    if tid_time(tid) > now + grace:
-                        report.future += 1
-                    if last_modified > now - grace:
-                        report.in_flight += 1  # may be voting: never touched
-                        continue
-                    report.stale_in_flight += 1
-                    report.stale.append(key)
-                    if stale_in_flight:
-                        orphans.found(key, size, last_modified)
-                elif key in owed or revision_held(view, oid, tid):
-                    report.kept += 1
-                else:
-                    orphans.found(
-                        key,
-                        size,
-                        last_modified,
-                        functools.partial(_current_revision_time, view, oid),
-                    )
-        _collect_staging(store, layout, report, now - grace, owed)
-        _abort_stale_uploads(store, layout, report, now - grace, dry_run)
-        if not dry_run:
-            orphans.save(store)
+        with _Due(store, layout, cache, report, on_orphan, dry_run) as due:
+            with current_view(base) as view:
+                # Read before listing: anything committed later has a larger tid.
+                rules = _Rules(
+                    layout,
+                    report,
+                    orphans,
+                    due,
+                    view.lastTransaction(),
+                    now,
+                    grace,
+                    stale_in_flight,
+                    owed,
+                )
+                revisions = revisions_of(view)
+                with ReadAhead(store.list_objects(layout.root), PAGE) as pages:
+                    for page in pages:
+                        _judge_page(rules, revisions, page)
+            _collect_staging(store, layout, report, now - grace, owed, due)
+            _abort_stale_uploads(store, layout, report, now - grace, dry_run)
+            if not dry_run:
+                orphans.save(store)
+            due.finish()
     finally:
         orphans.close()
-    if not dry_run and report.orphans:
-        try:
-            report.deleted = store.delete(report.orphans)
-        except ObjectStoreError as exc:
-            raise OrphansNotDeleted(report, exc) from exc
-        report.deleted_bytes = report.orphan_bytes
-        for key in report.orphans:
-            revision = layout.parse(key)
-            if revision is not None:
-                cache.discard(*revision)
     log.info(
         "Orphan collection in %s: %d objects scanned, %d kept, %d in flight, "
         "%d foreign, %d staging, %d orphans (%d bytes, %d of them above the "
@@ -349,7 +433,7 @@ def collect_orphans(
         report.in_flight,
         report.foreign,
         report.staging,
-        len(report.orphans),
+        report.orphans,
         report.orphan_bytes,
         report.stale_in_flight,
         report.staging_expired,
@@ -393,10 +477,11 @@ def _collect_staging(
     report: CollectionReport,
     expired: float,
     owed: frozenset[str] | set[str],
+    due: Callable[[str, int], None],
 ) -> None:
     """Count the staging objects; those S3 last modified before *expired*
-    are orphans (no revision's: no retention applies), unless a copy is
-    still owed from them (*owed*)."""
+    are orphans, *due* at once (no revision's: no retention applies),
+    unless a copy is still owed from them (*owed*)."""
     for key, size, last_modified in store.list_objects(layout.staging_root):
         report.scanned += 1
         if not layout.is_staging_key(key):
@@ -405,5 +490,4 @@ def _collect_staging(
             report.staging += 1
         else:
             report.staging_expired += 1
-            report.orphans.append(key)
-            report.orphan_bytes += size
+            due(key, size)

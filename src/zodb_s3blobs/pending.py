@@ -13,11 +13,13 @@ memory, however many orphans are pending; the file costs about 30 bytes a
 pending orphan on local disk and in the bucket.
 
 Crash safety: the new record is written in one PUT (S3 replaces an object
-whole or not at all), after every key has been judged and before anything is
-deleted; a collection deletes only keys that the *previous* record already
-had as orphans for the retention, and that are orphans still. A collection
-killed at any point therefore leaves either the old record or the new one,
-and no key is deleted earlier than the retention. The new record lists
+whole or not at all), after every key has been judged; a collection deletes
+only keys that the *previous* record already had as orphans for the
+retention, and that are orphans still. Its deletes stream while it lists,
+so some may go out before the new record is written: the previous record
+then stays valid for every key still listed. A collection killed at any
+point therefore leaves either the old record or the new one, and no key is
+deleted earlier than the retention. The new record lists
 every orphan found, those due too: should their delete fail, the next
 collection deletes them without a new wait (keys deleted meanwhile are no
 longer listed, and leave the record at the next run). A key whose object

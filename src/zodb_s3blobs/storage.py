@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 from base64 import decodebytes
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ from ZODB.POSException import (
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr, tid_repr, z64
 
-from . import gc, unghost, writers
+from . import gc, revisions, unghost, writers
 from .cache import MIN_AGE, BlobCache
 from .copier import Copier
 from .errors import BlobReadError, ObjectNotFound, ObjectStoreError, S3BlobStorageError
@@ -617,7 +618,7 @@ class S3BlobStorage:
             log.debug("Not uploading %s now: too many uploads wait", key)
 
     def _held_now(self, oid: bytes, serial: bytes) -> bool:
-        """:func:`gc.revision_held` as of the base's latest commit (a pack may
+        """:func:`revisions.revision_held` as of the base's latest commit (a pack may
         have removed the revision since a connection's snapshot; RelStorage's
         ``loadSerial`` would answer from its cache), through one instance of
         an MVCC base kept for these questions and polled each time, rather
@@ -625,12 +626,12 @@ class S3BlobStorage:
         question: presigned URLs are asked for by the page."""
         shared = self._shared
         if not IMVCCStorage.providedBy(shared.base):
-            return gc.revision_held(shared.base, oid, serial)
+            return revisions.revision_held(shared.base, oid, serial)
         with shared.view_lock:
             if shared.view is None:
                 shared.view = shared.base.new_instance()
             shared.view.poll_invalidations()
-            return gc.revision_held(shared.view, oid, serial)
+            return revisions.revision_held(shared.view, oid, serial)
 
     def _release_view(self) -> None:
         shared = self._shared
@@ -1145,17 +1146,26 @@ class S3BlobStorage:
         dry_run: bool = False,
         stale_in_flight: bool = False,
         retention: float | None = None,
+        on_orphan: Callable[[str], None] | None = None,
     ) -> gc.CollectionReport:
         """Delete (or with *dry_run* only list) objects no revision needs
         that have been found orphaned for *retention* seconds (default
         ``gc-retention``); with *stale_in_flight* also keys above the last
         commit that are more than a day old (see
         :func:`zodb_s3blobs.gc.collect_orphans`; pack never deletes those).
-        The staging objects of every journal in this cache directory are
-        kept: this process's, and those of processes killed before their
-        copies were made."""
+        *on_orphan* is called with each orphan's key once deleted (in a dry
+        run, once found). The staging objects of every journal in this
+        cache directory are kept: this process's, and those of processes
+        killed before their copies were made."""
         if retention is None:
             retention = self._shared.gc_retention
+
+        def settled(key: str) -> None:
+            if not dry_run:  # no longer in S3
+                self._shared.in_s3.discard(self._layout.parse(key))
+            if on_orphan is not None:
+                on_orphan(key)
+
         report = None
         try:
             report = gc.collect_orphans(
@@ -1167,6 +1177,7 @@ class S3BlobStorage:
                 stale_in_flight=stale_in_flight,
                 owed=owed_copies(self._journal_dir(), self._destination()).keys,
                 retention=gc.check_retention(retention),
+                on_orphan=settled,
             )
         except gc.OrphansNotDeleted as exc:
             report = exc.report
@@ -1174,19 +1185,12 @@ class S3BlobStorage:
         finally:
             if report is not None:
                 self._shared.metrics.add(
-                    orphans_found=len(report.orphans),
+                    orphans_found=report.orphans,
                     orphans_deleted=report.deleted,
                     orphans_deleted_bytes=report.deleted_bytes,
                 )
                 self._shared.orphans_pending = (report.pending, report.pending_bytes)
-                if report.deleted:
-                    self._forget_deleted(report.orphans)
         return report
-
-    def _forget_deleted(self, keys: list[str]) -> None:
-        """Forget that the revisions of deleted *keys* were in S3."""
-        for key in keys:
-            self._shared.in_s3.discard(self._layout.parse(key))
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -23,7 +23,8 @@ from .target import Target, load_target
 DESCRIPTION = """\
 Delete the S3 objects that no blob revision of the base storage in CONFIG
 needs (what pack does after packing the base, without packing), or with
---dry-run only list them (--list lists those deleted). The rules are
+--dry-run only list them (--list lists those deleted, as they are deleted;
+with --json the document counts them). The rules are
 pack's: an object is kept while the base can load its revision; objects
 of transactions newer than the base's last commit (still being committed)
 and keys that are not of the [prefix/]blobs/OID/TID.blob layout are left
@@ -70,8 +71,8 @@ def register(
     parser.add_argument(
         "--list",
         action="store_true",
-        help="list the keys of the orphans deleted (a dry run always lists "
-        "those it would delete)",
+        help="list the keys of the orphans as they are deleted (a dry run "
+        "always lists those it would delete); not with --json",
     )
     parser.add_argument(
         "--retention",
@@ -127,8 +128,33 @@ class _CountingStore:
         return self._counted(self._store.list_objects(prefix))
 
 
+class _KeyLines:
+    """The orphans' keys printed as the collector settles them (deleted, or
+    found by a dry run), under a heading printed with the first: a
+    collection of millions of orphans never holds their keys."""
+
+    def __init__(self, heading: str) -> None:
+        self._heading = heading
+        self.printed = 0
+
+    def __call__(self, key: str) -> None:
+        if not self.printed:
+            print(f"\n{self._heading}")
+        self.printed += 1
+        print(f"  {key}", flush=True)
+
+
+def _no_key(key: str) -> None:
+    """Keys not asked for (or in a --json document: only counted)."""
+
+
 def run(args: argparse.Namespace) -> int:
     """Collect (or list) orphans and report the counts and bytes."""
+    if args.json and args.list:
+        raise CommandError(
+            "--list prints the keys as lines while they are deleted; with "
+            "--json the document counts them: drop one of the two"
+        )
     target = load_target(args.config, args.db)
     warning = target.cache_owner_warning()
     if warning:
@@ -145,6 +171,12 @@ def run(args: argparse.Namespace) -> int:
         # as the least recently used in time.
         mine = warning is None
         cache = target.existing_cache() if mine and not args.dry_run else None
+        on_orphan = _no_key
+        if not args.json:
+            for line in _heading(args, target, retention, owed, journals):
+                print(line)
+            if args.dry_run or args.list:
+                on_orphan = _KeyLines("Would delete:" if args.dry_run else "Deleted:")
         try:
             with counter("check keys", "keys") as bar:
                 report = collect_orphans(
@@ -156,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
                     stale_in_flight=args.stale_in_flight,
                     owed=owed.keys,
                     retention=retention,
+                    on_orphan=on_orphan,
                 )
         finally:
             if cache is not None:
@@ -169,14 +202,7 @@ def run(args: argparse.Namespace) -> int:
         "owed_copies": owed.copies,
         "owed_journals": owed.journals,
     }
-    lines = _lines(args, report, target, retention)
-    if owed.copies:
-        lines[2:2] = [
-            f"{owed.copies} copies owed by journals in {journals}/ (completed "
-            "when a storage opens there); the objects they copy from are kept",
-            "",
-        ]
-    emit(args, document, lines)
+    emit(args, document, _lines(args, report))
     return EXIT_OK
 
 
@@ -194,17 +220,31 @@ def _owed(journals: str, destination: str) -> Owed:
         ) from exc
 
 
-def _lines(
+def _heading(
     args: argparse.Namespace,
-    report: CollectionReport,
     target: Target,
     retention: float,
+    owed: Owed,
+    journals: str,
 ) -> list[str]:
-    """The human report: the collector's counts, and with --dry-run or
-    --list the keys (else where to find them)."""
-    title = "Orphans in" if args.dry_run else "Orphan collection in"
-    note = " (dry run: nothing deleted)" if args.dry_run else ""
-    lines = [f"{title} {target.url()}{note}", f"Retention: {retention:g} s", ""]
+    """The human report's first lines, printed before any key."""
+    if args.dry_run:
+        lines = [f"Orphans in {target.url()} (dry run: nothing deleted)"]
+    else:
+        lines = [f"Orphan collection in {target.url()}"]
+    lines.append(f"Retention: {retention:g} s")
+    if owed.copies:
+        lines.append(
+            f"{owed.copies} copies owed by journals in {journals}/ (completed "
+            "when a storage opens there); the objects they copy from are kept"
+        )
+    return lines
+
+
+def _lines(args: argparse.Namespace, report: CollectionReport) -> list[str]:
+    """The human report after the keys: the collector's counts (and where
+    to find the keys when they were not listed)."""
+    lines = [""]
     lines += table(
         ["objects", "count"],
         [
@@ -224,7 +264,7 @@ def _lines(
                 f"({human_size(report.pending_bytes)}, kept)",
                 report.pending,
             ],
-            [f"orphans ({human_size(report.orphan_bytes)})", len(report.orphans)],
+            [f"orphans ({human_size(report.orphan_bytes)})", report.orphans],
             [f"deleted ({human_size(report.deleted_bytes)})", report.deleted],
             [
                 "incomplete multipart uploads older than a day"
@@ -233,14 +273,6 @@ def _lines(
             ],
         ],
     )
-    if not report.orphans:
-        return lines
-    if args.dry_run or args.list:
-        heading = "Would delete:" if args.dry_run else "Deleted:"
-        lines += ["", heading, *(f"  {key}" for key in report.orphans)]
-    else:
-        lines += [
-            "",
-            "The keys deleted: run with --list, or see orphans in the --json document.",
-        ]
+    if report.deleted and not args.list:
+        lines += ["", "The keys deleted: run with --list to list them."]
     return lines
