@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import random
 import zlib
@@ -57,3 +59,21 @@ def test_lengths_past_the_table_of_powers():
 def test_negative_length_is_refused():
     with pytest.raises(ValueError, match="length2"):
         crc32_combine(0, 0, -1)
+
+
+def test_equals_libz_for_lengths_up_to_exabytes():
+    """The same answers as libz's own ``crc32_combine64`` (the library
+    Python's zlib module is built on), for lengths no test could hash:
+    a table of powers that was wrong the same way throughout would pass
+    the test above, not this one."""
+    libz = ctypes.CDLL(ctypes.util.find_library("z"))
+    libz.crc32_combine64.restype = ctypes.c_ulong
+    libz.crc32_combine64.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int64]
+    rng = random.Random(22)
+    lengths = [0, 1, (1 << 29), (1 << 32) - 1, 1 << 32, 5 << 30, 1 << 62]
+    lengths += [rng.randrange(1 << rng.randrange(1, 63)) for _ in range(2000)]
+    for length in lengths:
+        crc1, crc2 = rng.getrandbits(32), rng.getrandbits(32)
+        assert crc32_combine(crc1, crc2, length) == libz.crc32_combine64(
+            crc1, crc2, length
+        ), length

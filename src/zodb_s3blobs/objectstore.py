@@ -19,6 +19,7 @@ within the deadline (see :meth:`ObjectStore.download` for the exact bound).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -117,6 +118,19 @@ def file_crc32(path: str) -> str:
         while chunk := f.read(_DOWNLOAD_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of *data* at *offset*: ``pwrite`` may write less (a full
+    disk, a quota, a network file system), and the range's CRC32 covers
+    every byte of *data*, so a short write must not leave a hole it vouches
+    for."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[written:], offset + written
 
 
 def written_crc32(out: BinaryIO) -> int:
@@ -1005,7 +1019,7 @@ class ObjectStore:
                             f"asked for bytes {start}-{end - 1}, got more: does "
                             "the endpoint ignore Range headers?",
                         )
-                    os.pwrite(target.fileno(), chunk, offset)
+                    _pwrite_all(target.fileno(), chunk, offset)
                     crc = zlib.crc32(chunk, crc)
                     offset += len(chunk)
             except BotoCoreError as exc:
