@@ -6,21 +6,38 @@ Layout under the cache directory (mode 0o700)::
     locks/NN.lock             256 lock files, striped by (oid, tid)
     locks/NN.use              hits (shared) against removals (exclusive)
     locks/evict.lock          held by whichever process is evicting
-    locks/total               the total size of the cached files
+    locks/index.sqlite        the index of the cached files (cacheindex)
     <xx>/<oid_hex>/<tid_hex>.blob
 
-Files appear atomically (written under ``tmp/``, flushed to disk, then
-renamed into place) and are read-only (0o400), so a reader never sees a
-partial file, even after a power loss, and an accidental
-``open(blob.committed(), "w")`` fails instead of truncating the cached copy.
-Each file records its size at install; a hit on a file whose size differs is
-not served. Downloads and deletions of one blob hold that blob's stripe lock
-(``flock``, which also excludes other threads of this process), so two
-loaders never race and eviction never removes a file half-installed; no
-thread takes a lock it holds. ``locks/total`` counts every process's files,
-so ``cache-size`` bounds the directory: an install over it starts a check in
-a daemon thread, which evicts least-recently-used files down to 90% of the
-size limit; only one process evicts at a time.
+Files appear atomically (written under ``tmp/``, then renamed into place)
+and are read-only (0o400), so a reader never sees a partial file, and an
+accidental ``open(blob.committed(), "w")`` fails instead of truncating the
+cached copy. Each file records its size at install; a hit on a file whose
+size differs is not served. Downloads and deletions of one blob hold that
+blob's stripe lock (``flock``, which also excludes other threads of this
+process), so two loaders never race and eviction never removes a file
+half-installed; no thread takes a lock it holds.
+
+The index, one SQLite database shared by every process using the directory
+(:mod:`.cacheindex`), has a row per file and their exact total: a row is
+written before its file is renamed into place, and deleted after its file
+is removed, so it always covers the files (a crash leaves at most rows
+without files, which eviction drops). Hits never read it. An install over
+``cache-size`` starts a check in the cache's background thread, which
+evicts least-recently-used files down to 90% of the size limit, oldest rows
+first, keeping (and moving the row of) any file used since its row was
+written, by the file's own times; only one process evicts at a time. The
+index outlives the processes: none walks the directory at start. A missing
+index (an earlier version's cache) or a damaged one is rebuilt from the
+files by a walk in the background thread.
+
+Nothing is flushed on the path of a read or a commit: the background
+thread flushes (``fsync``) installed files a few seconds later, in batches,
+and marks their rows durable. The index records the machine's boot id;
+the first process to open the cache after a restart (a power loss may have
+left unflushed files empty or zero-filled under their final names) removes,
+before serving any hit, every file whose row is not durable and every file
+without a row (whose row a power loss rolled back).
 
 With ``cache-group``, the cache directory and its ``<xx>/`` and oid
 directories are 0o750 and the files 0o440, all of that group, so that a
@@ -33,8 +50,9 @@ The directory is trusted only if this user alone can write it: at open, the
 cache directory, ``tmp/`` and ``locks/`` must be real directories (no
 symlinks) owned by the effective user and not writable by group or others,
 or the cache refuses to open; the ``<xx>/`` and oid directories are checked
-when a file is installed into them, and skipped by the scan otherwise. Lock,
-ledger and temp files are opened with ``O_NOFOLLOW``, and a hit serves only a
+when a file is installed into them, and skipped by a walk otherwise. Lock
+and temp files are opened with ``O_NOFOLLOW`` (the index is refused unless a
+regular file of this user), and a hit serves only a
 regular file of this user (the ``lstat`` it costs replaces the ``stat`` it
 made anyway), so another local user cannot substitute a cached blob.
 """
@@ -250,7 +268,7 @@ def _subdirectories(directory: str) -> list[os.DirEntry]:
 
 
 def _trusted_entry(entry: os.DirEntry) -> bool:
-    """Whether a directory met by the scan is only this user's to write; one
+    """Whether a directory met by a walk is only this user's to write; one
     that is not is skipped, with a warning (its files are not indexed, and
     installs into it are refused)."""
     try:
