@@ -306,8 +306,8 @@ def test_the_size_limit_holds_for_a_directory_shared_by_processes(tmp_path):
     )
     assert total <= limit, f"the limit holds for the directory, not {total}"
     cache = BlobCache(str(shared), limit)
-    cache.close()  # its scan rewrites the ledger; nothing else runs now
-    assert cache.recorded_bytes() == total, "a quiet scan makes the ledger exact"
+    cache.close()  # nothing else runs now
+    assert cache.recorded_bytes() == total, "the shared index is exact"
 
 
 def name_is_blob(parent, shared) -> bool:
