@@ -220,8 +220,13 @@ def test_two_processes_share_one_cache_dir(make_storage, tmp_path):
         assert stat.S_IMODE(st.st_mode) == 0o400
 
 
-def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
-    """min_age 0: the files are all new."""
+def test_the_index_survives_a_restart_and_checks_use_it_not_a_walk(
+    tmp_path, monkeypatch
+):
+    """The directory's index is kept across restarts: a process opening the
+    cache of a previous run, and its eviction checks, walk nothing. Fails
+    before the fix: each process built an index of its own by a walk at open
+    (and after each cache-size of loads). min_age 0: the files are all new."""
     earlier = BlobCache(str(tmp_path), 1 << 30)  # e.g. a previous run
     for oid in range(40):
         earlier.fetch(p64(oid), p64(1), writer(b"x" * 2_000))
@@ -230,28 +235,29 @@ def test_eviction_checks_use_the_index_not_a_walk(tmp_path, monkeypatch):
     monkeypatch.setattr(
         BlobCache, "_walk", lambda self: walks.append(1) or real_walk(self)
     )
+    earlier.close()
     cache = BlobCache(str(tmp_path), 100_000, min_age=0)
     cache.evict()
-    assert len(walks) == 1, "the first check builds the index: one walk"
+    assert cache.recorded_bytes() == 80_000
+    assert walks == [], "the index of the previous run is used"
     for oid in range(40, 50):
         cache.fetch(p64(oid), p64(1), writer(b"x" * 3_000))
         cache.close()  # let each check it starts finish
     cache.evict()
-    assert len(walks) == 1, "later checks use the index"
+    assert walks == [], "checks use the index"
     assert cached_bytes(cache) <= 100_000
     assert cache.lookup(p64(49), p64(1)) is not None
     assert cache.lookup(p64(0), p64(1)) is None, "least recently used went"
 
 
-def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
+def test_the_index_counts_other_processes_files_at_once(tmp_path):
     """min_age 0: the files are all new."""
     mine = BlobCache(str(tmp_path), 50_000, min_age=0)
     mine.close()  # its index is built, from an empty directory
     other = BlobCache(str(tmp_path), 1 << 30)  # another process, never evicting
     for oid in range(2, 10):
         other.fetch(p64(oid), p64(1), writer(b"o" * 10_000))
-    # mine does not know those files; loading a cache-size of bytes makes its
-    # next check rescan and count them.
+    # The index both share counts those files: mine's installs start checks.
     for oid in range(10, 15):
         mine.fetch(p64(oid), p64(1), writer(b"m" * 10_000))
         mine.close()
@@ -260,10 +266,13 @@ def test_the_index_learns_other_processes_files_by_rescanning(tmp_path):
 
 
 def test_files_installed_while_the_index_is_rebuilt_are_counted(tmp_path, monkeypatch):
-    """min_age 0: both files are new, and the check must be free to evict."""
+    """An index missing (an earlier version's cache) is rebuilt by a walk; a
+    file installed during the walk is counted all the same. min_age 0: both
+    files are new, and the check must be free to evict."""
     earlier = BlobCache(str(tmp_path), 1 << 30)  # e.g. a previous run
     earlier.fetch(p64(1), p64(1), writer(b"x" * 10_000))
     earlier.close()
+    os.remove(tmp_path / "locks" / "index.sqlite")
     real_walk = BlobCache._walk
 
     def walk_while_another_thread_installs(self):

@@ -414,20 +414,34 @@ def test_a_symlink_in_place_of_a_cached_blob_is_not_served(tmp_path):
     cache.close()
 
 
-@pytest.mark.parametrize("which", ["stripe", "ledger"])
-def test_lock_and_ledger_files_are_not_opened_through_symlinks(which, tmp_path):
+def test_lock_files_are_not_opened_through_symlinks(tmp_path):
     """Fails before the fix: os.open(O_CREAT) followed a symlink in locks/,
-    creating (and, for the ledger, writing) the file it pointed to."""
+    creating the file it pointed to."""
     cache = BlobCache(str(tmp_path / "cache"), 1 << 20)
     cache.close()
     oid, tid = p64(1), p64(2)
-    name = cache._lock_path(oid, tid) if which == "stripe" else cache._ledger.path
+    name = cache._lock_path(oid, tid)
     with_target = tmp_path / "victim"
     if os.path.lexists(name):
         os.remove(name)
     os.symlink(with_target, name)
     with pytest.raises(OSError):
         cache.fetch(oid, tid, writer(b"content"))
+    assert not with_target.exists()
+
+
+def test_the_index_is_not_opened_through_a_symlink(tmp_path):
+    """SQLite follows symlinks: a link planted at locks/index.sqlite is
+    refused, naming it, and its target neither created nor written."""
+    directory = tmp_path / "cache"
+    BlobCache(str(directory), 1 << 20).close()
+    index = directory / "locks" / "index.sqlite"
+    for name in directory.glob("locks/index.sqlite*"):
+        name.unlink()
+    with_target = tmp_path / "victim"
+    os.symlink(with_target, index)
+    with pytest.raises(S3BlobStorageError, match=str(index)):
+        BlobCache(str(directory), 1 << 20)
     assert not with_target.exists()
 
 

@@ -6,21 +6,38 @@ Layout under the cache directory (mode 0o700)::
     locks/NN.lock             256 lock files, striped by (oid, tid)
     locks/NN.use              hits (shared) against removals (exclusive)
     locks/evict.lock          held by whichever process is evicting
-    locks/total               the total size of the cached files
+    locks/index.sqlite        the index of the cached files (cacheindex)
     <xx>/<oid_hex>/<tid_hex>.blob
 
-Files appear atomically (written under ``tmp/``, flushed to disk, then
-renamed into place) and are read-only (0o400), so a reader never sees a
-partial file, even after a power loss, and an accidental
-``open(blob.committed(), "w")`` fails instead of truncating the cached copy.
-Each file records its size at install; a hit on a file whose size differs is
-not served. Downloads and deletions of one blob hold that blob's stripe lock
-(``flock``, which also excludes other threads of this process), so two
-loaders never race and eviction never removes a file half-installed; no
-thread takes a lock it holds. ``locks/total`` counts every process's files,
-so ``cache-size`` bounds the directory: an install over it starts a check in
-a daemon thread, which evicts least-recently-used files down to 90% of the
-size limit; only one process evicts at a time.
+Files appear atomically (written under ``tmp/``, then renamed into place)
+and are read-only (0o400), so a reader never sees a partial file, and an
+accidental ``open(blob.committed(), "w")`` fails instead of truncating the
+cached copy. Each file records its size at install; a hit on a file whose
+size differs is not served. Downloads and deletions of one blob hold that
+blob's stripe lock (``flock``, which also excludes other threads of this
+process), so two loaders never race and eviction never removes a file
+half-installed; no thread takes a lock it holds.
+
+The index, one SQLite database shared by every process using the directory
+(:mod:`.cacheindex`), has a row per file and their exact total: a row is
+written before its file is renamed into place, and deleted after its file
+is removed, so it always covers the files (a crash leaves at most rows
+without files, which eviction drops). Hits never read it. An install over
+``cache-size`` starts a check in the cache's background thread, which
+evicts least-recently-used files down to 90% of the size limit, oldest rows
+first, keeping (and moving the row of) any file used since its row was
+written, by the file's own times; only one process evicts at a time. The
+index outlives the processes: none walks the directory at start. A missing
+index (an earlier version's cache) or a damaged one is rebuilt from the
+files by a walk in the background thread.
+
+Nothing is flushed on the path of a read or a commit: the background
+thread flushes (``fsync``) installed files a few seconds later, in batches,
+and marks their rows durable. The index records the machine's boot id;
+the first process to open the cache after a restart (a power loss may have
+left unflushed files empty or zero-filled under their final names) removes,
+before serving any hit, every file whose row is not durable and every file
+without a row (whose row a power loss rolled back).
 
 With ``cache-group``, the cache directory and its ``<xx>/`` and oid
 directories are 0o750 and the files 0o440, all of that group, so that a
@@ -33,8 +50,9 @@ The directory is trusted only if this user alone can write it: at open, the
 cache directory, ``tmp/`` and ``locks/`` must be real directories (no
 symlinks) owned by the effective user and not writable by group or others,
 or the cache refuses to open; the ``<xx>/`` and oid directories are checked
-when a file is installed into them, and skipped by the scan otherwise. Lock,
-ledger and temp files are opened with ``O_NOFOLLOW``, and a hit serves only a
+when a file is installed into them, and skipped by a walk otherwise. Lock
+and temp files are opened with ``O_NOFOLLOW`` (the index is refused unless a
+regular file of this user), and a hit serves only a
 regular file of this user (the ``lstat`` it costs replaces the ``stat`` it
 made anyway), so another local user cannot substitute a cached blob.
 """
@@ -46,21 +64,23 @@ import errno
 import fcntl
 import grp
 import logging
+import math
 import os
 import stat
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar
 
 from ZODB.blob import rename_or_copy_blob
 from ZODB.utils import p64
 
+from . import cacheindex
+from .cacheindex import CacheIndex, Row, Seen
 from .errors import S3BlobStorageError
 from .keys import hex_id
-from .lru import LRUIndex
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -83,10 +103,6 @@ ABANDONED_AFTER = 24 * 3600
 SIZE_ATTRIBUTE = "user.zodb_s3blobs.size"
 #: How often a waiting eviction check retries ``evict.lock`` (seconds).
 _LOCK_POLL = 0.02
-#: A file whose last use (see last_used) is this much newer (seconds) than
-#: this process's last use of it was used by another process since: eviction
-#: keeps it.
-_USED_ELSEWHERE = 1.0
 #: Eviction leaves files used within this many seconds. A path handed out
 #: (loadBlob, committed()) is opened right after: Blob.open('r+'/'a') has
 #: ZODB copy the file by path once the storage fetched it, and when that copy
@@ -97,8 +113,18 @@ MIN_AGE = 60.0
 #: A hit on a file used within this fraction of the minimum age takes no lock
 #: (see BlobCache._used_hit).
 _FRESH = 0.25
-#: Lock and ledger files: never through a symlink.
+#: Lock files: never through a symlink.
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A cached file opened to flush it: never through a symlink, never waiting
+#: (a FIFO), checked by fstat before use.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: The index of the cached files, under locks/ (see cacheindex).
+INDEX_NAME = "index.sqlite"
+#: Installed files are flushed to disk this many seconds later, in batches.
+FLUSH_DELAY = 5.0
+#: Rows read, written or evicted per transaction.
+BATCH = 500
+T = TypeVar("T")
 
 
 class UntrustedCacheDirectory(S3BlobStorageError):
@@ -187,68 +213,6 @@ def _flock(
         os.close(fd)
 
 
-class _Ledger:
-    """The total size of the cache's blob files, shared by every process using
-    the directory: one decimal number in ``locks/total``, read and changed
-    under an ``flock`` on that file (taken under a stripe lock or
-    ``evict.lock``, never the other way round).
-
-    Changes are recorded after the rename or removal they count, so that a
-    scan running meanwhile sees the file or the change (see :meth:`rewrite`);
-    a process killed in between leaves it off by that one file until the next
-    scan, which rewrites it. A new or unreadable ledger reads as unknown
-    (None); changes then count from zero, which the scan at open adds to what
-    it finds.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        with contextlib.ExitStack() as stack:
-            fd = os.open(self.path, _LOCK_FLAGS, 0o600)
-            stack.callback(os.close, fd)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
-            yield fd
-
-    @staticmethod
-    def _get(fd: int) -> int | None:
-        try:
-            return max(0, int(os.pread(fd, 64, 0)))
-        except ValueError:
-            return None
-
-    @staticmethod
-    def _put(fd: int, total: int) -> None:
-        # Fixed width: a shorter number never leaves digits of a longer one.
-        os.pwrite(fd, f"{total:20d}\n".encode(), 0)
-
-    def read(self) -> int | None:
-        with self._locked() as fd:
-            return self._get(fd)
-
-    def add(self, delta: int) -> int | None:
-        """Add *delta* bytes; return the new total."""
-        with self._locked() as fd:
-            total = max(0, (self._get(fd) or 0) + delta)
-            self._put(fd, total)
-            return total
-
-    def rewrite(self, found: int, recorded_before: int | None) -> int:
-        """Set the total a scan *found*, plus what the ledger recorded since it
-        started (*recorded_before*): changes the walk missed are counted once,
-        and additions it saw twice, which over-counts (evicts a little early)
-        rather than under-counts (a cache over its limit). Only a removal the
-        walk missed, by a discard in another process (evictions wait for the
-        scan's ``evict.lock``), is subtracted twice."""
-        with self._locked() as fd:
-            total = max(0, found + (self._get(fd) or 0) - (recorded_before or 0))
-            self._put(fd, total)
-            return total
-
-
 def _recorded_size(target: str | int) -> int | None:
     """The size a file had when the cache sealed it (see :func:`_seal`);
     None for a file without the record (older, or a file system without user
@@ -272,12 +236,11 @@ def last_used(st: os.stat_result) -> float:
 
 
 def _seal(fd: int, size: int) -> None:
-    """Record *size* with the file and flush it to disk, before it is renamed
-    into the cache: after a crash a cached file is then complete or absent,
-    and a file whose size later differs from the record is never served."""
+    """Record *size* with the file, before it is renamed into the cache: a
+    file whose size later differs from the record is never served. It is
+    flushed to disk later, off the critical path (BlobCache._flush_installed)."""
     with contextlib.suppress(OSError):  # no user xattrs here: the index checks
         os.setxattr(fd, SIZE_ATTRIBUTE, str(size).encode())
-    os.fsync(fd)
 
 
 def _mkdir(path: str) -> bool:
@@ -305,7 +268,7 @@ def _subdirectories(directory: str) -> list[os.DirEntry]:
 
 
 def _trusted_entry(entry: os.DirEntry) -> bool:
-    """Whether a directory met by the scan is only this user's to write; one
+    """Whether a directory met by a walk is only this user's to write; one
     that is not is skipped, with a warning (its files are not indexed, and
     installs into it are refused)."""
     try:
@@ -362,26 +325,26 @@ class BlobCache:
         if self.group is None:
             os.chmod(self.directory, DIR_MODE)
         self._share(self.directory)
-        self._ledger = _Ledger(os.path.join(self._locks_dir, "total"))
+        self._evict_lock = os.path.join(self._locks_dir, "evict.lock")
         self._state_lock = threading.Lock()
-        # Built by the check started at open (in the daemon thread, so opening
-        # the storage does not wait for a walk of a large cache), and rebuilt
-        # after each cache-size of loads to learn other processes' files.
-        self._index: LRUIndex | None = None
-        # Changes made while a scan walks the directory, replayed onto its
-        # result: (revision, size) for an addition, (revision, None) a removal.
-        self._during_scan: list[tuple[tuple[bytes, bytes], int | None]] | None = None
-        self._bytes_since_scan = 0
-        # The eviction thread, if one runs; it exits when no check is pending.
-        self._evictor: threading.Thread | None = None
+        # The background thread, if one runs: eviction checks and flushes;
+        # it exits when none is pending or due.
+        self._background: threading.Thread | None = None
         self._check_pending = False
         # When a check stopped at files used within min_age: when to retry.
         self._recheck_at: float | None = None
+        # When the files installed since the last flush are to be flushed.
+        self._flush_at: float | None = None
         self._wakeup = threading.Condition(self._state_lock)
         self._stop_waiting = False
         self._closing = threading.Event()
+        self._index = CacheIndex(os.path.join(self._locks_dir, INDEX_NAME))
+        self._open_index()
         self._remove_abandoned_temp_files()
-        self._start_check()  # builds the index in the background
+        # Builds a new index (in the background: opening the storage does not
+        # wait for a walk of a large cache) and flushes what a crash left.
+        self._start_check()
+        self._request(flush_at=time.time())
 
     def __repr__(self) -> str:
         return f"<BlobCache {self.directory} limit={self.size_limit}>"
@@ -403,7 +366,7 @@ class BlobCache:
         """The stripe's lock file: ``NN.lock`` serialises downloads, installs
         and removals; ``NN.use`` (*kind* "use") makes a hit and a removal
         exclusive without making hits wait for a download. Order: ``.lock``,
-        then ``.use``, then the ledger."""
+        then ``.use``; the index's transactions take no file lock."""
         stripe = zlib.crc32(oid + tid) % LOCK_STRIPES
         return os.path.join(self._locks_dir, f"{stripe:02x}.{kind}")
 
@@ -434,10 +397,9 @@ class BlobCache:
     ) -> tuple[str | None, bool]:
         """(path, False) for a sound cached file, marked as used; (None, True)
         for a file whose size differs from the one recorded at install (by
-        the file itself, or this process's index); (None, False) if absent.
-        Takes no lock, so callers may hold the stripe lock or not. *fresh* is
-        the file's lstat, if the caller has it."""
-        revision = (oid, tid)
+        the file itself); (None, False) if absent. Takes no lock and reads no
+        index, so callers may hold the stripe lock or not. *fresh* is the
+        file's lstat, if the caller has it."""
         path = self.path(oid, tid)
         try:
             st = fresh or os.lstat(path)
@@ -447,18 +409,14 @@ class BlobCache:
                 return None, True
             size = st.st_size
             recorded = _recorded_size(path)
-            os.utime(path)  # other processes sharing the cache see the use
+            now = time.time()  # other processes sharing the cache see the use
+            os.utime(path, (now, now))
         except FileNotFoundError:
             return None, False
-        with self._state_lock:
-            indexed = None if self._index is None else self._index.touch(revision)
-        # The file's own record is authoritative; this process's index (what
-        # it installed or scanned) covers files sealed without one.
-        expected = indexed if recorded is None else recorded
-        if expected is not None and expected != size:
+        if recorded is None:  # a file system without user xattrs: ask the index
+            recorded = self._index.size_of(oid, tid)
+        if recorded is not None and recorded != size:
             return None, True
-        if indexed != size:  # e.g. installed by another process since our scan
-            self._record(revision, size)
         self.metrics.hit(oid, tid, size)
         return path, False
 
@@ -503,7 +461,8 @@ class BlobCache:
         Under the blob's lock the cache is checked again, so concurrent loaders
         (threads or processes) download once. *download* writes into a temp
         file and returns the size it wrote; the file is renamed into place
-        only when it has that size and is on disk.
+        only when it has that size (it is flushed to disk a few seconds later,
+        in the background: see :meth:`_flush_installed`).
         """
         path, _damaged = self._used_hit(oid, tid)
         if path is not None:
@@ -515,8 +474,8 @@ class BlobCache:
             if damaged:
                 self._remove_damaged(oid, tid)
             path = self.path(oid, tid)
-            # mkstemp's descriptor (O_EXCL | O_NOFOLLOW, read and write: the
-            # download reads its bytes back through it to check them).
+            # mkstemp's descriptor (O_EXCL | O_NOFOLLOW, read and write: a
+            # copy from the fallback reads its bytes back to checksum them).
             fd, temp = tempfile.mkstemp(dir=self.temp_dir, prefix="download-")
             try:
                 with open(fd, "w+b") as out:
@@ -529,13 +488,13 @@ class BlobCache:
                             f"reported {size} bytes but wrote {written}"
                         )
                     _seal(out.fileno(), size)
-                total = self._install(temp, path, size)
+                total = self._install(oid, tid, temp, size)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.remove(temp)
                 raise
         self.metrics.miss(oid, tid, size)
-        self._added((oid, tid), size, total)
+        self._added(total)
         return path
 
     # -- writing ---------------------------------------------------------
@@ -545,9 +504,12 @@ class BlobCache:
 
         ZODB's ``rename_or_copy_blob`` falls back to a copy when the file lives
         on another file system (and logs it, as ZODB's own storages do). The
-        file is then sealed (its size recorded, flushed to disk), so that
-        :meth:`install`, in ``tpc_finish``, only renames; and its mtime is
-        set to now, so that no process takes it for abandoned while it waits.
+        file is then sealed (its size recorded), so that :meth:`install`, in
+        ``tpc_finish``, only renames; and its mtime is set to now, so that no
+        process takes it for abandoned while it waits. It is not flushed to
+        disk: the vote makes the S3 object durable, and a crash before
+        ``tpc_finish`` only loses this copy (the transaction aborts, or the
+        blob is downloaded when read).
         """
         staged = self.new_temp_file("staged-")
         rename_or_copy_blob(filename, staged, chmod=False)
@@ -581,31 +543,30 @@ class BlobCache:
         with _flock(self._lock_path(oid, tid), blocking=False) as acquired:
             if not acquired:
                 return False
-            total = self._install(staged, self.path(oid, tid), size)
-        self._added((oid, tid), size, total)
+            total = self._install(oid, tid, staged, size)
+        self._added(total)
         return True
 
-    def _install(self, source: str, path: str, size: int) -> int:
-        """Rename *source* (of *size* bytes) to *path*, under its stripe lock;
-        return the ledger's new total."""
+    def _install(self, oid: bytes, tid: bytes, source: str, size: int) -> int:
+        """Rename *source* (of *size* bytes) into the cache as (oid, tid),
+        under its stripe lock; return the index's new total."""
         os.chmod(source, FILE_MODE)
         self._share(source, GROUP_FILE_MODE)
         # Used from the moment it is installed, as every process sees it: the
         # file's times are those of the download's start or of storeBlob, and
         # a path handed out must not look evictable (MIN_AGE).
         os.utime(source)
-        try:
-            replaced = os.lstat(path).st_size
-        except FileNotFoundError:
-            replaced = 0
-        self._rename_into_place(source, path)
-        return self._ledger.add(size - replaced)
+        # Recorded before the rename, not yet durable: the index always
+        # covers the files (a crash in between leaves a row without a file).
+        total = self._index.add(oid, tid, size, last_used(os.lstat(source)))
+        self._rename_into_place(source, self.path(oid, tid))
+        return total
 
     def _rename_into_place(self, source: str, path: str) -> None:
         """Rename *source* to *path*, creating its ``<xx>/`` and oid
         directories if needed, and refusing them (UntrustedCacheDirectory)
         when another user could write them, before a file goes in: the two
-        lstats an install costs, beside its fsync, cover the directories a
+        lstats an install costs cover the directories a
         hit later trusts without looking."""
         oid_dir = os.path.dirname(path)
         bucket_dir = os.path.dirname(oid_dir)
@@ -633,15 +594,15 @@ class BlobCache:
     def _remove_locked(self, oid: bytes, tid: bytes) -> int | None:
         """Remove the cached file of (oid, tid); the caller holds its stripe
         lock. Returns its size, or None if there was none."""
-        self._record((oid, tid), None)
         path = self.path(oid, tid)
         try:
             with _flock(self._lock_path(oid, tid, "use")):
                 size = os.lstat(path).st_size
                 os.remove(path)
         except FileNotFoundError:
-            return None
-        self._ledger.add(-size)
+            size = None
+        # After the file: the index always covers the files.
+        self._index.forget(oid, tid)
         return size
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
@@ -653,86 +614,216 @@ class BlobCache:
                     return
                 raise
 
-    # -- eviction --------------------------------------------------------
+    # -- the index -------------------------------------------------------
 
     def indexed_files(self) -> int:
-        """How many cached files this process's index knows: every file of
-        the directory at its last scan, with this process's changes since."""
-        with self._state_lock:
-            return 0 if self._index is None else len(self._index)
+        """How many cached files the directory's index records, for every
+        process using it (with rows a crash left without their file, until
+        eviction meets them)."""
+        return self._index.totals()[0]
 
     def recorded_bytes(self) -> int | None:
-        """The total size of the cache's blob files as the shared ledger
-        records it, for every process using the directory, without walking
-        it; None until a first scan has written the ledger."""
-        return self._ledger.read()
+        """The total size of the cache's blob files as the directory's index
+        records it, for every process using it, without walking the
+        directory; None while the index is being built from the files."""
+        if self._index.fact("complete") is None:
+            return None
+        return self._index.totals()[1]
 
-    def _record(self, revision: tuple[bytes, bytes], size: int | None) -> None:
-        """Index an added file (its size) or a removed one (None)."""
-        with self._state_lock:
-            self._apply(revision, size)
+    def _open_index(self) -> None:
+        """Open the directory's index (see :mod:`.cacheindex`); when the
+        machine restarted since it was last opened, remove what a power loss
+        may have damaged, before any hit can serve it."""
+        # The ledger of earlier versions: the index counts the files now.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self._locks_dir, "total"))
+        if self._index.fact("boot_id") != cacheindex.boot_id():
+            with _flock(self._evict_lock):
+                self._reconcile_after_restart()
+        if self._index.fact("complete") is None and not any(
+            entry.name not in RESERVED for entry in _subdirectories(self.directory)
+        ):
+            self._index.set_fact("complete", "1")  # nothing to adopt
 
-    def _apply(self, revision: tuple[bytes, bytes], size: int | None) -> None:
-        """:meth:`_record`, for a caller holding the state lock."""
-        if self._during_scan is not None:
-            self._during_scan.append((revision, size))
-        if self._index is not None:
-            self._index.apply(revision, size)
+    def _reconcile_after_restart(self) -> None:
+        """Remove the files a power loss may have left empty or zero-filled
+        (with the right size) under their final names: those whose rows say
+        they were not yet flushed, and those without a row (whose row's
+        transaction the loss rolled back); then record this boot. Runs at
+        open under ``evict.lock``: processes opening meanwhile wait for it,
+        and check the boot id again."""
+        current = cacheindex.boot_id()
+        if self._index.fact("boot_id") == current:
+            return
+        started = time.monotonic()
+        unflushed = 0
+        for rows in self._not_durable_batches(math.inf):
+            for oid, tid, _size, _used in rows:
+                self.discard(oid, tid)
+            unflushed += len(rows)
+        unindexed = 0
+        for batch in _batches(revision for revision, _p, _st in self._walk()):
+            for oid, tid in self._index.unknown(batch):
+                self.discard(oid, tid)
+                unindexed += 1
+        # Every file left has a row: the index is complete, if it was not.
+        self._index.set_fact("complete", "1")
+        self._index.set_fact("boot_id", current)
+        log.warning(
+            "Blob cache %s: the machine restarted since it was last used; "
+            "removed %d files not yet flushed to disk and %d not indexed, "
+            "which a power loss may have damaged (%.1fs)",
+            self.directory,
+            unflushed,
+            unindexed,
+            time.monotonic() - started,
+        )
 
-    def _added(self, revision: tuple[bytes, bytes], size: int, total: int) -> None:
-        """Account a new file; start an eviction check when the directory's
-        total (*total*, from the ledger) exceeds the limit."""
-        with self._state_lock:
-            self._apply(revision, size)
-            self._bytes_since_scan += size
-            if total <= self.size_limit:
+    def _complete_index(self) -> None:
+        """Give every cached file a row, when the index is new: a cache of an
+        earlier version (whose files were flushed at install: they are
+        adopted as on disk), or an index set aside as damaged. A walk in
+        batches, under ``evict.lock``; hits are served meanwhile, eviction
+        waits for it. Interrupted (close()), it starts again next time."""
+        if self._index.fact("complete") is not None:
+            return
+        started = time.monotonic()
+        log.info("Indexing the files of blob cache %s", self.directory)
+        adopted = 0
+        for batch in _batches(
+            (oid, tid, st.st_size, last_used(st)) for (oid, tid), _p, st in self._walk()
+        ):
+            self._index.adopt(batch)
+            adopted += len(batch)
+            if self._closing.is_set():
                 return
-        self._start_check()
+        self._index.set_fact("complete", "1")
+        log.info(
+            "Indexed %d files of blob cache %s in %.1fs",
+            adopted,
+            self.directory,
+            time.monotonic() - started,
+        )
+
+    def _not_durable_batches(self, before: float) -> Iterator[list[Row]]:
+        """The rows not yet known to be on disk, used before *before*, in
+        batches."""
+        rows = self._index.not_durable(before, limit=BATCH)
+        while rows:
+            yield rows
+            rows = self._index.not_durable(before, rows[-1], limit=BATCH)
+
+    # -- flushing --------------------------------------------------------
+
+    def _flush_installed(self, before: float) -> None:
+        """Flush to disk (``fsync``) the files installed before *before* that
+        are not yet known to be, by any process, and mark them durable: a few
+        seconds after their install, in this background thread, off the
+        paths of reads and commits."""
+        for rows in self._not_durable_batches(before):
+            flushed = [
+                (oid, tid, used)
+                for oid, tid, _size, used in rows
+                if not self._closing.is_set() and self._flush(oid, tid)
+            ]
+            self._index.mark_durable(flushed)
+
+    def _flush(self, oid: bytes, tid: bytes) -> bool:
+        """fsync the cached file of (oid, tid); False if it is not there (its
+        row is then dropped, unless an install holds its stripe lock) or not
+        a regular file of this user (a hit removes it)."""
+        path = self.path(oid, tid)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            with _flock(self._lock_path(oid, tid), blocking=False) as acquired:
+                if acquired and not os.path.lexists(path):
+                    self._index.forget(oid, tid)  # a row a crash left
+            return False
+        except OSError:  # e.g. a symlink (ELOOP)
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    # -- the background thread -------------------------------------------
+
+    def _added(self, total: int) -> None:
+        """After an install: flush it in a few seconds, and start an eviction
+        check if the directory's total (*total*) is over the limit."""
+        self._request(flush_at=time.time() + FLUSH_DELAY)
+        if total > self.size_limit:
+            self._start_check()
 
     def _start_check(self) -> None:
-        """Have the eviction thread check the cache once more, starting it if
-        it is not running. A check requested while one runs is not lost: the
-        thread loops until none is pending."""
-        with self._state_lock:
-            self._check_pending = True
-            self._wakeup.notify()
-            if self._evictor is not None:
-                return
-            self._evictor = threading.Thread(
-                target=self._check_until_done, name="zodb-s3blobs-evict", daemon=True
-            )
-            self._evictor.start()
+        """Have the background thread check the cache once more. A check
+        requested while one runs is not lost: the thread loops until none is
+        pending."""
+        self._request(check=True)
 
-    def _check_until_done(self) -> None:
-        while True:
-            with self._state_lock:
-                # A check that stopped at files used within min_age, with the
-                # cache over its limit, is repeated once the oldest may go;
-                # close() stops the wait (it does not wait a minute).
-                while (
-                    self._recheck_at is not None
-                    and not self._check_pending
-                    and not self._stop_waiting
-                ):
-                    delay = self._recheck_at - time.time()
-                    if delay <= 0:
-                        self._check_pending = True
-                    else:
-                        self._wakeup.wait(delay)
-                self._recheck_at = None
-                if not self._check_pending or self._closing.is_set():
-                    self._evictor = None
-                    return
-                self._check_pending = False
+    def _request(self, check: bool = False, flush_at: float | None = None) -> None:
+        """Ask the background thread for an eviction check and/or a flush at
+        *flush_at*, starting it if it is not running."""
+        with self._state_lock:
+            self._check_pending = self._check_pending or check
+            if flush_at is not None and self._flush_at is None:
+                self._flush_at = flush_at
+            self._wakeup.notify()
+            if self._background is not None:
+                return
+            self._background = threading.Thread(
+                target=self._background_work, name="zodb-s3blobs-cache", daemon=True
+            )
+            self._background.start()
+
+    def _next_work(self) -> tuple[bool, bool] | None:
+        """Wait for the next work due: (check, flush), or None to exit (when
+        nothing is pending, or close() asks it to stop waiting). A check that
+        stopped at files used within min_age is repeated once the oldest may
+        go; close() flushes at once rather than waiting."""
+        with self._state_lock:
+            while not self._closing.is_set():
+                now = time.time()
+                check = self._check_pending or (
+                    self._recheck_at is not None and self._recheck_at <= now
+                )
+                flush = self._flush_at is not None and (
+                    self._flush_at <= now or self._stop_waiting
+                )
+                if check or flush:
+                    self._check_pending = False
+                    if check:
+                        self._recheck_at = None
+                    if flush:
+                        self._flush_at = None
+                    return check, flush
+                deadlines = [t for t in (self._recheck_at, self._flush_at) if t]
+                if not deadlines or self._stop_waiting:
+                    break
+                self._wakeup.wait(min(deadlines) - now)
+            self._recheck_at = None
+            self._background = None
+            return None
+
+    def _background_work(self) -> None:
+        while (work := self._next_work()) is not None:
+            check, flush = work
             try:
-                lock = os.path.join(self._locks_dir, "evict.lock")
-                # Waits for another thread or process that is evicting: the
-                # total may still be over the limit when it has finished.
-                with _flock(lock, stop=self._closing) as acquired:
-                    if acquired:
-                        self._evict_locked(None)
+                if flush:
+                    self._flush_installed(time.time())
+                if check:
+                    # Waits for another thread or process that is evicting:
+                    # the total may still be over the limit when it is done.
+                    with _flock(self._evict_lock, stop=self._closing) as acquired:
+                        if acquired:
+                            self._evict_locked(None)
             except Exception:
-                log.exception("Blob cache eviction in %s failed", self.directory)
+                log.exception("Blob cache work in %s failed", self.directory)
 
     def _remove_abandoned_temp_files(self) -> None:
         """Remove downloads and staged uploads a killed process left in tmp/.
@@ -761,39 +852,7 @@ class BlobCache:
             if st.st_uid == os.geteuid():
                 yield revision, path, st
 
-    def _scan(self) -> None:
-        """Rebuild the index from the directory, in access-time order, and
-        rewrite the shared ledger with the total found. Called under
-        ``evict.lock``."""
-        started = time.monotonic()
-        with self._state_lock:
-            self._during_scan = []
-        try:
-            recorded_before = self._ledger.read()
-            found = sorted(self._walk(), key=lambda item: last_used(item[2]))
-        except BaseException:
-            with self._state_lock:
-                self._during_scan = None
-            raise
-        index = LRUIndex(
-            (revision, st.st_size, last_used(st)) for revision, _path, st in found
-        )
-        total = self._ledger.rewrite(index.total, recorded_before)
-        with self._state_lock:
-            # Replay what happened during the walk, which it may have missed.
-            for revision, size in self._during_scan:
-                index.apply(revision, size)
-            self._during_scan = None
-            self._index = index
-            self._bytes_since_scan = 0
-        log.debug(
-            "Indexed %d cached files (%d bytes; ledger %d) in %s in %.3fs",
-            len(index),
-            index.total,
-            total,
-            self.directory,
-            time.monotonic() - started,
-        )
+    # -- eviction --------------------------------------------------------
 
     def evict(self, target: int | None = None, wait: bool = True) -> int:
         """Delete least-recently-used files until the directory holds at most
@@ -801,78 +860,71 @@ class BlobCache:
         counting every process's files. Returns the bytes freed. With *wait*
         false, returns 0 at once when another thread or process is evicting.
 
-        Costs what it deletes: the directory is walked only to build the index,
-        after each cache-size of loads, and when the index runs out of files
-        before the shared total reaches *target* (other processes' files).
+        Costs what it deletes, plus a look at each file used since its row
+        was last updated: the oldest rows of the index come first, in
+        batches, and no walk is made (but to build a new index).
         """
-        lock = os.path.join(self._locks_dir, "evict.lock")
-        with _flock(lock, blocking=wait) as acquired:
+        with _flock(self._evict_lock, blocking=wait) as acquired:
             if not acquired:
                 return 0
             return self._evict_locked(target)
 
     def _evict_locked(self, target: int | None) -> int:
         """:meth:`evict`, for a caller holding ``evict.lock``."""
-        with self._state_lock:
-            stale = self._index is None or self._bytes_since_scan >= self.size_limit
-        total = None if stale else self._ledger.read()
-        scanned = total is None
-        if scanned:
-            self._scan()
-            total = self._ledger.read() or 0
+        self._complete_index()
+        files, total = self._index.totals()
         if target is None:
             if total <= self.size_limit:
                 return 0
             target = int(self.size_limit * EVICTION_TARGET)
         freed = 0
-        with self._state_lock:
-            # Each revision is passed over at most once as used elsewhere.
-            passes = len(self._index)
-        while total > target and not self._closing.is_set():
-            with self._state_lock:
-                oldest = self._index.pop_oldest()
-            if oldest is None:
-                if scanned:
-                    break
-                # The index does not cover the directory (other processes'
-                # files, or a stale total): learn it, and go on.
-                self._scan()
-                scanned = True
-                total = self._ledger.read() or 0
-                continue
-            (oid, tid), size, used = oldest
-            if used > time.time() - self.min_age:
-                # Every file left was used within min_age: keep them all, and
-                # check again once the oldest may go.
-                with self._state_lock:
-                    self._index.put_back_oldest((oid, tid), size, used)
-                    self._recheck_at = used + self.min_age
+        # A round of as many files kept as used since, with none removed,
+        # ends the benefit of that doubt (files hit all the time in other
+        # processes do not keep a check going for ever).
+        passes = files
+        young = False
+        while total > target and not young and not self._closing.is_set():
+            rows = self._index.oldest(BATCH)
+            if not rows:
                 break
-            removed, used_at, total_after = self._evict_one(
-                oid, tid, used if passes > 0 else None
-            )
-            passes -= 1
-            if used_at is not None:  # another process used it since
-                with self._state_lock:
-                    self._index.add((oid, tid), used_at[0], used_at[1])
-                continue
-            if removed is not None:
-                freed += removed
-                self.metrics.add(cache_evictions=1, cache_evicted_bytes=removed)
-                self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
-            refreshed = total_after if total_after is not None else self._ledger.read()
-            total = refreshed or 0
+            gone: list[Seen] = []
+            kept: list[tuple[Seen, int, float]] = []
+            for oid, tid, size, used in rows:
+                if total <= target or self._closing.is_set():
+                    break
+                if used > time.time() - self.min_age:
+                    # Every file left was used within min_age: keep them all,
+                    # and check again once the oldest may go.
+                    with self._state_lock:
+                        self._recheck_at = used + self.min_age
+                    young = True
+                    break
+                removed, seen = self._evict_one(oid, tid, used if passes > 0 else None)
+                passes -= 1
+                if seen is not None:  # used since: its row moves on
+                    kept.append(((oid, tid, used), *seen))
+                    continue
+                gone.append((oid, tid, used))
+                passes = files
+                total -= size
+                if removed is not None:
+                    freed += removed
+                    self.metrics.add(cache_evictions=1, cache_evicted_bytes=removed)
+                    self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
+            # After the files: the index always covers them.
+            self._index.settle(gone, kept)
+            files, total = self._index.totals()
         log.debug("Evicted %d bytes from %s", freed, self.directory)
         return freed
 
     def _evict_one(
         self, oid: bytes, tid: bytes, used: float | None
-    ) -> tuple[int | None, tuple[int, float] | None, int | None]:
+    ) -> tuple[int | None, tuple[int, float] | None]:
         """Remove (oid, tid) under its stripe lock unless its last use
-        (:func:`last_used`) says another process used it after *used* (None:
-        whenever), or within
-        ``min_age`` seconds. Returns (bytes removed or None, (size, last use)
-        if kept, new total)."""
+        (:func:`last_used`) says it was used after *used* (its row's; None:
+        whenever), or within ``min_age`` seconds. Returns (bytes removed, or
+        None if there was no file; (size, last use) if kept, else None). The
+        caller deletes or updates its row."""
         path = self.path(oid, tid)
         with (
             _flock(self._lock_path(oid, tid)),
@@ -881,32 +933,50 @@ class BlobCache:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                return None, None, None
+                return None, None
             used_at = last_used(st)
-            if (
-                used is not None and used_at > used + _USED_ELSEWHERE
-            ) or used_at > time.time() - self.min_age:
-                return None, (st.st_size, used_at), None
+            # The row's use time is the file's own last use when it was
+            # written: a later one is a hit (in any process) since.
+            if (used is not None and used_at > used) or used_at > time.time() - (
+                self.min_age
+            ):
+                return None, (st.st_size, used_at)
             try:
                 os.remove(path)
             except FileNotFoundError:
-                return None, None, None
-        return st.st_size, None, self._ledger.add(-st.st_size)
+                return None, None
+        return st.st_size, None
 
     def close(self) -> None:
-        """Let a running eviction check finish (for up to 10 seconds, then ask
-        it to stop), so that no thread outlives the storage."""
+        """Let the background thread finish what is due (a running eviction
+        check for up to 10 seconds, then ask it to stop; the flush of the
+        files installed) without waiting for later work, so that no thread
+        outlives the storage; close the index's connection (a later use
+        opens another)."""
         with self._state_lock:
-            evictor = self._evictor
+            background = self._background
             self._stop_waiting = True
             self._wakeup.notify()
-        if evictor is not None:
-            evictor.join(timeout=10)
-            if evictor.is_alive():
+        if background is not None:
+            background.join(timeout=10)
+            if background.is_alive():
                 self._closing.set()
-                evictor.join(timeout=1)
+                background.join(timeout=1)
         with self._state_lock:
             self._stop_waiting = False
+        self._index.close()
+
+
+def _batches(items: Iterable[T]) -> Iterator[list[T]]:
+    """*items* in lists of at most BATCH."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def revision_path(directory: str, oid: bytes, tid: bytes) -> str:

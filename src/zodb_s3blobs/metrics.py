@@ -59,8 +59,8 @@ GAUGES = {
     ),
     "orphans_pending_bytes": "Bytes of those pending orphans.",
     "cache_files": (
-        "Blob files in the cache as this process's index knows them (its "
-        "last scan and its own changes since)."
+        "Blob files in the cache directory (all processes: the same in "
+        "each; aggregate with max, not sum)."
     ),
 }
 #: What an S3 request did, from botocore's operation (see s3metrics).

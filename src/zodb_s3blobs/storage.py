@@ -390,8 +390,8 @@ class S3BlobStorage:
         """This storage's figures since it opened (shared by its MVCC
         instances), under the stable names of :mod:`zodb_s3blobs.metrics`
         (docs/metrics.md): counters, the S3 request histogram, the bytes in
-        the cache directory (all processes; None before its first scan) and
-        the files this process knows there."""
+        the cache directory (all processes; None while its index is built)
+        and the files there."""
         pending = self._shared.orphans_pending
         return {
             **self._shared.metrics.snapshot(),
