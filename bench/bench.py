@@ -1083,16 +1083,24 @@ def print_table(rows: list[Row], scale: Scale, delay: float, megabits: float) ->
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(6)]
-    for *padded, note in [header, *cells]:
+    print_columns([header, *cells])
+    targeted = [row for row in rows if row.limit is not None]
+    met = sum(row.ok for row in targeted)
+    print(f"{met} of {len(targeted)} targets met")
+
+
+def print_columns(lines: list[tuple[str, ...]]) -> None:
+    """Print *lines* of cells in aligned columns; the last (the notes) is
+    left as long as it is."""
+    widths = [max(len(cell) for cell in column) for column in zip(*lines, strict=True)][
+        :-1
+    ]
+    for *padded, note in lines:
         print(
             "  ".join(c.ljust(w) for c, w in zip(padded, widths, strict=True)),
             note,
             sep="  ",
         )
-    targeted = [row for row in rows if row.limit is not None]
-    met = sum(row.ok for row in targeted)
-    print(f"{met} of {len(targeted)} targets met")
 
 
 def sizes(text: str) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ from functools import partial
 
 import ZODB
 import ZODB.config
-from bench import RAM_DIR, BenchError, host_and_port
+from bench import RAM_DIR, BenchError, host_and_port, print_columns
 from delayline import DelayLine
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
@@ -491,13 +491,7 @@ def print_table(rows: list[ScaleRow], options: Options) -> None:
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(4)]
-    for *padded, note in [header, *cells]:
-        print(
-            "  ".join(c.ljust(w) for c, w in zip(padded, widths, strict=True)),
-            note,
-            sep="  ",
-        )
+    print_columns([header, *cells])
     targeted = [row for row in rows if row.limit is not None]
     print(f"{sum(row.ok for row in targeted)} of {len(targeted)} targets met")
     for line in extrapolation(rows, options.sizes):
