@@ -1105,20 +1105,42 @@ def print_table(rows: list[Row], scale: Scale, delay: float, megabits: float) ->
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(6)]
-    for *padded, note in [header, *cells]:
-        print(
-            "  ".join(c.ljust(w) for c, w in zip(padded, widths, strict=True)),
-            note,
-            sep="  ",
-        )
+    print_columns([header, *cells])
     targeted = [row for row in rows if row.limit is not None]
     met = sum(row.ok for row in targeted)
     print(f"{met} of {len(targeted)} targets met")
 
 
+def print_columns(lines: list[tuple[str, ...]]) -> None:
+    """Print *lines* of cells in aligned columns; the last (the notes) is
+    left as long as it is."""
+    widths = [max(len(cell) for cell in column) for column in zip(*lines, strict=True)][
+        :-1
+    ]
+    for *padded, note in lines:
+        print(
+            "  ".join(c.ljust(w) for c, w in zip(padded, widths, strict=True)),
+            note,
+            sep="  ",
+        )
+
+
+def sizes(text: str) -> tuple[int, ...]:
+    """The counts of --scale-sizes: positive integers separated by commas."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of positive counts such as 10000,100000"
+        )
+    return counts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line's options: --quick, --delay, --bandwidth, --only."""
+    """The command line's options: --quick, --delay, --bandwidth, --only,
+    --scale and --scale-sizes."""
     parser = argparse.ArgumentParser(
         description="Benchmark S3BlobStorage against plain boto3 through a "
         "delay line to a local S3 server."
@@ -1150,7 +1172,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run these steps only (a cold read reads what the commit step of "
         "its line wrote: name both); one of: %(choices)s",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="measure the cache, the collector and concurrent reads as files, "
+        "objects and processes grow (bench/scale.py) instead",
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        type=sizes,
+        default=None,
+        metavar="N,N,...",
+        help="the file and object counts of --scale (default 10000,100000)",
+    )
     args = parser.parse_args(argv)
+    if args.scale_sizes is not None and not args.scale:
+        parser.error("--scale-sizes needs --scale")
     if args.delay < 0:
         parser.error("--delay must not be negative")
     if not 0 < args.bandwidth < math.inf:
@@ -1158,12 +1195,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_scale(args: argparse.Namespace) -> int:
+    """The --scale mode: bench/scale.py, which builds on this module (hence
+    imported here, once this module is loaded)."""
+    import scale
+
+    options = scale.Options(
+        sizes=args.scale_sizes or scale.DEFAULT_SIZES, delay=args.delay
+    )
+    if args.quick:
+        options = scale.quick(options)
+    return scale.main(options)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it ran (targets met or not), 1 on an error."""
     args = parse_args(argv)
-    scale = QUICK if args.quick else FULL
     # The server's HTTP layer logs every request at INFO.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if args.scale:
+        return run_scale(args)
+    scale = QUICK if args.quick else FULL
     try:
         rows = run(scale, args.delay, megabits(args.bandwidth), args.only)
     except Exception:

@@ -1,10 +1,10 @@
 """``python bench/bench.py --quick`` runs to the end and prints every row:
 uncapped, through the capped line, and on RelStorage with PostgreSQL and a
-second committing process.
+second committing process; and ``--scale`` at a tiny size prints its rows.
 
-A smoke run only: its timings are not checked, the machine is noisy. It
-needs PostgreSQL like the deployment tests (it asks for their ``postgresql``
-fixture): skipped without it, failed under CI.
+Smoke runs only: their timings are not checked, the machine is noisy. The
+first needs PostgreSQL like the deployment tests (it asks for their
+``postgresql`` fixture): skipped without it, failed under CI.
 """
 
 from __future__ import annotations
@@ -76,3 +76,50 @@ def test_quick_run_exits_0_and_prints_every_row(run_tmpdir, postgresql):
         assert any(line.startswith(row + " ") for line in lines), row
     assert lines[-1].endswith(" targets met")
     assert os.listdir(run_tmpdir) == [], "the run removes its directories"
+
+
+SCALE_ROWS = (
+    "cache RSS growth, 200 files",
+    "8 processes serve a hit, 200 files",
+    "evict 10%, 200 files",
+    "collector vs listing, 200 objects",
+    "collector RSS growth, 200 objects",
+    "cold reads, 1 process",
+    "warm reads, 1 process",
+    "cold reads, 8 processes",
+    "warm reads, 8 processes",
+    "cold reads, 4 vs 2 processes",
+)
+
+
+def test_scale_run_exits_0_and_prints_every_row(tmp_path):
+    """``--scale`` at one tiny size, with the shortened reads of --quick:
+    every row and the targets line are printed, and an extrapolation is
+    declined (it needs two sizes). No timing is checked."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), NO_PROXY="127.0.0.1,localhost")
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--scale", "--quick", "--scale-sizes", "200"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for row in SCALE_ROWS:
+        assert any(line.startswith(row + " ") for line in lines), row
+    assert any(line.endswith(" targets met") for line in lines)
+    assert lines[-1] == "extrapolation: needs two sizes"
+    assert os.listdir(tmp_path) == [], "the run removes its directories"
+
+
+def test_scale_sizes_must_be_positive_counts():
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--scale", "--scale-sizes", "10,x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--scale-sizes" in result.stderr and "positive counts" in result.stderr
