@@ -58,21 +58,23 @@ def test_keys_s3_deleted_in_a_partly_refused_batch_are_reported(
     """S3 answers DeleteObjects with an error for one key of the batch and
     deletes the others (``ObjectStore.delete`` then raises, as here). The
     keys S3 deleted are neither counted in ``deleted`` nor passed to
-    *on_orphan*, and the error says all three could not be deleted. Fails
-    on the current code."""
+    *on_orphan*, and the error says all three could not be deleted. Failed
+    before the refused keys were told apart from the deleted ones."""
     storage = make_storage(gc_retention=0)
     db = ZODB.DB(storage)
     blob_revisions(db, [b"live"])
     orphans = _orphans(storage, tmp_path, 3)
-    delete = storage._store.delete
+    client = storage._store._client
+    delete_objects = client.delete_objects
 
-    def one_refused(batch, quick=False):
-        delete(batch[1:])  # S3 deleted these, refused batch[0]
-        raise ObjectStoreError(
-            "DELETE", batch[0], f"AccessDenied (1 of {len(batch)} keys not deleted)"
-        )
+    def one_refused(Bucket, Delete):
+        """S3's answer when one key may not be deleted: the others are."""
+        first, *others = Delete["Objects"]
+        delete_objects(Bucket=Bucket, Delete={**Delete, "Objects": others})
+        error = {"Key": first["Key"], "Code": "AccessDenied", "Message": "Denied"}
+        return {"Errors": [error]}
 
-    monkeypatch.setattr(storage._store, "delete", one_refused)
+    monkeypatch.setattr(client, "delete_objects", one_refused)
     reported = []
     with pytest.raises(gc.OrphansNotDeleted) as raised:
         storage.collect_orphans(on_orphan=reported.append)
@@ -80,4 +82,6 @@ def test_keys_s3_deleted_in_a_partly_refused_batch_are_reported(
     assert gone == set(orphans[1:])
     assert set(reported) == gone
     assert raised.value.report.deleted == len(gone)
+    assert orphans[0] in str(raised.value)
+    assert orphans[1] not in str(raised.value)
     db.close()
