@@ -20,7 +20,7 @@ from ZODB.utils import p64
 import s3env
 from s3hooks import requests
 from test_storage import keys, stage_one_blob
-from zodb_s3blobs import gc
+from zodb_s3blobs import batchdelete, gc
 from zodb_s3blobs import storage as storage_module
 from zodb_s3blobs.errors import ObjectStoreError
 from zodb_s3blobs.gc import IN_FLIGHT_GRACE
@@ -240,10 +240,11 @@ def _collector_threads() -> list[str]:
 def test_a_listing_failure_stops_the_pipeline_after_judged_pages_only(
     make_storage, tmp_path, monkeypatch
 ):
-    """Pages of two keys (the default is S3's 1000: small pages show the
-    pipeline with few keys): the listing fails on its third page. The error
-    reaches the caller, no collector thread is left, and only keys of pages
-    judged before the failure may have been deleted."""
+    """Pages of two keys and deletes of one (the defaults are S3's 1000:
+    small ones show the pipeline with few keys): the listing fails on its
+    third page. The error reaches the caller, no collector thread is left,
+    keys of the pages judged before the failure were deleted and reported,
+    and no other key was."""
     storage = make_storage(base=MappingStorage(), gc_retention=0)
     db = ZODB.DB(storage)
     blob_revisions(db, [b"live"])
@@ -252,6 +253,7 @@ def test_a_listing_failure_stops_the_pipeline_after_judged_pages_only(
     orphans = [storage._layout.key(p64(10_000 + n), p64(5)) for n in range(6)]
     storage._store.transfer([(str(f), k) for k in orphans], [])
     monkeypatch.setattr(gc, "PAGE", 2)
+    monkeypatch.setattr(batchdelete, "DELETE_BATCH", 1)
     listing = storage._store.list_objects
 
     def failing(prefix):
@@ -265,7 +267,7 @@ def test_a_listing_failure_stops_the_pipeline_after_judged_pages_only(
     with pytest.raises(ObjectStoreError, match="connection reset"):
         storage.collect_orphans(on_orphan=deleted.append)
     assert _collector_threads() == []
-    assert set(deleted) <= set(orphans[:3])
+    assert deleted and set(deleted) <= set(orphans[:3])
     monkeypatch.undo()
     assert set(orphans[3:]) <= set(keys(storage)), "never judged, never deleted"
     assert storage.collect_orphans(retention=0).deleted == 6 - len(deleted)

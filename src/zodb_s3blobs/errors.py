@@ -29,6 +29,15 @@ class ObjectStoreError(S3BlobStorageError):
         return self.args[0]
 
 
+class DeleteRefused(ObjectStoreError):
+    """DeleteObjects answered errors for some keys (and deleted the others):
+    *refused* lists the keys not deleted."""
+
+    def __init__(self, key: str, cause: str, refused: list[str]) -> None:
+        super().__init__("DELETE", key, cause)
+        self.refused = refused
+
+
 class BlobReadError(S3BlobStorageError):
     """A blob could not be read for a reason other than its absence (which is
     a POSKeyError): the message names oid, tid, key and cause."""

@@ -54,6 +54,7 @@ from .conditional import WriteGuard, conflicted, refused_as_existing
 from .crc32combine import crc32_combine
 from .errors import (
     ChecksumMismatch,
+    DeleteRefused,
     ObjectNotFound,
     ObjectStoreError,
     S3BlobStorageError,
@@ -803,11 +804,12 @@ class ObjectStore:
             errors = response.get("Errors") or ()
             if errors:
                 first = errors[0]
-                raise ObjectStoreError(
-                    "DELETE",
+                refused = [error.get("Key") for error in errors]
+                raise DeleteRefused(
                     self.url(first.get("Key", batch[0])),
                     f"{first.get('Code')} {first.get('Message', '')}".strip()
                     + f" ({len(errors)} of {len(batch)} keys not deleted)",
+                    refused + keys[start + DELETE_BATCH :],
                 )
         return len(keys)
 
