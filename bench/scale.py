@@ -274,10 +274,22 @@ def collector_rows(
         prefix=prefix,
     )
     collected = run_one("collect", {"zconfig": zconfig})
-    if collected["deleted"] != count:
-        raise BenchError(f"collector: deleted {collected['deleted']} of {count}")
+    if collected["deleted"] != count or collected["judged"] != count:
+        raise BenchError(
+            f"collector: found {collected['judged']} and deleted "
+            f"{collected['deleted']} of {count}"
+        )
     ratio = collected["seconds"] / listed["seconds"]
     return [
+        ScaleRow(
+            f"collector dry run vs listing, {count} objects",
+            collected["dry_seconds"] / listed["seconds"],
+            "",
+            None,
+            note=f"the same listing and judging without deletes (whose work "
+            f"falls on the local server, sharing this machine's cores): "
+            f"{collected['dry_seconds']:.2f}s",
+        ),
         ScaleRow(
             f"collector vs listing, {count} objects",
             ratio,
@@ -425,6 +437,12 @@ def extrapolation(rows: list[ScaleRow], sizes: tuple[int, ...]) -> list[str]:
         a = values[f"{prefix}, {small} {noun}"]
         b = values[f"{prefix}, {large} {noun}"]
         slope = (b.value - a.value) / (large - small)
+        if slope <= 0:
+            lines.append(
+                f"  {prefix}: no growth from {small:,} to {large:,} "
+                f"({a.value:.2f}{a.unit}, {b.value:.2f}{b.unit}): none projected"
+            )
+            continue
         projected = ", ".join(
             f"{target:,}: {b.value + slope * (target - large):.2f}{b.unit}"
             for target in PROJECTED_FILES

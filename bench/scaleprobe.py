@@ -160,13 +160,19 @@ def list_prefix(job: dict) -> dict:
 
 def collect(job: dict) -> dict:
     """Open the database, commit one blob (its last tid is then above the
-    orphans'), and time a collection with retention 0; the peak memory it
-    added."""
+    orphans'), and time a dry run and then a collection with retention 0;
+    the peak memory the collection added."""
     db = ZODB.DB(ZODB.config.storageFromString(job["zconfig"]))
     try:
         with db.transaction() as conn:
             conn.root()["blob"] = Blob(b"live")
         wait_for_go()
+        # A dry run first: the same listing and judging without the deletes,
+        # whose cost on this machine is the local server's, not the
+        # collector's (S3 deletes on its own machines).
+        started = time.perf_counter()
+        judged = db.storage.collect_orphans(retention=0, dry_run=True)
+        dry_seconds = time.perf_counter() - started
         gc.collect()
         before = memory()
         reset = reset_peak()
@@ -177,7 +183,13 @@ def collect(job: dict) -> dict:
     finally:
         db.close()
     growth = after["hwm"] - (before["rss"] if reset else before["hwm"])
-    return {"seconds": seconds, "deleted": report.deleted, "growth": growth}
+    return {
+        "seconds": seconds,
+        "deleted": report.deleted,
+        "growth": growth,
+        "dry_seconds": dry_seconds,
+        "judged": judged.orphans,
+    }
 
 
 def read_once(storage, revision: tuple[int, int]) -> None:
