@@ -592,7 +592,7 @@ def cold_read_large(bench: Bench, wan: bool = False) -> Row:
             check([data], bench.large, "GET")
             plain.append(seconds)
     note = human(scale.large_size)
-    return ratio_row(COLD_LARGE + link.label, storage, plain, 1.2, note)
+    return ratio_row(COLD_LARGE + link.label, storage, plain, 1.1, note)
 
 
 def unghost(bench: Bench) -> Row:
