@@ -1064,6 +1064,25 @@ def run(
     return rows
 
 
+@contextlib.contextmanager
+def bucket_behind_line(delay: float, name: str) -> Iterator[tuple[str, str, object]]:
+    """A local S3 server with the bench's bucket, a delay line of *delay*
+    seconds each way in front of it and a temporary directory named after
+    *name*: (the line's endpoint, the directory, a plain client of the
+    server itself, for untimed setup)."""
+    with (
+        local_s3_server() as server,
+        DelayLine(target=host_and_port(server.endpoint_url), delay=delay) as line,
+        tempfile.TemporaryDirectory(prefix=f"zodb-s3blobs-{name}-") as workdir,
+    ):
+        setup = plain_client(server.endpoint_url)
+        setup.create_bucket(Bucket=BUCKET)
+        try:
+            yield line.endpoint_url, workdir, setup
+        finally:
+            setup.close()
+
+
 def host_and_port(url: str) -> tuple[str, int]:
     """The host and port of an http:// URL."""
     parts = urlsplit(url)

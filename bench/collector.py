@@ -21,17 +21,15 @@ import logging
 import os
 import resource
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import ZODB
 import ZODB.config
-from bench import BUCKET, SETUP_WORKERS, host_and_port, measure, plain_client
-from delayline import DelayLine
+from bench import BUCKET, SETUP_WORKERS, bucket_behind_line, measure, plain_client
 from persistent.mapping import PersistentMapping
 from ZODB.utils import p64
 
-from zodb_s3blobs.cli.localserver import LocalS3, local_s3_server
+from zodb_s3blobs.cli.localserver import LocalS3
 
 DELAY = 0.005
 #: Every REVISED-th object gets this many revisions (keys) more.
@@ -92,22 +90,16 @@ def collector_scale(objects: int = 10_000, delay: float = DELAY) -> list[dict]:
     name, seconds, ratio to the listing, peak RSS growth (bytes)."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     rows = []
-    with (
-        local_s3_server() as server,
-        DelayLine(target=host_and_port(server.endpoint_url), delay=delay) as line,
-        tempfile.TemporaryDirectory(prefix="zodb-s3blobs-collector-") as workdir,
-    ):
-        setup = plain_client(server.endpoint_url)
-        setup.create_bucket(Bucket=BUCKET)
+    with bucket_behind_line(delay, "collector") as (endpoint_url, workdir, setup):
         data_fs = os.path.join(workdir, "Data.fs")
         base = f"<filestorage>\n  path {data_fs}\n</filestorage>"
-        text = LocalS3(line.endpoint_url).zconfig(
+        text = LocalS3(endpoint_url).zconfig(
             BUCKET, os.path.join(workdir, "cache"), base, prefix="scale"
         )
         db = ZODB.DB(ZODB.config.storageFromString(text))
         _fill(db, setup, objects)
         storage = db.storage
-        remote = plain_client(line.endpoint_url)
+        remote = plain_client(endpoint_url)
         listing, count = measure(lambda: _plain_listing(remote, storage._layout.root))
         rows.append(dict(name=f"plain listing ({count} keys)", seconds=listing))
         for name, kw in (
@@ -125,7 +117,6 @@ def collector_scale(objects: int = 10_000, delay: float = DELAY) -> list[dict]:
             )
         remote.close()
         db.close()
-        setup.close()
     for row in rows:
         row["ratio"] = row["seconds"] / listing
     return rows

@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,18 +34,16 @@ import ZODB.config
 from bench import (
     BUCKET,
     SETUP_WORKERS,
-    host_and_port,
+    bucket_behind_line,
     measure,
-    plain_client,
     sent_requests,
     upload_orphan,
 )
-from delayline import DelayLine
 from ZODB.blob import Blob
 from ZODB.utils import p64
 
 from zodb_s3blobs import gc
-from zodb_s3blobs.cli.localserver import LocalS3, local_s3_server
+from zodb_s3blobs.cli.localserver import LocalS3
 from zodb_s3blobs.pending import record_key
 
 DELAY = 0.005
@@ -83,14 +80,8 @@ def collect(storage, retention: float, later: float = 0.0) -> str:
 
 def run(revisions: int) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with (
-        local_s3_server() as server,
-        DelayLine(target=host_and_port(server.endpoint_url), delay=DELAY) as line,
-        tempfile.TemporaryDirectory(prefix="zodb-s3blobs-retention-") as workdir,
-    ):
-        setup = plain_client(server.endpoint_url)
-        setup.create_bucket(Bucket=BUCKET)
-        local = LocalS3(line.endpoint_url)
+    with bucket_behind_line(DELAY, "retention") as (endpoint_url, workdir, setup):
+        local = LocalS3(endpoint_url)
 
         def database(name: str) -> ZODB.DB:
             data_fs = os.path.join(workdir, f"{name}.fs")
@@ -114,7 +105,6 @@ def run(revisions: int) -> None:
         print(f"retention 7d, again    {collect(db.storage, WEEK, 3600)}")
         print(f"retention 7d, expired  {collect(db.storage, WEEK, WEEK + 3600)}")
         db.close()
-        setup.close()
 
 
 def main(argv: list[str] | None = None) -> int:

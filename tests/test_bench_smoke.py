@@ -58,20 +58,26 @@ def run_tmpdir() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_quick_run_exits_0_and_prints_every_row(run_tmpdir, postgresql):
-    # The session's server is not used: the fixture skips the test (fails it
-    # under CI) where the bench could not start its own PostgreSQL.
-    env = dict(os.environ, TMPDIR=run_tmpdir, NO_PROXY="127.0.0.1,localhost")
+def run_bench(directory, *args: str) -> list[str]:
+    """Run bench.py with *args* in *directory* (its TMPDIR too); assert it
+    exits 0 and return the lines it printed."""
+    env = dict(os.environ, TMPDIR=str(directory), NO_PROXY="127.0.0.1,localhost")
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        cwd=run_tmpdir,
+        [sys.executable, str(BENCH), *args],
+        cwd=directory,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def test_quick_run_exits_0_and_prints_every_row(run_tmpdir, postgresql):
+    # The session's server is not used: the fixture skips the test (fails it
+    # under CI) where the bench could not start its own PostgreSQL.
+    lines = run_bench(run_tmpdir, "--quick")
     for row in ROWS:
         assert any(line.startswith(row + " ") for line in lines), row
     assert lines[-1].endswith(" targets met")
@@ -96,17 +102,7 @@ def test_scale_run_exits_0_and_prints_every_row(tmp_path):
     """``--scale`` at one tiny size, with the shortened reads of --quick:
     every row and the targets line are printed, and an extrapolation is
     declined (it needs two sizes). No timing is checked."""
-    env = dict(os.environ, TMPDIR=str(tmp_path), NO_PROXY="127.0.0.1,localhost")
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--scale", "--quick", "--scale-sizes", "200"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_bench(tmp_path, "--scale", "--quick", "--scale-sizes", "200")
     for row in SCALE_ROWS:
         assert any(line.startswith(row + " ") for line in lines), row
     assert any(line.endswith(" targets met") for line in lines)
