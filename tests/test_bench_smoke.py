@@ -88,6 +88,7 @@ SCALE_ROWS = (
     "cache RSS growth, 200 files",
     "8 processes serve a hit, 200 files",
     "evict 10%, 200 files",
+    "collector dry run vs listing, 200 objects",
     "collector vs listing, 200 objects",
     "collector RSS growth, 200 objects",
     "cold reads, 1 process",
