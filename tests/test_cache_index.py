@@ -4,6 +4,7 @@ in memory, and the judge of what a machine restart may have damaged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -34,7 +35,7 @@ def index_path(directory) -> str:
 
 def rows(directory) -> dict[tuple[int, int], tuple[int, int]]:
     """(oid, tid) -> (size, durable) of the index's rows, read directly."""
-    with sqlite3.connect(index_path(directory)) as connection:
+    with contextlib.closing(sqlite3.connect(index_path(directory))) as connection:
         found = connection.execute("SELECT oid, tid, size, durable FROM files")
         return {
             (int.from_bytes(o, "big"), int.from_bytes(t, "big")): (size, durable)
@@ -239,4 +240,168 @@ def test_processes_installing_at_once_keep_the_total_exact(tmp_path):
     assert cache.indexed_files() == len(files)
     assert cache.recorded_bytes() == sum(files.values())
     assert {key: size for key, (size, _d) in rows(tmp_path).items()} == files
+    cache.close()
+
+
+def damage(directory) -> None:
+    """Make the index a file SQLite reports damaged (its journals gone)."""
+    index = index_path(directory)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(index + suffix):
+            os.remove(index + suffix)
+    with open(index, "r+b") as f:
+        f.write(b"this is no SQLite database" * 100)
+
+
+def stop_flushing(monkeypatch) -> set[int]:
+    """From now on the background flush is not yet due (a power loss comes
+    first): the cache's own flush does nothing. Returns the inodes fsynced
+    any other way, which a power loss cannot have damaged."""
+    monkeypatch.setattr(BlobCache, "_flush", lambda self, oid, tid: False)
+    fsynced: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        fsynced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return fsynced
+
+
+@pytest.fixture
+def unflushed(monkeypatch) -> set[int]:
+    """stop_flushing from the start of the test."""
+    return stop_flushing(monkeypatch)
+
+
+def assert_only_flushed_files_served(cache: BlobCache, fsynced: set[int]) -> None:
+    """After a power loss, the file of (1, 1) is served only if flushed."""
+    served = cache.lookup(p64(1), p64(1))
+    assert served is None or os.stat(served).st_ino in fsynced, (
+        "a file never flushed is served after a power loss"
+    )
+
+
+def test_a_rebuilt_index_does_not_vouch_for_files_never_flushed(
+    tmp_path, boot, unflushed
+):
+    """Fails: a damaged index is rebuilt by adopting every file as on disk
+    (durable), including one installed a moment ago and not yet flushed;
+    after a power loss, the restart check keeps it and it is served, possibly
+    zero-filled. Only a file known to be flushed may be adopted as such (or
+    adopted after flushing it)."""
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.fetch(p64(1), p64(1), writer(b"not flushed yet"))
+    cache.close()
+    assert rows(tmp_path) == {(1, 1): (15, 0)}
+    damage(tmp_path)
+    BlobCache(str(tmp_path), 1 << 20).close()  # sets it aside, rebuilds it
+    boot("boot-2")  # then the power fails
+    after = BlobCache(str(tmp_path), 1 << 20)
+    assert_only_flushed_files_served(after, unflushed)
+    after.close()
+
+
+def test_an_index_damaged_by_the_power_loss_still_triggers_the_restart_check(
+    tmp_path, boot, unflushed
+):
+    """Fails: an index found damaged after a restart is replaced by an empty
+    one that records the new boot id when it is created, so the restart
+    check never runs, and the rebuild adopts a file never flushed as on
+    disk: it is served. Without a readable index nothing says which files
+    reached the disk."""
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.fetch(p64(1), p64(1), writer(b"not flushed yet"))
+    cache.close()
+    boot("boot-2")  # the power failed, and took the index with it
+    damage(tmp_path)
+    after = BlobCache(str(tmp_path), 1 << 20)
+    assert_only_flushed_files_served(after, unflushed)
+    after.close()
+
+
+def test_a_rolled_back_reinstall_does_not_inherit_the_old_copys_durable_row(
+    tmp_path, boot, monkeypatch
+):
+    """Fails: synchronous=NORMAL lets a power loss roll back the index's
+    transactions since its last checkpoint, while the rename they preceded
+    reached the disk. Here a flushed copy is evicted and the revision read
+    again (same key, a new file, not yet flushed); the loss restores the old
+    copy's row, durable, and the restart check keeps the new file, whose
+    bytes never reached the disk. min_age 0: the first copy is new, and
+    eviction must be free to take it."""
+    cache = BlobCache(str(tmp_path), 1 << 20, min_age=0)
+    cache.fetch(p64(1), p64(1), writer(b"a blob"))
+    cache.close()  # flushed, marked durable, checkpointed into the file
+    assert rows(tmp_path) == {(1, 1): (6, 1)}
+    with open(index_path(tmp_path), "rb") as f:
+        synced = f.read()  # what the disk holds of the index from now on
+
+    fsynced = stop_flushing(monkeypatch)
+    assert cache.evict(target=0) == 6
+    cache.fetch(p64(1), p64(1), writer(b"a blob"))  # read again: a new file
+    cache.close()
+    assert rows(tmp_path) == {(1, 1): (6, 0)}
+
+    # The power fails: the WAL's transactions since the checkpoint are lost,
+    # the rename of the new file is not.
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(index_path(tmp_path) + suffix):
+            os.remove(index_path(tmp_path) + suffix)
+    with open(index_path(tmp_path), "wb") as f:
+        f.write(synced)
+    boot("boot-2")
+    after = BlobCache(str(tmp_path), 1 << 20)
+    assert_only_flushed_files_served(after, fsynced)
+    after.close()
+
+
+def hold_the_index_write_lock(directory) -> sqlite3.Connection:
+    """Another process in the middle of a write transaction (stopped, or
+    stalled on its disk): the index's write lock is taken."""
+    other = sqlite3.connect(index_path(directory), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_an_install_on_a_busy_index_does_not_raise(tmp_path, monkeypatch):
+    """Fails: install() (tpc_finish) says it never waits and raises only
+    OSError; on an index whose write lock another process holds it waits
+    BUSY_TIMEOUT, holding the revision's stripe lock, then raises
+    sqlite3.OperationalError ("database is locked"). tpc_finish logs it and
+    goes on, after 10 s per blob of the transaction. BUSY_TIMEOUT is
+    lowered only so the test does not wait 10 s for the same result."""
+    monkeypatch.setattr(cacheindex, "BUSY_TIMEOUT", 0.1)
+    cache = BlobCache(str(tmp_path / "cache"), 1 << 20)
+    cache.close()
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"committed")
+    staged = cache.take(str(blob))
+    other = hold_the_index_write_lock(tmp_path / "cache")
+    try:
+        installed = cache.install(p64(1), p64(2), staged)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert installed is False
+    cache.close()
+
+
+def test_a_read_on_a_busy_index_returns_the_blob_it_downloaded(tmp_path, monkeypatch):
+    """Fails: a miss downloads the blob whole, then its install waits on an
+    index another process holds and raises sqlite3.OperationalError to the
+    reader (loadBlob), throwing the bytes away. BUSY_TIMEOUT is lowered only
+    so the test does not wait 10 s for the same result."""
+    monkeypatch.setattr(cacheindex, "BUSY_TIMEOUT", 0.1)
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.close()
+    other = hold_the_index_write_lock(tmp_path)
+    try:
+        path = cache.fetch(p64(1), p64(1), writer(b"downloaded"))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with open(path, "rb") as f:
+        assert f.read() == b"downloaded"
     cache.close()
