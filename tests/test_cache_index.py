@@ -405,3 +405,18 @@ def test_a_read_on_a_busy_index_returns_the_blob_it_downloaded(tmp_path, monkeyp
     with open(path, "rb") as f:
         assert f.read() == b"downloaded"
     cache.close()
+
+
+def test_an_index_of_a_newer_schema_is_not_set_aside_as_damaged(tmp_path):
+    """Fails: a schema version this release does not know (a newer release
+    sharing the directory in a rolling upgrade, or after a downgrade) is
+    treated as damage: renamed aside and rebuilt, its rows and durability
+    lost, the files adopted as on disk -- and the newer release then does
+    the same to this one's. It must be refused, naming the file, or left
+    alone."""
+    BlobCache(str(tmp_path), 1 << 20).close()
+    with contextlib.closing(sqlite3.connect(index_path(tmp_path))) as connection:
+        connection.execute(f"PRAGMA user_version={cacheindex.SCHEMA_VERSION + 1}")
+    with contextlib.suppress(cache_module.S3BlobStorageError):
+        BlobCache(str(tmp_path), 1 << 20).close()
+    assert not [n for n in os.listdir(tmp_path / "locks") if ".damaged-" in n]
