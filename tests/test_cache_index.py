@@ -420,3 +420,23 @@ def test_an_index_of_a_newer_schema_is_not_set_aside_as_damaged(tmp_path):
     with contextlib.suppress(cache_module.S3BlobStorageError):
         BlobCache(str(tmp_path), 1 << 20).close()
     assert not [n for n in os.listdir(tmp_path / "locks") if ".damaged-" in n]
+
+
+def test_the_limit_holds_when_the_index_is_replaced_under_a_running_cache(tmp_path):
+    """Fails: when the index is removed (an operator) or set aside as
+    damaged by another process while a cache runs, the empty index that
+    replaces it counts only the files installed since; no check is
+    requested to rebuild it, so the directory grows to about twice
+    cache-size before any eviction runs. min_age 0: the files are all new,
+    and eviction must be free to take them."""
+    cache = BlobCache(str(tmp_path), 10_000, min_age=0)
+    for oid in range(9):
+        cache.fetch(p64(oid), p64(1), writer(b"a" * 1_000))
+    cache.close()
+    for name in os.listdir(tmp_path / "locks"):
+        if name.startswith("index.sqlite"):
+            os.remove(tmp_path / "locks" / name)
+    for oid in range(9, 14):
+        cache.fetch(p64(oid), p64(1), writer(b"b" * 1_000))
+        cache.close()  # lets each check it starts finish
+    assert sum(on_disk(tmp_path).values()) <= 10_000
