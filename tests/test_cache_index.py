@@ -5,9 +5,11 @@ in memory, and the judge of what a machine restart may have damaged."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -446,3 +448,116 @@ def test_the_limit_holds_when_the_index_is_replaced_under_a_running_cache(tmp_pa
         cache.fetch(p64(oid), p64(1), writer(b"b" * 1_000))
         cache.close()  # lets each check it starts finish
     assert sum(on_disk(tmp_path).values()) <= 10_000
+
+
+def test_an_index_of_a_newer_schema_is_refused_naming_the_directory(tmp_path):
+    """The error says which cache directory and index, the two schema
+    versions, and that the processes sharing it must run one release."""
+    BlobCache(str(tmp_path), 1 << 20).close()
+    newer = cacheindex.SCHEMA_VERSION + 1
+    with contextlib.closing(sqlite3.connect(index_path(tmp_path))) as connection:
+        connection.execute(f"PRAGMA user_version={newer}")
+    with pytest.raises(cache_module.S3BlobStorageError) as raised:
+        BlobCache(str(tmp_path), 1 << 20)
+    message = str(raised.value)
+    assert f"cache-dir {tmp_path}" in message
+    assert index_path(tmp_path) in message
+    assert f"schema version {newer}" in message
+    assert f"knows version {cacheindex.SCHEMA_VERSION}" in message
+    assert "every process sharing a cache directory must run the same" in message
+
+
+def test_a_forked_child_flushes_its_own_installs(tmp_path):
+    """Failed before: a child forked while the parent's background thread
+    ran took that thread for its own, started none, and never flushed (nor
+    evicted): its installs stayed not durable, to be removed after a
+    restart."""
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.fetch(p64(1), p64(1), writer(b"parent"))  # its thread now waits
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            cache.fetch(p64(2), p64(1), writer(b"child"))
+            cache.close()
+            status = 0
+        finally:
+            os._exit(status)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert rows(tmp_path)[(2, 1)] == (5, 1), "the child's install was flushed"
+    cache.close()
+
+
+def test_without_user_xattrs_a_restart_removes_every_file(
+    tmp_path, boot, monkeypatch, caplog
+):
+    """Where the file system keeps no user extended attributes, a file
+    carries no install token, so no row can vouch for it: after a restart
+    every file is removed, flushed or not (and the log says why). Within a
+    boot the cache works as usual."""
+
+    def no_xattrs(*args, **kwargs):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", no_xattrs)
+    monkeypatch.setattr(os, "getxattr", no_xattrs)
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.fetch(p64(1), p64(1), writer(b"flushed"))
+    cache.close()
+    assert rows(tmp_path) == {(1, 1): (7, 1)}
+    BlobCache(str(tmp_path), 1 << 20).close()  # same boot: kept
+    assert sorted(on_disk(tmp_path)) == [(1, 1)]
+    boot("boot-2")
+    after = BlobCache(str(tmp_path), 1 << 20)
+    assert after.lookup(p64(1), p64(1)) is None
+    after.close()
+    assert "keeps no user extended attributes" in caplog.text
+
+
+def test_the_boot_is_recorded_privately_once_checked(tmp_path, boot):
+    """locks/boot holds the boot id, mode 0600, from the first open; a
+    record this user did not write (here a symlink) counts as another boot:
+    the restart check runs."""
+    BlobCache(str(tmp_path), 1 << 20).close()
+    record = tmp_path / "locks" / "boot"
+    assert record.read_text() == "boot-1"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    record.unlink()
+    (tmp_path / "elsewhere").write_text("boot-1")
+    record.symlink_to(tmp_path / "elsewhere")
+    cache = BlobCache(str(tmp_path), 1 << 20)
+    cache.close()
+    assert not record.is_symlink()
+    assert record.read_text() == "boot-1"
+
+
+def test_copies_of_damaged_indexes_do_not_pile_up(tmp_path):
+    """Each damaged index is set aside under a name of its own (never over
+    another's), and only the newest few are kept."""
+    BlobCache(str(tmp_path), 1 << 20).close()
+    for _ in range(cacheindex.KEEP_DAMAGED + 2):
+        damage(tmp_path)
+        BlobCache(str(tmp_path), 1 << 20).close()
+    aside = [n for n in os.listdir(tmp_path / "locks") if ".damaged-" in n]
+    assert len(aside) == cacheindex.KEEP_DAMAGED
+
+
+def test_files_of_an_earlier_release_still_running_are_counted(tmp_path, caplog):
+    """Failed before: a process of an earlier release sharing the directory
+    installs files without rows (and recreates its ledger, locks/total):
+    they were never counted, and the directory outgrew cache-size. Now an
+    eviction check that finds the ledger indexes the files (with a WARNING
+    to upgrade every process) and the limit holds. min_age 0: the files are
+    all new, and eviction must be free to take them."""
+    cache = BlobCache(str(tmp_path), 10_000, min_age=0)
+    cache.close()
+    for oid in range(14):
+        plant(tmp_path, oid, 1, b"o" * 1_000)
+    (tmp_path / "locks" / "total").write_text("14000\n")
+    cache.evict()
+    cache.close()
+    assert sum(on_disk(tmp_path).values()) <= 10_000
+    assert cache.recorded_bytes() == sum(on_disk(tmp_path).values())
+    assert "release before 2.0" in caplog.text
+    assert not (tmp_path / "locks" / "total").exists()

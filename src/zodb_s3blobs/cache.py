@@ -80,6 +80,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, TypeVar
@@ -368,20 +369,14 @@ class BlobCache:
         self._share(self.directory)
         self._evict_lock = os.path.join(self._locks_dir, "evict.lock")
         self._ledger = os.path.join(self._locks_dir, OLD_LEDGER)
-        self._state_lock = threading.Lock()
-        # The background thread, if one runs in this process (_background_pid:
-        # a forked child starts its own): eviction checks and flushes; it
-        # exits when none is pending or due.
-        self._background: threading.Thread | None = None
-        self._background_pid = os.getpid()
         self._check_pending = False
         # When a check stopped at files used within min_age: when to retry.
         self._recheck_at: float | None = None
         # When the files installed since the last flush are to be flushed.
         self._flush_at: float | None = None
-        self._wakeup = threading.Condition(self._state_lock)
         self._stop_waiting = False
-        self._closing = threading.Event()
+        self._new_background_state()
+        _open_caches.add(self)
         # Whether the next check walks the files to give each one a row (an
         # install could not write its own, the index was replaced).
         self._adopt_pending = False
@@ -397,6 +392,17 @@ class BlobCache:
 
     def __repr__(self) -> str:
         return f"<BlobCache {self.directory} limit={self.size_limit}>"
+
+    def _new_background_state(self) -> None:
+        """No background thread, and new locks for one: at open, and in a
+        child just forked (the parent's thread is not the child's, and may
+        have held these locks at the fork)."""
+        self._state_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._state_lock)
+        self._closing = threading.Event()
+        # The background thread, if one runs: eviction checks and flushes;
+        # it exits when none is pending or due.
+        self._background: threading.Thread | None = None
 
     def _share(self, path: str, mode: int = GROUP_DIR_MODE) -> None:
         """Give *path*, a directory or file of cached blobs this process has
@@ -991,16 +997,14 @@ class BlobCache:
 
     def _request(self, check: bool = False, flush_at: float | None = None) -> None:
         """Ask the background thread for an eviction check and/or a flush at
-        *flush_at*, starting it if it is not running (in this process: a
-        forked child starts its own)."""
+        *flush_at*, starting it if it is not running."""
         with self._state_lock:
             self._check_pending = self._check_pending or check
             if flush_at is not None and self._flush_at is None:
                 self._flush_at = flush_at
             self._wakeup.notify()
-            if self._background is not None and self._background_pid == os.getpid():
+            if self._background is not None:
                 return
-            self._background_pid = os.getpid()
             self._background = threading.Thread(
                 target=self._background_work, name="zodb-s3blobs-cache", daemon=True
             )
@@ -1183,8 +1187,6 @@ class BlobCache:
         opens another)."""
         with self._state_lock:
             background = self._background
-            if self._background_pid != os.getpid():
-                background = None  # the parent's
             self._stop_waiting = True
             self._wakeup.notify()
         if background is not None:
@@ -1195,6 +1197,19 @@ class BlobCache:
         with self._state_lock:
             self._stop_waiting = False
         self._index.close()
+
+
+#: The caches of this process, for a forked child to give each one a
+#: background state of its own.
+_open_caches: weakref.WeakSet[BlobCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_open_caches):
+        cache._new_background_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _batches(items: Iterable[T]) -> Iterator[list[T]]:
