@@ -33,7 +33,7 @@ index (an earlier version's cache) or a damaged one is rebuilt from the
 files by a walk in the background thread, as are the files of an
 install whose row could not be written (the index busy for seconds: the
 file is installed anyway, a read or a commit never fails for the index),
-and those of a process of an earlier release still using the directory
+and those of a process of an earlier version still using the directory
 (noticed by its ledger, ``locks/total``, reappearing).
 
 Nothing is flushed on the path of a read or a commit: the background
@@ -115,7 +115,8 @@ SIZE_ATTRIBUTE = "user.zodb_s3blobs.size"
 #: The extended attribute holding the random token of a file's install, which
 #: its row holds too (see cacheindex).
 TOKEN_ATTRIBUTE = "user.zodb_s3blobs.install"
-#: The ledger of the cached bytes that releases before 2.0 keep under locks/.
+#: The ledger of the cached bytes that earlier versions, without the shared
+#: index, keep under locks/.
 OLD_LEDGER = "total"
 #: What a failed call to the index raises: SQLite's errors (the database busy
 #: for BUSY_TIMEOUT), and S3BlobStorageError (one of a newer release, or not
@@ -257,7 +258,7 @@ def last_used(st: os.stat_result) -> float:
 
 def _recorded_token(target: str | int) -> int | None:
     """The token of a cached file's install (see :func:`_seal`); None for a
-    file without one (an earlier release's, or where user extended
+    file without one (an earlier version's, or where user extended
     attributes are not kept)."""
     try:
         if isinstance(target, int):
@@ -770,7 +771,7 @@ class BlobCache:
     def _open_index_after_restart(self, current: str) -> None:
         """:meth:`_open_index` when the boot recorded (if any) is not
         *current*, under ``evict.lock``. A sound index: the restart check. A
-        missing index and no boot recorded: an earlier release's cache
+        missing index and no boot recorded: an earlier version's cache
         (whose files were flushed at install: adopted as durable) or a new
         one. An index missing or damaged after a restart: nothing tells the
         files a power loss may have damaged, all are removed. Then the boot
@@ -868,10 +869,10 @@ class BlobCache:
         """Give every cached file a row (INSERT OR IGNORE), by a walk in
         batches under ``evict.lock`` (hits are served meanwhile, eviction
         waits for it), when the index is new (missing, damaged, replaced), an
-        install could not write its row, or a process of an earlier release
+        install could not write its row, or a process of an earlier version
         installs files here (it recreated ``locks/total``). The files are
         recorded as not durable (the flush then marks them), unless the
-        index was created for an earlier release's cache, whose files were
+        index was created for an earlier version's cache, whose files were
         flushed at install. Interrupted (close()), it starts again next
         time."""
         if self._found_old_release():
@@ -912,7 +913,7 @@ class BlobCache:
             yield oid, tid, st.st_size, last_used(st), _recorded_token(path)
 
     def _found_old_release(self) -> bool:
-        """Whether a process of a release before 2.0 uses this directory: it
+        """Whether a process of an earlier version uses this directory: it
         recreates its ledger, ``locks/total``, which this removes. Its
         installs have no rows until a walk gives them theirs."""
         try:
@@ -922,10 +923,10 @@ class BlobCache:
         if not self._warned_of_old_release:
             self._warned_of_old_release = True
             log.warning(
-                "Blob cache %s is used by a process of a zodb-s3blobs release "
-                "before 2.0 (it keeps %s): its files are indexed by a walk at "
-                "each eviction check; upgrade every process sharing the "
-                "directory together",
+                "Blob cache %s is used by a process of an earlier zodb-s3blobs "
+                "version (it keeps %s): its files are indexed by a walk at each "
+                "eviction check; upgrade every process sharing the directory "
+                "together",
                 self.directory,
                 self._ledger,
             )

@@ -224,7 +224,7 @@ class CacheIndex:
             return
         if version != 0:
             raise sqlite3.DatabaseError(
-                f"schema version {version} of an earlier release, not {SCHEMA_VERSION}"
+                f"schema version {version} of an earlier version, not {SCHEMA_VERSION}"
             )
         for statement in SCHEMA:
             connection.execute(statement)
@@ -330,7 +330,7 @@ class CacheIndex:
 
     def fact(self, name: str) -> str | None:
         """A recorded fact: ``complete`` (set once every file has a row),
-        ``adopt_durable`` (the files to index are an earlier release's,
+        ``adopt_durable`` (the files to index are an earlier version's,
         flushed at install)."""
         row = self._run(
             lambda c: c.execute(
