@@ -447,13 +447,14 @@ class CacheIndex:
         return self._run(write, wait)
 
     def adopt(self, found: list[Found], durable: bool) -> None:
-        """Record files found on disk, keeping the rows that exist: as
-        *durable* only when they are known to be on disk (an earlier
-        release's, flushed at install)."""
+        """Record files found on disk, keeping the rows that exist: with
+        *durable*, those without an install token as durable (an earlier
+        version's, flushed at install; a file of this one, not yet
+        flushed, carries a token)."""
         self._write(
             (
                 "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                (*f[:4], durable, f[4]),
+                (*f[:4], durable and f[4] is None, f[4]),
             )
             for f in found
         )
