@@ -7,6 +7,7 @@ Layout under the cache directory (mode 0o700)::
     locks/NN.use              hits (shared) against removals (exclusive)
     locks/evict.lock          held by whichever process is evicting
     locks/index.sqlite        the index of the cached files (cacheindex)
+    locks/boot                the boot the cache was last checked in
     <xx>/<oid_hex>/<tid_hex>.blob
 
 Files appear atomically (written under ``tmp/``, then renamed into place)
@@ -29,15 +30,24 @@ first, keeping (and moving the row of) any file used since its row was
 written, by the file's own times; only one process evicts at a time. The
 index outlives the processes: none walks the directory at start. A missing
 index (an earlier version's cache) or a damaged one is rebuilt from the
-files by a walk in the background thread.
+files by a walk in the background thread, as are the files of an
+install whose row could not be written (the index busy for seconds: the
+file is installed anyway, a read or a commit never fails for the index),
+and those of a process of an earlier version still using the directory
+(noticed by its ledger, ``locks/total``, reappearing).
 
 Nothing is flushed on the path of a read or a commit: the background
 thread flushes (``fsync``) installed files a few seconds later, in batches,
-and marks their rows durable. The index records the machine's boot id;
-the first process to open the cache after a restart (a power loss may have
-left unflushed files empty or zero-filled under their final names) removes,
-before serving any hit, every file whose row is not durable and every file
-without a row (whose row a power loss rolled back).
+and marks their rows durable. Each install carries a random token, in its
+row and in an extended attribute of its file; a row is marked durable only
+for the file carrying its token. ``locks/boot`` (:mod:`.bootrecord`)
+records the machine's boot in which the cache was last checked; the first
+process to open the cache after a restart (a power loss may have left
+unflushed files empty or zero-filled under their final names) removes,
+before serving any hit, every file whose row is not durable or carries
+another token, and every file without a row (whose row a power loss rolled
+back); with the index missing or damaged, nothing tells those files from
+the others, and it removes them all (see :meth:`BlobCache._open_index`).
 
 With ``cache-group``, the cache directory and its ``<xx>/`` and oid
 directories are 0o750 and the files 0o440, all of that group, so that a
@@ -64,12 +74,13 @@ import errno
 import fcntl
 import grp
 import logging
-import math
 import os
+import sqlite3
 import stat
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, TypeVar
@@ -77,8 +88,8 @@ from typing import BinaryIO, TypeVar
 from ZODB.blob import rename_or_copy_blob
 from ZODB.utils import p64
 
-from . import cacheindex
-from .cacheindex import CacheIndex, Row, Seen
+from . import bootrecord, cacheindex
+from .cacheindex import CacheIndex, Flushed, Found, Row, Seen
 from .errors import S3BlobStorageError
 from .keys import hex_id
 from .metrics import Metrics
@@ -101,6 +112,16 @@ _INSTALL_ATTEMPTS = 10
 ABANDONED_AFTER = 24 * 3600
 #: The extended attribute holding a cached file's size at install.
 SIZE_ATTRIBUTE = "user.zodb_s3blobs.size"
+#: The extended attribute holding the random token of a file's install, which
+#: its row holds too (see cacheindex).
+TOKEN_ATTRIBUTE = "user.zodb_s3blobs.install"
+#: The ledger of the cached bytes that earlier versions, without the shared
+#: index, keep under locks/.
+OLD_LEDGER = "total"
+#: What a failed call to the index raises: SQLite's errors (the database busy
+#: for BUSY_TIMEOUT), and S3BlobStorageError (one of a newer release, or not
+#: a regular file). Reads and installs go on without it.
+_INDEX_ERRORS = (sqlite3.Error, S3BlobStorageError)
 #: How often a waiting eviction check retries ``evict.lock`` (seconds).
 _LOCK_POLL = 0.02
 #: Eviction leaves files used within this many seconds. A path handed out
@@ -235,12 +256,34 @@ def last_used(st: os.stat_result) -> float:
     return max(st.st_atime, st.st_mtime)
 
 
+def _recorded_token(target: str | int) -> int | None:
+    """The token of a cached file's install (see :func:`_seal`); None for a
+    file without one (an earlier version's, or where user extended
+    attributes are not kept)."""
+    try:
+        if isinstance(target, int):
+            return int(os.getxattr(target, TOKEN_ATTRIBUTE))
+        return int(os.getxattr(target, TOKEN_ATTRIBUTE, follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
+
+
 def _seal(fd: int, size: int) -> None:
-    """Record *size* with the file, before it is renamed into the cache: a
-    file whose size later differs from the record is never served. It is
-    flushed to disk later, off the critical path (BlobCache._flush_installed)."""
-    with contextlib.suppress(OSError):  # no user xattrs here: the index checks
+    """Record *size* and a new random install token with the file, before it
+    is renamed into the cache: a file whose size later differs from the
+    record is never served, and its row vouches for it only with its token
+    (cacheindex). It is flushed to disk later, off the critical path
+    (BlobCache._flush_installed), unless the token could not be recorded on
+    a file system that keeps user extended attributes (then now, as nothing
+    else could vouch for it after a power loss). Where none are kept, no
+    file is ever vouched for: a machine restart removes them all."""
+    token = int.from_bytes(os.urandom(8), "big", signed=True)  # SQLite's INTEGER
+    try:
         os.setxattr(fd, SIZE_ATTRIBUTE, str(size).encode())
+        os.setxattr(fd, TOKEN_ATTRIBUTE, str(token).encode())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            os.fsync(fd)
 
 
 def _mkdir(path: str) -> bool:
@@ -326,19 +369,21 @@ class BlobCache:
             os.chmod(self.directory, DIR_MODE)
         self._share(self.directory)
         self._evict_lock = os.path.join(self._locks_dir, "evict.lock")
-        self._state_lock = threading.Lock()
-        # The background thread, if one runs: eviction checks and flushes;
-        # it exits when none is pending or due.
-        self._background: threading.Thread | None = None
+        self._ledger = os.path.join(self._locks_dir, OLD_LEDGER)
         self._check_pending = False
         # When a check stopped at files used within min_age: when to retry.
         self._recheck_at: float | None = None
         # When the files installed since the last flush are to be flushed.
         self._flush_at: float | None = None
-        self._wakeup = threading.Condition(self._state_lock)
         self._stop_waiting = False
-        self._closing = threading.Event()
-        self._index = CacheIndex(os.path.join(self._locks_dir, INDEX_NAME))
+        self._new_background_state()
+        _open_caches.add(self)
+        # Whether the next check walks the files to give each one a row (an
+        # install could not write its own, the index was replaced).
+        self._adopt_pending = False
+        # Until when installs do not wait for a busy index (time.monotonic).
+        self._index_busy_until = 0.0
+        self._warned_of_old_release = False
         self._open_index()
         self._remove_abandoned_temp_files()
         # Builds a new index (in the background: opening the storage does not
@@ -348,6 +393,17 @@ class BlobCache:
 
     def __repr__(self) -> str:
         return f"<BlobCache {self.directory} limit={self.size_limit}>"
+
+    def _new_background_state(self) -> None:
+        """No background thread, and new locks for one: at open, and in a
+        child just forked (the parent's thread is not the child's, and may
+        have held these locks at the fork)."""
+        self._state_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._state_lock)
+        self._closing = threading.Event()
+        # The background thread, if one runs: eviction checks and flushes;
+        # it exits when none is pending or due.
+        self._background: threading.Thread | None = None
 
     def _share(self, path: str, mode: int = GROUP_DIR_MODE) -> None:
         """Give *path*, a directory or file of cached blobs this process has
@@ -414,7 +470,8 @@ class BlobCache:
         except FileNotFoundError:
             return None, False
         if recorded is None:  # a file system without user xattrs: ask the index
-            recorded = self._index.size_of(oid, tid)
+            with contextlib.suppress(*_INDEX_ERRORS):  # busy: served unchecked
+                recorded = self._index.size_of(oid, tid)
         if recorded is not None and recorded != size:
             return None, True
         self.metrics.hit(oid, tid, size)
@@ -558,9 +615,42 @@ class BlobCache:
         os.utime(source)
         # Recorded before the rename, not yet durable: the index always
         # covers the files (a crash in between leaves a row without a file).
-        total = self._index.add(oid, tid, size, last_used(os.lstat(source)))
-        self._rename_into_place(source, self.path(oid, tid))
+        path = self.path(oid, tid)
+        used = last_used(os.lstat(source))
+        total = self._record(oid, tid, size, used, _recorded_token(source), path)
+        self._rename_into_place(source, path)
         return total
+
+    def _record(
+        self,
+        oid: bytes,
+        tid: bytes,
+        size: int,
+        used: float,
+        token: int | None,
+        path: str,
+    ) -> int | None:
+        """Write the row of a file about to be installed at *path*; return
+        the index's new total, or None when the index could not be written
+        (busy for BUSY_TIMEOUT, or replaced by a newer release's): the file
+        is installed all the same, and the next check's walk gives it a row,
+        so that the index never fails or stalls a read or a commit. After
+        such a failure, installs do not wait for the index for FLUSH_DELAY
+        seconds (a transaction of many blobs waits once)."""
+        wait = 0.0 if time.monotonic() < self._index_busy_until else None
+        try:
+            return self._index.add(oid, tid, size, used, token, wait=wait)
+        except _INDEX_ERRORS as exc:
+            self._index_busy_until = time.monotonic() + FLUSH_DELAY
+            self._adopt_pending = True
+            log.warning(
+                "Blob cache index %s could not be written (%s): %s is installed "
+                "without its row, which the next eviction check gives it",
+                self._index.path,
+                exc,
+                path,
+            )
+            return None
 
     def _rename_into_place(self, source: str, path: str) -> None:
         """Rename *source* to *path*, creating its ``<xx>/`` and oid
@@ -591,9 +681,10 @@ class BlobCache:
             self._remove_locked(oid, tid)
         self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
 
-    def _remove_locked(self, oid: bytes, tid: bytes) -> int | None:
-        """Remove the cached file of (oid, tid); the caller holds its stripe
-        lock. Returns its size, or None if there was none."""
+    def _remove_locked(self, oid: bytes, tid: bytes, forget: bool = True) -> int | None:
+        """Remove the cached file of (oid, tid), and then (the index always
+        covers the files) its row unless *forget* is false; the caller holds
+        its stripe lock. Returns its size, or None if there was none."""
         path = self.path(oid, tid)
         try:
             with _flock(self._lock_path(oid, tid, "use")):
@@ -601,9 +692,23 @@ class BlobCache:
                 os.remove(path)
         except FileNotFoundError:
             size = None
-        # After the file: the index always covers the files.
-        self._index.forget(oid, tid)
+        if forget:
+            self._forget(oid, tid)
         return size
+
+    def _forget(self, oid: bytes, tid: bytes) -> None:
+        """Delete the row of a file removed; when the index cannot be written,
+        leave it (a row without a file is dropped by eviction or a flush)."""
+        try:
+            self._index.forget(oid, tid)
+        except _INDEX_ERRORS as exc:
+            log.warning(
+                "Blob cache index %s could not be written (%s): the row of the "
+                "removed %s is left for eviction to drop",
+                self._index.path,
+                exc,
+                self.path(oid, tid),
+            )
 
     def _remove_empty_dirs(self, oid_dir: str) -> None:
         for directory in (oid_dir, os.path.dirname(oid_dir)):
@@ -630,80 +735,202 @@ class BlobCache:
             return None
         return self._index.totals()[1]
 
+    def _new_index(self) -> CacheIndex:
+        return CacheIndex(
+            os.path.join(self._locks_dir, INDEX_NAME), on_replaced=self._index_replaced
+        )
+
+    def _index_replaced(self) -> None:
+        """The index file was replaced under this cache (an operator removed
+        it, a process set it aside as damaged): have the next check give
+        every file a row again, so that the size limit holds."""
+        self._adopt_pending = True
+        self._start_check()
+
+    def _holds_files(self) -> bool:
+        return any(e.name not in RESERVED for e in _subdirectories(self.directory))
+
     def _open_index(self) -> None:
         """Open the directory's index (see :mod:`.cacheindex`); when the
-        machine restarted since it was last opened, remove what a power loss
-        may have damaged, before any hit can serve it."""
-        # The ledger of earlier versions: the index counts the files now.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self._locks_dir, "total"))
-        if self._index.fact("boot_id") != cacheindex.boot_id():
+        machine restarted since the cache was last checked (``locks/boot``,
+        :mod:`.bootrecord`), first remove what a power loss may have
+        damaged, before any hit can serve it. In the boot recorded, a
+        missing or damaged index is rebuilt by the background walk, its
+        files not durable (the page cache holds them: the flush marks them).
+        """
+        current = cacheindex.boot_id()
+        if bootrecord.read(self._locks_dir) == current:
+            self._index = self._new_index()
+        else:
+            # Processes opening meanwhile wait, and find the boot recorded.
             with _flock(self._evict_lock):
-                self._reconcile_after_restart()
-        if self._index.fact("complete") is None and not any(
-            entry.name not in RESERVED for entry in _subdirectories(self.directory)
-        ):
+                self._open_index_after_restart(current)
+        if self._index.fact("complete") is None and not self._holds_files():
             self._index.set_fact("complete", "1")  # nothing to adopt
 
-    def _reconcile_after_restart(self) -> None:
+    def _open_index_after_restart(self, current: str) -> None:
+        """:meth:`_open_index` when the boot recorded (if any) is not
+        *current*, under ``evict.lock``. A sound index: the restart check. A
+        missing index and no boot recorded: an earlier version's cache
+        (whose files were flushed at install: adopted as durable) or a new
+        one. An index missing or damaged after a restart: nothing tells the
+        files a power loss may have damaged, all are removed. Then the boot
+        is recorded."""
+        recorded = bootrecord.read(self._locks_dir)
+        existed = os.path.lexists(os.path.join(self._locks_dir, INDEX_NAME))
+        earlier_release = os.path.lexists(self._ledger) or self._holds_files()
+        index = self._index = self._new_index()
+        if recorded == current:  # another process did it meanwhile
+            return
+        if not index.created:
+            self._check_after_restart()
+        elif not existed and recorded is None:
+            if earlier_release:
+                index.set_fact("adopt_durable", "1")
+        else:
+            self._remove_all_files()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._ledger)
+        bootrecord.write(self._locks_dir, current)
+
+    def _check_after_restart(self) -> None:
         """Remove the files a power loss may have left empty or zero-filled
         (with the right size) under their final names: those whose rows say
-        they were not yet flushed, and those without a row (whose row's
-        transaction the loss rolled back); then record this boot. Runs at
-        open under ``evict.lock``: processes opening meanwhile wait for it,
-        and check the boot id again."""
-        current = cacheindex.boot_id()
-        if self._index.fact("boot_id") == current:
-            return
+        they were not yet flushed, or were marked flushed for another file of
+        the same revision (a row rolled back by the loss: its token is not
+        the file's), and those without a row. Where user extended attributes
+        are not kept (no tokens), every file. Runs at open under
+        ``evict.lock``, by a walk."""
         started = time.monotonic()
-        unflushed = 0
-        for rows in self._not_durable_batches(math.inf):
-            for oid, tid, _size, _used in rows:
-                self.discard(oid, tid)
-            unflushed += len(rows)
-        unindexed = 0
-        for batch in _batches(revision for revision, _p, _st in self._walk()):
-            for oid, tid in self._index.unknown(batch):
-                self.discard(oid, tid)
-                unindexed += 1
+        tokens = self._keeps_tokens()
+        unflushed = unindexed = 0
+        for batch in _batches(self._walk()):
+            rows = self._index.vouchers([revision for revision, _p, _st in batch])
+            for revision, path, _st in batch:
+                row = rows.get(revision)
+                if row is None:
+                    unindexed += 1
+                elif tokens and row[0] and row[1] == _recorded_token(path):
+                    continue  # flushed, and this very file
+                else:
+                    unflushed += 1
+                self.discard(*revision)
         # Every file left has a row: the index is complete, if it was not.
         self._index.set_fact("complete", "1")
-        self._index.set_fact("boot_id", current)
         log.warning(
             "Blob cache %s: the machine restarted since it was last used; "
             "removed %d files not yet flushed to disk and %d not indexed, "
-            "which a power loss may have damaged (%.1fs)",
+            "which a power loss may have damaged (%.1fs)%s",
             self.directory,
             unflushed,
             unindexed,
             time.monotonic() - started,
+            ""
+            if tokens
+            else "; its file system keeps no user extended attributes, so no "
+            "file could be vouched for",
         )
 
-    def _complete_index(self) -> None:
-        """Give every cached file a row, when the index is new: a cache of an
-        earlier version (whose files were flushed at install: they are
-        adopted as on disk), or an index set aside as damaged. A walk in
-        batches, under ``evict.lock``; hits are served meanwhile, eviction
-        waits for it. Interrupted (close()), it starts again next time."""
-        if self._index.fact("complete") is not None:
+    def _keeps_tokens(self) -> bool:
+        """Whether the cache's file system keeps user extended attributes
+        (the install tokens), tried on a new file under ``tmp/``."""
+        fd, probe = tempfile.mkstemp(dir=self.temp_dir, prefix="probe-")
+        try:
+            os.setxattr(fd, TOKEN_ATTRIBUTE, b"0")
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            os.remove(probe)
+        return True
+
+    def _remove_all_files(self) -> None:
+        """Remove every cached file: the machine restarted and the index,
+        which told the files flushed to disk from the others, is missing or
+        damaged (or the boot record unreadable). Runs at open under
+        ``evict.lock``, on a new index (no rows to delete)."""
+        removed = 0
+        for (oid, tid), _path, _st in self._walk():
+            with _flock(self._lock_path(oid, tid)):
+                if self._remove_locked(oid, tid, forget=False) is not None:
+                    removed += 1
+            self._remove_empty_dirs(os.path.dirname(self.path(oid, tid)))
+        self._index.set_fact("complete", "1")
+        log.warning(
+            "Blob cache %s: the machine restarted since it was last used, and "
+            "its index is missing or damaged, so nothing tells the files "
+            "flushed to disk from those a power loss may have damaged: "
+            "removed all %d cached files, to be downloaded again",
+            self.directory,
+            removed,
+        )
+
+    def _index_files(self) -> None:
+        """Give every cached file a row (INSERT OR IGNORE), by a walk in
+        batches under ``evict.lock`` (hits are served meanwhile, eviction
+        waits for it), when the index is new (missing, damaged, replaced), an
+        install could not write its row, or a process of an earlier version
+        installs files here (it recreated ``locks/total``). The files are
+        recorded as not durable (the flush then marks them), unless the
+        index was created for an earlier version's cache, whose files were
+        flushed at install. Interrupted (close()), it starts again next
+        time."""
+        if self._found_old_release():
+            self._adopt_pending = True
+        if not self._adopt_pending and self._index.fact("complete") is not None:
             return
+        self._adopt_pending = False  # set again by what fails meanwhile
+        try:
+            self._walk_into_index()
+        except BaseException:
+            self._adopt_pending = True
+            raise
+
+    def _walk_into_index(self) -> None:
+        durable = self._index.fact("adopt_durable") is not None
         started = time.monotonic()
         log.info("Indexing the files of blob cache %s", self.directory)
         adopted = 0
-        for batch in _batches(
-            (oid, tid, st.st_size, last_used(st)) for (oid, tid), _p, st in self._walk()
-        ):
-            self._index.adopt(batch)
+        for batch in _batches(self._found()):
+            self._index.adopt(batch, durable)
             adopted += len(batch)
             if self._closing.is_set():
+                self._adopt_pending = True
                 return
         self._index.set_fact("complete", "1")
+        self._index.drop_fact("adopt_durable")
+        if not durable:
+            self._request(flush_at=time.time())
         log.info(
             "Indexed %d files of blob cache %s in %.1fs",
             adopted,
             self.directory,
             time.monotonic() - started,
         )
+
+    def _found(self) -> Iterator[Found]:
+        for (oid, tid), path, st in self._walk():
+            yield oid, tid, st.st_size, last_used(st), _recorded_token(path)
+
+    def _found_old_release(self) -> bool:
+        """Whether a process of an earlier version uses this directory: it
+        recreates its ledger, ``locks/total``, which this removes. Its
+        installs have no rows until a walk gives them theirs."""
+        try:
+            os.remove(self._ledger)
+        except FileNotFoundError:
+            return False
+        if not self._warned_of_old_release:
+            self._warned_of_old_release = True
+            log.warning(
+                "Blob cache %s is used by a process of an earlier zodb-s3blobs "
+                "version (it keeps %s): its files are indexed by a walk at each "
+                "eviction check; upgrade every process sharing the directory "
+                "together",
+                self.directory,
+                self._ledger,
+            )
+        return True
 
     def _not_durable_batches(self, before: float) -> Iterator[list[Row]]:
         """The rows not yet known to be on disk, used before *before*, in
@@ -722,42 +949,45 @@ class BlobCache:
         paths of reads and commits."""
         for rows in self._not_durable_batches(before):
             flushed = [
-                (oid, tid, used)
-                for oid, tid, _size, used in rows
-                if not self._closing.is_set() and self._flush(oid, tid)
+                done
+                for oid, tid, _size, _used in rows
+                if not self._closing.is_set() and (done := self._flush(oid, tid))
             ]
             self._index.mark_durable(flushed)
 
-    def _flush(self, oid: bytes, tid: bytes) -> bool:
-        """fsync the cached file of (oid, tid); False if it is not there (its
-        row is then dropped, unless an install holds its stripe lock) or not
-        a regular file of this user (a hit removes it)."""
+    def _flush(self, oid: bytes, tid: bytes) -> Flushed | None:
+        """fsync the cached file of (oid, tid); return it with the token it
+        carries (its row is marked durable only if it holds that token), or
+        None if it is not there (its row is then dropped, unless an install
+        holds its stripe lock) or not a regular file of this user (a hit
+        removes it)."""
         path = self.path(oid, tid)
         try:
             fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             with _flock(self._lock_path(oid, tid), blocking=False) as acquired:
                 if acquired and not os.path.lexists(path):
-                    self._index.forget(oid, tid)  # a row a crash left
-            return False
+                    self._forget(oid, tid)  # a row a crash left
+            return None
         except OSError:  # e.g. a symlink (ELOOP)
-            return False
+            return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                return False
+                return None
             os.fsync(fd)
+            return oid, tid, _recorded_token(fd)
         finally:
             os.close(fd)
-        return True
 
     # -- the background thread -------------------------------------------
 
-    def _added(self, total: int) -> None:
+    def _added(self, total: int | None) -> None:
         """After an install: flush it in a few seconds, and start an eviction
-        check if the directory's total (*total*) is over the limit."""
+        check if the directory's total (*total*) is over the limit, or
+        unknown (the install's row could not be written)."""
         self._request(flush_at=time.time() + FLUSH_DELAY)
-        if total > self.size_limit:
+        if total is None or total > self.size_limit:
             self._start_check()
 
     def _start_check(self) -> None:
@@ -824,6 +1054,9 @@ class BlobCache:
                             self._evict_locked(None)
             except Exception:
                 log.exception("Blob cache work in %s failed", self.directory)
+                with self._state_lock:  # e.g. the index busy: try again later
+                    if self._adopt_pending and self._recheck_at is None:
+                        self._recheck_at = time.time() + FLUSH_DELAY
 
     def _remove_abandoned_temp_files(self) -> None:
         """Remove downloads and staged uploads a killed process left in tmp/.
@@ -871,7 +1104,7 @@ class BlobCache:
 
     def _evict_locked(self, target: int | None) -> int:
         """:meth:`evict`, for a caller holding ``evict.lock``."""
-        self._complete_index()
+        self._index_files()
         files, total = self._index.totals()
         if target is None:
             if total <= self.size_limit:
@@ -965,6 +1198,19 @@ class BlobCache:
         with self._state_lock:
             self._stop_waiting = False
         self._index.close()
+
+
+#: The caches of this process, for a forked child to give each one a
+#: background state of its own.
+_open_caches: weakref.WeakSet[BlobCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_open_caches):
+        cache._new_background_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _batches(items: Iterable[T]) -> Iterator[list[T]]:

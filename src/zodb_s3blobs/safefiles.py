@@ -97,22 +97,35 @@ def create_new(path: str, flags: int, mode: int) -> int:
     return os.open(path, flags | _CREATE_FLAGS, mode)
 
 
-def replace_atomically(path: str, data: bytes, mode: int) -> None:
+def replace_atomically(
+    path: str, data: bytes, mode: int, durable: bool = False
+) -> None:
     """Replace *path* with a file of *data* and exactly *mode* (whatever the
     umask: readers refuse a file group or others may write), written to a
     new ``<path>.<pid>.<16 hex digits>`` beside it, then renamed over it, so
     that readers see the old file or the new one, and nothing planted beside
-    it is followed or opened."""
+    it is followed or opened. *durable*: the file is flushed before the
+    rename and the directory after it, so that a power loss leaves the old
+    file or the whole new one."""
     fd, temp = _new_beside(path)
     try:
         with open(fd, "wb") as file:
             file.write(data)
             os.fchmod(file.fileno(), mode)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temp)
         raise
+    if durable:
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | _OPEN_FLAGS)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def _new_beside(path: str) -> tuple[int, str]:
