@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import textwrap
 import tracemalloc
 
@@ -19,6 +16,7 @@ import pytest
 from ZODB.utils import p64
 
 import zodb_s3blobs.cache as cache_module
+from children import run_side_by_side
 from zodb_s3blobs import cacheindex
 from zodb_s3blobs.cache import FILE_MODE, BlobCache, revision_path
 
@@ -87,11 +85,7 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(tmp_path, caplog):
         first.fetch(p64(oid), p64(1), writer(b"y" * 50))
     first.close()
     index = index_path(tmp_path)
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(index + suffix):
-            os.remove(index + suffix)
-    with open(index, "r+b") as f:
-        f.write(b"this is no SQLite database" * 100)
+    damage(tmp_path)
     cache = BlobCache(str(tmp_path), 1 << 20)
     cache.close()
     assert f"Blob cache index {index} is damaged" in caplog.text
@@ -218,24 +212,10 @@ def test_processes_installing_at_once_keep_the_total_exact(tmp_path):
     """Three processes install (and discard some of) their files at once: the
     index's count and total are those of the files on disk."""
     BlobCache(str(tmp_path), 1 << 40).close()  # the index exists
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                INSTALLER,
-                json.dumps({"cache_dir": str(tmp_path), "worker": w, "files": 300}),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for w in range(3)
-    ]
-    for child in children:
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err
-        assert out.strip() == "ok"
+    run_side_by_side(
+        INSTALLER,
+        [{"cache_dir": str(tmp_path), "worker": w, "files": 300} for w in range(3)],
+    )
     files = on_disk(tmp_path)
     assert len(files) == 3 * 240
     cache = BlobCache(str(tmp_path), 1 << 40)

@@ -4,11 +4,8 @@ limit holds for the directory that several processes share."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -17,6 +14,7 @@ import traceback
 import pytest
 from ZODB.utils import p64
 
+from children import run_side_by_side
 from zodb_s3blobs.cache import BlobCache
 
 KiB = 1 << 10
@@ -270,33 +268,20 @@ def test_the_size_limit_holds_for_a_directory_shared_by_processes(tmp_path):
     (tested in test_cache.py)."""
     limit = 10 * MiB
     shared = tmp_path / "shared"
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                SHARER,
-                json.dumps(
-                    {
-                        "cache_dir": str(shared),
-                        "cache_size": limit,
-                        "work": str(tmp_path / f"work{worker}"),
-                        "worker": worker,
-                        "blobs": 24,
-                        "blob_size": 256 * KiB,
-                    }
-                ),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for worker in range(4)
-    ]
-    for child in children:
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err
-        assert out.strip() == "ok"
+    run_side_by_side(
+        SHARER,
+        [
+            {
+                "cache_dir": str(shared),
+                "cache_size": limit,
+                "work": str(tmp_path / f"work{worker}"),
+                "worker": worker,
+                "blobs": 24,
+                "blob_size": 256 * KiB,
+            }
+            for worker in range(4)
+        ],
+    )
     # Summed without opening a BlobCache, whose own check would evict.
     total = sum(
         os.path.getsize(os.path.join(parent, name))
