@@ -541,3 +541,23 @@ def test_files_of_an_earlier_release_still_running_are_counted(tmp_path, caplog)
     assert cache.recorded_bytes() == sum(on_disk(tmp_path).values())
     assert "an earlier zodb-s3blobs version" in caplog.text
     assert not (tmp_path / "locks" / "total").exists()
+
+
+def test_an_unreadable_boot_id_does_not_remove_files_another_process_serves(
+    tmp_path, monkeypatch, unflushed
+):
+    """Fails: cacheindex.boot_id() answers "" when it cannot read
+    /proc/sys/kernel/random/boot_id (any OSError: EMFILE in a process out
+    of descriptors, a sandbox hiding /proc). A process opening the cache
+    then, in the same boot, takes "" for a restart: it runs the restart
+    check while another process serves the cache, removing the file that
+    process installed a moment ago (not yet flushed) and whose path it just
+    handed out (MIN_AGE is not honoured), and records "" as the boot, so
+    the next process opening with the real boot id runs the check again.
+    A boot id that cannot be read is no evidence of a restart."""
+    serving = BlobCache(str(tmp_path), 1 << 20)
+    path = serving.fetch(p64(1), p64(1), writer(b"just downloaded"))
+    monkeypatch.setattr(cacheindex, "BOOT_ID_FILE", str(tmp_path / "no-such-file"))
+    BlobCache(str(tmp_path), 1 << 20).close()  # opens now, same boot
+    assert os.path.exists(path), "a path just handed out was removed"
+    serving.close()
