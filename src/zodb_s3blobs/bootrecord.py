@@ -20,22 +20,29 @@ from .safefiles import UnsafeFileError, read_checked, replace_atomically
 NAME = "boot"
 #: A boot id is 36 characters; anything much larger was not written here.
 _LIMIT = 256
-#: What an unreadable record counts as: a boot id no kernel gives.
+#: What a record this user did not write counts as: a boot id no kernel
+#: gives (the restart check runs).
 UNTRUSTED = "(unreadable)"
+#: What a record that could not be read now counts as (out of descriptors,
+#: an I/O error): no evidence of a restart either way.
+UNKNOWN = "(unknown)"
 
 
 def read(locks_dir: str) -> str | None:
-    """The boot id recorded in *locks_dir*, None if there is no record, or
+    """The boot id recorded in *locks_dir*; None if there is no record;
     :data:`UNTRUSTED` for a file this user did not write as one (never
-    equal to a boot id: the restart check runs)."""
+    equal to a boot id: the restart check runs); :data:`UNKNOWN` when it
+    could not be read."""
     try:
         return read_checked(os.path.join(locks_dir, NAME), os.geteuid(), _LIMIT).decode(
             "ascii"
         )
     except FileNotFoundError:
         return None
-    except (UnsafeFileError, OSError, UnicodeDecodeError):
+    except (UnsafeFileError, UnicodeDecodeError):
         return UNTRUSTED
+    except OSError:
+        return UNKNOWN
 
 
 def write(locks_dir: str, boot: str) -> None:

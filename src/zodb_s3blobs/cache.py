@@ -310,6 +310,10 @@ def _subdirectories(directory: str) -> list[os.DirEntry]:
     return [e for e in _entries(directory) if e.is_dir(follow_symlinks=False)]
 
 
+def _any_entry(entry: os.DirEntry) -> bool:
+    return True
+
+
 def _trusted_entry(entry: os.DirEntry) -> bool:
     """Whether a directory met by a walk is only this user's to write; one
     that is not is skipped, with a warning (its files are not indexed, and
@@ -759,7 +763,18 @@ class BlobCache:
         files not durable (the page cache holds them: the flush marks them).
         """
         current = cacheindex.boot_id()
-        if bootrecord.read(self._locks_dir) == current:
+        recorded = bootrecord.read(self._locks_dir)
+        if recorded == current:
+            self._index = self._new_index()
+        elif not current or recorded == bootrecord.UNKNOWN:
+            # No evidence of a restart: a check now would remove files other
+            # processes of this boot serve (unflushed for a few seconds).
+            log.warning(
+                "Blob cache %s: %s could not be read, so a machine restart "
+                "since the cache was last checked cannot be told; not checked",
+                self.directory,
+                "the boot record" if current else cacheindex.BOOT_ID_FILE,
+            )
             self._index = self._new_index()
         else:
             # Processes opening meanwhile wait, and find the boot recorded.
@@ -771,23 +786,25 @@ class BlobCache:
     def _open_index_after_restart(self, current: str) -> None:
         """:meth:`_open_index` when the boot recorded (if any) is not
         *current*, under ``evict.lock``. A sound index: the restart check. A
-        missing index and no boot recorded: an earlier version's cache
-        (whose files were flushed at install: adopted as durable) or a new
-        one. An index missing or damaged after a restart: nothing tells the
-        files a power loss may have damaged, all are removed. Then the boot
-        is recorded."""
+        missing index, no boot recorded and a ledger (``locks/total``): an
+        earlier version's cache, whose files were flushed at install
+        (adopted as durable). Otherwise an index missing or damaged, and no
+        record of this boot: nothing tells the files a power loss may have
+        damaged, all are removed. Then the boot is recorded."""
         recorded = bootrecord.read(self._locks_dir)
         existed = os.path.lexists(os.path.join(self._locks_dir, INDEX_NAME))
-        earlier_release = os.path.lexists(self._ledger) or self._holds_files()
+        # An earlier version kept a ledger and no index nor boot record.
+        earlier_release = os.path.lexists(self._ledger)
         index = self._index = self._new_index()
-        if recorded == current:  # another process did it meanwhile
-            return
+        if recorded in (current, bootrecord.UNKNOWN):  # done meanwhile, or
+            return  # no evidence (see _open_index)
         if not index.created:
             self._check_after_restart()
-        elif not existed and recorded is None:
-            if earlier_release:
-                index.set_fact("adopt_durable", "1")
-        else:
+        elif not existed and recorded is None and earlier_release:
+            index.set_fact("adopt_durable", "1")
+        elif self._holds_files():
+            # An index missing or damaged, with no record of this boot (or of
+            # an earlier one: locks/ lost): nothing vouches for the files.
             self._remove_all_files()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._ledger)
@@ -804,7 +821,7 @@ class BlobCache:
         started = time.monotonic()
         tokens = self._keeps_tokens()
         unflushed = unindexed = 0
-        for batch in _batches(self._walk()):
+        for batch in _batches(self._walk(trusted_only=False)):
             rows = self._index.vouchers([revision for revision, _p, _st in batch])
             for revision, path, _st in batch:
                 row = rows.get(revision)
@@ -850,7 +867,7 @@ class BlobCache:
         damaged (or the boot record unreadable). Runs at open under
         ``evict.lock``, on a new index (no rows to delete)."""
         removed = 0
-        for (oid, tid), _path, _st in self._walk():
+        for (oid, tid), _path, _st in self._walk(trusted_only=False):
             with _flock(self._lock_path(oid, tid)):
                 if self._remove_locked(oid, tid, forget=False) is not None:
                     removed += 1
@@ -1078,10 +1095,15 @@ class BlobCache:
         for _revision, path, st in self._walk():
             yield path, st
 
-    def _walk(self) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
-        """Every cached file, skipping (with a warning) directories another
-        user could write and anything but this user's regular files."""
-        for revision, path, st in walk(self.directory, _trusted_entry):
+    def _walk(
+        self, trusted_only: bool = True
+    ) -> Iterator[tuple[tuple[bytes, bytes], str, os.stat_result]]:
+        """Every cached file of this user (regular files only), skipping (with
+        a warning) directories another user could write, unless not
+        *trusted_only*: the restart check removes what a hit, which looks at
+        the file alone, would serve from them."""
+        trusted = _trusted_entry if trusted_only else _any_entry
+        for revision, path, st in walk(self.directory, trusted):
             if st.st_uid == os.geteuid():
                 yield revision, path, st
 

@@ -124,7 +124,8 @@ class NewerIndexError(S3BlobStorageError):
 def boot_id() -> str:
     """The id of the running boot of this machine: it changes when the
     machine restarts (when a power loss may have lost files not yet flushed).
-    Empty where the kernel does not tell (then no restart is ever noticed)."""
+    Empty where the kernel does not tell, or it cannot be read now: no
+    evidence of a restart (where it never can be, none is ever noticed)."""
     try:
         with open(BOOT_ID_FILE) as f:
             return f.read().strip()
