@@ -119,9 +119,10 @@ TOKEN_ATTRIBUTE = "user.zodb_s3blobs.install"
 #: index, keep under locks/.
 OLD_LEDGER = "total"
 #: What a failed call to the index raises: SQLite's errors (the database busy
-#: for BUSY_TIMEOUT), and S3BlobStorageError (one of a newer release, or not
-#: a regular file). Reads and installs go on without it.
-_INDEX_ERRORS = (sqlite3.Error, S3BlobStorageError)
+#: for BUSY_TIMEOUT), S3BlobStorageError (one of a newer release, or not a
+#: regular file), and OSError (its file removed while reconnecting, no
+#: descriptor left). Reads and installs go on without it.
+_INDEX_ERRORS = (sqlite3.Error, S3BlobStorageError, OSError)
 #: How often a waiting eviction check retries ``evict.lock`` (seconds).
 _LOCK_POLL = 0.02
 #: Eviction leaves files used within this many seconds. A path handed out
