@@ -692,7 +692,13 @@ def upload_orphan(client, key: str) -> None:
 def fill_cache(directory: str, count: int) -> int:
     """Write *count* tiny read-only files where a BlobCache on *directory*
     keeps them, one oid each, last used an hour ago (eviction leaves files
-    used within a minute); return their total size."""
+    used within a minute), as an earlier version's cache with its ledger
+    and no index (which a cache adopts, indexing its files at open); return
+    their total size."""
+    locks = os.path.join(directory, "locks")
+    os.makedirs(locks, 0o700, exist_ok=True)
+    with open(os.path.join(locks, "total"), "w") as ledger:
+        ledger.write(f"{count * len(TINY)}\n")
     used = time.time() - 3600
     made: set[str] = set()
     for oid in range(1, count + 1):
