@@ -617,11 +617,11 @@ class BlobCache:
         # Used from the moment it is installed, as every process sees it: the
         # file's times are those of the download's start or of storeBlob, and
         # a path handed out must not look evictable (MIN_AGE).
-        os.utime(source)
+        used = time.time()
+        os.utime(source, (used, used))
         # Recorded before the rename, not yet durable: the index always
         # covers the files (a crash in between leaves a row without a file).
         path = self.path(oid, tid)
-        used = last_used(os.lstat(source))
         total = self._record(oid, tid, size, used, _recorded_token(source), path)
         self._rename_into_place(source, path)
         return total

@@ -341,13 +341,7 @@ class CacheIndex:
         return None if row is None else row[0]
 
     def set_fact(self, name: str, value: str) -> None:
-        def write(connection: sqlite3.Connection) -> None:
-            with _transaction(connection):
-                connection.execute(
-                    "INSERT OR REPLACE INTO facts VALUES (?, ?)", (name, value)
-                )
-
-        self._run(write)
+        self._write([("INSERT OR REPLACE INTO facts VALUES (?, ?)", (name, value))])
 
     def drop_fact(self, name: str) -> None:
         self._write([("DELETE FROM facts WHERE name = ?", (name,))])
